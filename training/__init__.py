@@ -1,0 +1,1 @@
+"""Training, evaluation and the checkpoint registry shared by service and worker."""

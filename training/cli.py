@@ -1,0 +1,192 @@
+"""``python -m training train|evaluate|list|show|promote``.
+
+Every user mistake ends in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from training.errors import UserError
+from training.presets import PROFILES
+from training.registry import Registry
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser.add_argument("--registry", help="checkpoint registry (default: $MODEL_REGISTRY or ./models)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model and register it as a new version")
+    t.add_argument(
+        "--data", help="'cifar10' (download), a folder or a .tar/.tar.gz laid out as <split>/<class>/<image>"
+    )
+    t.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    t.add_argument("--epochs", type=_positive_int)
+    t.add_argument("--image-size", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--time-budget",
+        type=_positive_float,
+        metavar="MINUTES",
+        help="fit the schedule to this wall-clock budget (cpu profile default: 60)",
+    )
+    t.add_argument("--no-time-budget", action="store_true", help="run --epochs as given, no budget fitting")
+    t.add_argument("--weights", help="'imagenet' (torchvision download) or a local state-dict path")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--resume", metavar="VERSION", help="continue an interrupted run")
+    t.add_argument("--promote", action="store_true", help="promote the new version when done")
+
+    e = sub.add_parser("evaluate", help="score a version on a labelled folder or archive")
+    e.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", help="split folder to read (default: test, val, or the only one)")
+    e.add_argument(
+        "--holdout", action="store_true", help="score the validation part the version held out of its training data"
+    )
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
+
+    sub.add_parser("list", help="list versions")
+    s = sub.add_parser("show", help="print a version's metadata and metrics")
+    s.add_argument("version")
+    p = sub.add_parser("promote", help="serve this version by default")
+    p.add_argument("version")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
+    from training import train
+
+    if not args.data and not args.resume:
+        raise UserError("train needs --data SRC (or --resume VERSION)")
+    cfg = PROFILES[args.profile].override(
+        epochs=args.epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        time_budget_min=args.time_budget,
+        weights=args.weights,
+    )
+    if args.no_time_budget or (args.epochs and not args.time_budget):
+        cfg = cfg.override(time_budget_min=0.0)
+    version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet)
+    if args.promote:
+        registry.promote(version)
+    meta = registry.metadata(version)
+    print(
+        f"best epoch {meta['best_epoch']}: val loss {meta['best_val_loss']:.4f}, val accuracy {meta['best_val_accuracy']:.4f}"
+    )
+    print(version)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
+    from training import evaluate
+
+    metrics = evaluate.run(
+        registry,
+        args.version,
+        args.data,
+        split=args.split,
+        holdout=args.holdout,
+        device="cuda" if args.device == "cuda" else ("cuda" if args.device == "auto" and _cuda() else "cpu"),
+        progress=not args.quiet,
+    )
+    print(json.dumps(metrics, indent=2) if args.json else evaluate.format_tables(metrics))
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_list(registry: Registry) -> int:
+    promoted = registry.promoted()
+    versions = registry.versions()
+    if not versions:
+        print(f"no versions in {registry.root}")
+        return 0
+    print(f"{'version':<24}{'profile':<8}{'input':>6}{'epochs':>7}{'val acc':>9}{'test acc':>9}")
+    for v in versions:
+        meta = registry.metadata(v)
+        metrics = registry.path(v) / "metrics.json"
+        acc = json.loads(metrics.read_text())["accuracy"] if metrics.exists() else None
+        mark = " *" if v == promoted else ""
+        print(
+            f"{v:<24}{meta['profile']:<8}{meta['input_size']:>6}{meta['epochs_run']:>7}"
+            f"{meta['best_val_accuracy']:>9.4f}{(f'{acc:.4f}' if acc is not None else '-'):>9}{mark}"
+        )
+    if promoted:
+        print("* promoted")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, registry: Registry) -> int:
+    version = registry.resolve(args.version)
+    out = {"metadata": registry.metadata(version), "promoted": registry.promoted() == version}
+    metrics = registry.path(version) / "metrics.json"
+    if metrics.exists():
+        out["metrics"] = json.loads(metrics.read_text())
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    registry = Registry(args.registry)
+    try:
+        if args.command == "train":
+            return cmd_train(args, registry)
+        if args.command == "evaluate":
+            return cmd_evaluate(args, registry)
+        if args.command == "list":
+            return cmd_list(registry)
+        if args.command == "show":
+            return cmd_show(args, registry)
+        if args.command == "promote":
+            registry.promote(args.version)
+            print(f"promoted {registry.resolve(args.version)}")
+            return 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: resume with `train --resume VERSION` (see `ls <registry>/.runs`)", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,158 @@
+"""Training profiles (the study's ``paper`` protocol, a ``cpu`` profile, a ``smoke`` one)
+and the batched augmentation they use.
+
+Augmentation runs on whole uint8 batches already on the training device (kornia), so on
+a GPU the crop/flip/jitter and the upsampling to the input size never touch the CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+from training.model import SOURCE_SIZE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    profile: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    optimizer: str  # "adam" | "sgd"
+    lr: float
+    weight_decay: float
+    scheduler: str  # "plateau" | "onecycle"
+    momentum: float = 0.9
+    nesterov: bool = False
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    label_smoothing: float = 0.0
+    dropout: float = 0.5
+    hflip: bool = True
+    crop_padding: int = 4
+    color_jitter: float = 0.0  # brightness = contrast = saturation strength; 0 = off
+    val_fraction: float = 0.2
+    seed: int = 42
+    early_stop_patience: int = 3
+    time_budget_min: float | None = None  # fit epochs to a wall-clock budget (cpu profile)
+    weights: str | None = None  # None | "imagenet" | path to a state dict
+    zero_init_residual: bool = False
+    amp: str = "auto"  # "auto" | "on" | "off": bf16 autocast on CUDA, and on CPUs with bf16
+    channels_last: bool = True
+    eval_batch_size: int = 256
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    background_count: int = 100
+    no_weight_decay_on_norm: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def override(self, **changes: Any) -> TrainConfig:
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+PROFILES: dict[str, TrainConfig] = {
+    # The study's Table 3.
+    "paper": TrainConfig(
+        profile="paper",
+        image_size=224,
+        batch_size=32,
+        epochs=10,
+        optimizer="adam",
+        lr=1e-4,
+        weight_decay=1e-4,
+        scheduler="plateau",
+        color_jitter=0.2,
+        early_stop_patience=3,
+    ),
+    # Measured on a 2-core AMD EPYC (Zen 4) with no GPU: see BENCHMARKS.md. From-scratch
+    # ResNet-50 at CIFAR's native 32 px, bf16 autocast + channels_last (1.7x fp32), batch
+    # 256 (the fastest per image), SGD+nesterov with a OneCycle schedule fitted to the
+    # time budget, label smoothing, zero-init residual branches, no colour jitter (it
+    # slows convergence in schedules this short).
+    "cpu": TrainConfig(
+        profile="cpu",
+        image_size=32,
+        batch_size=256,
+        epochs=30,
+        optimizer="sgd",
+        nesterov=True,
+        lr=0.1,
+        weight_decay=5e-4,
+        scheduler="onecycle",
+        label_smoothing=0.1,
+        early_stop_patience=5,
+        time_budget_min=60.0,
+        zero_init_residual=True,
+        no_weight_decay_on_norm=True,
+    ),
+    # Trains in seconds: for tests.
+    "smoke": TrainConfig(
+        profile="smoke",
+        image_size=32,
+        batch_size=32,
+        epochs=1,
+        optimizer="adam",
+        lr=1e-3,
+        weight_decay=0.0,
+        scheduler="plateau",
+        max_train_images=256,
+        max_val_images=128,
+        eval_batch_size=128,
+        channels_last=False,
+    ),
+}
+
+
+def train_augmentation(cfg: TrainConfig) -> nn.Module:
+    """Per-sample random pad-crop, horizontal flip and colour jitter on float [0, 1] batches."""
+    ops: list[nn.Module] = []
+    if cfg.crop_padding:
+        ops.append(K.RandomCrop((SOURCE_SIZE, SOURCE_SIZE), padding=cfg.crop_padding))
+    if cfg.hflip:
+        ops.append(K.RandomHorizontalFlip())
+    if cfg.color_jitter:
+        j = cfg.color_jitter
+        ops.append(K.ColorJitter(brightness=j, contrast=j, saturation=j, p=1.0))
+    return nn.Sequential(*ops)
+
+
+def make_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in net.named_parameters():
+        if cfg.no_weight_decay_on_norm and (param.ndim <= 1 or name.endswith(".bias")):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    """OneCycle steps every batch; ReduceLROnPlateau steps on validation loss every epoch."""
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=0.25
+        )
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+    raise ValueError(f"unknown scheduler {cfg.scheduler!r}")

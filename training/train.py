@@ -1,0 +1,434 @@
+"""The training run: data, split, model, loop, early stopping, resume, publish.
+
+Flat and explicit, after torchvision's references/classification/train.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import shutil
+import subprocess
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from training import checkpoint
+from training.data import load_images, pick_background, split_train_val
+from training.errors import UserError
+from training.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE, Classifier, Preprocess, build_model
+from training.presets import TrainConfig, make_optimizer, make_scheduler, train_augmentation
+from training.registry import Registry, new_version_id
+
+log = logging.getLogger(__name__)
+BUDGET_SAFETY = 0.95  # plan for 95% of the budget: step times drift a little
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but CUDA is not available")
+    return torch.device(requested)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def autocast_for(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA and on CPUs with native bf16 (measured 1.5x there), else none."""
+    if cfg.amp == "off":
+        return nullcontext
+    if device.type == "cuda" or cfg.amp == "on" or cpu_has_bf16():
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+@dataclass
+class Batches:
+    """Shuffled mini-batches straight from an in-memory uint8 tensor on the device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    shuffle: bool
+    seed: int = 0
+    drop_last: bool = False
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def epoch(self, epoch: int):
+        n = len(self.labels)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(n)
+        order = order.to(self.images.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def _to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    x = images.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_step(model, aug, optimizer, scheduler, cfg, autocast, images, labels):
+    x = aug(_to_input(images, False))
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if cfg.scheduler == "onecycle":
+        scheduler.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+@torch.inference_mode()
+def evaluate_loss(
+    model, batches: Batches, autocast, channels_last: bool, desc: str = "validate"
+) -> tuple[float, float]:
+    """Mean cross-entropy (no smoothing) and accuracy over ``batches``."""
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=batches.images.device)
+    correct = torch.zeros((), dtype=torch.int64, device=batches.images.device)
+    for images, labels in tqdm(batches.epoch(0), total=len(batches), desc=desc, leave=False, unit="batch"):
+        with autocast():
+            logits = model(_to_input(images, channels_last))
+        total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct += (logits.argmax(1) == labels).sum()
+    n = len(batches.labels)
+    return total_loss.item() / n, correct.item() / n
+
+
+def measure_step_time(model, aug, cfg, autocast, train: Batches, device, steps: int = 6) -> float:
+    """Seconds per training step, measured on a throwaway copy of model and optimizer."""
+    probe = copy.deepcopy(model).train()
+    opt = make_optimizer(cfg, probe.net)
+    batches = train.epoch(10**6)
+    times = []
+    for i, (images, labels) in enumerate(batches):
+        if i >= steps + 2:
+            break
+        t0 = time.perf_counter()
+        train_step(probe, aug, opt, None, cfg.override(scheduler="plateau"), autocast, images, labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # the first steps pay for allocation and kernel selection
+            times.append(time.perf_counter() - t0)
+    del probe, opt
+    return sorted(times)[len(times) // 2]
+
+
+def measure_eval_rate(model, cfg, autocast, val: Batches, device) -> float:
+    """Validation images per second (a couple of batches)."""
+    model.eval()
+    n = 0
+    t0 = None
+    with torch.inference_mode():
+        for i, (images, _) in enumerate(val.epoch(0)):
+            if i == 1:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, n = time.perf_counter(), 0
+            with autocast():
+                model(_to_input(images, cfg.channels_last))
+            n += len(images)
+            if i >= 3:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0) if t0 else 1000.0
+
+
+def plan_budget(cfg, budget_s, step_s, eval_rate, n_train, n_val, elapsed_s) -> dict[str, Any]:
+    """Fit the schedule to what is left of the wall-clock budget.
+
+    Each epoch ends with a validation pass; when the budget does not hold a whole number
+    of full epochs, the epochs are shortened evenly (each still sees a fresh shuffle), so
+    the whole budget is used and the OneCycle schedule ends exactly when time does.
+    """
+    full = max(1, n_train // cfg.batch_size)
+    val_s = n_val / max(eval_rate, 1e-6)
+    left = budget_s * BUDGET_SAFETY - elapsed_s
+    if left < step_s * 10 + val_s:
+        raise UserError(
+            f"a {budget_s / 60:.1f}-minute budget is too short: one step takes {step_s:.2f} s and "
+            f"{elapsed_s:.0f} s are already spent on loading and measuring"
+        )
+    epochs = 1
+    while True:
+        total_steps = int((left - epochs * val_s) // step_s)
+        if total_steps <= epochs * full or total_steps < 10:
+            break
+        epochs += 1
+    total_steps = max(10, total_steps)
+    steps_per_epoch = min(full, math.ceil(total_steps / epochs))
+    return {
+        "budget_s": budget_s,
+        "step_s": step_s,
+        "eval_images_per_s": eval_rate,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "full_epoch_steps": full,
+        "total_steps": epochs * steps_per_epoch,
+        "planned_s": elapsed_s + epochs * (steps_per_epoch * step_s + val_s),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(
+    cfg: TrainConfig,
+    data_src: str,
+    registry: Registry,
+    *,
+    device: str = "auto",
+    resume: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Train, publish a new version and return its id."""
+    t_start = time.perf_counter()
+    registry.check_writable()
+    run_dir: Path | None = None
+    info: dict[str, Any] | None = None
+    if resume:
+        run_dir = registry.runs_dir() / resume
+        if not (run_dir / checkpoint.STATE_JSON).is_file():
+            raise UserError(f"no interrupted run {resume!r} under {registry.runs_dir()}")
+        info = checkpoint.read_run_info(run_dir)
+        cfg = TrainConfig.from_dict(info["config"])
+        data_src = info["data"]["source"]
+        version = resume
+    else:
+        version = new_version_id()
+
+    dev = pick_device(device)
+    torch.manual_seed(cfg.seed)
+    data = load_images(data_src, split=["train"], progress=progress)
+    if info and data.sha256 != info["data"]["sha256"]:
+        raise UserError(f"{data_src} changed since the run started (sha256 differs); cannot resume")
+    if len(data.class_names) < 2:
+        raise UserError("training needs at least two classes")
+    train_idx, val_idx = split_train_val(len(data), cfg.val_fraction, cfg.seed)
+    if cfg.max_train_images:
+        train_idx = train_idx[: cfg.max_train_images]
+    if cfg.max_val_images:
+        val_idx = val_idx[: cfg.max_val_images]
+    bg_idx = train_idx[pick_background(data.labels[train_idx], cfg.background_count, cfg.seed, len(data.class_names))]
+    background = data.images[bg_idx]
+
+    images = data.images.to(dev)
+    labels = data.labels.to(dev)
+    train_b = Batches(
+        images[train_idx.to(dev)],
+        labels[train_idx.to(dev)],
+        cfg.batch_size,
+        True,
+        cfg.seed,
+        drop_last=len(train_idx) >= 2 * cfg.batch_size,
+    )
+    val_b = Batches(images[val_idx.to(dev)], labels[val_idx.to(dev)], cfg.eval_batch_size, False)
+    del images, labels
+
+    net = build_model(
+        len(data.class_names),
+        dropout=cfg.dropout,
+        weights=cfg.weights if not info else None,
+        zero_init_residual=cfg.zero_init_residual,
+    )
+    model = Classifier(net, Preprocess(cfg.image_size, CIFAR10_MEAN, CIFAR10_STD)).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    aug = train_augmentation(cfg).to(dev)
+    autocast = autocast_for(cfg, dev)
+
+    plan = info["plan"] if info else None
+    if plan is None and cfg.time_budget_min:
+        step_s = measure_step_time(model, aug, cfg, autocast, train_b, dev)
+        eval_rate = measure_eval_rate(model, cfg, autocast, val_b, dev)
+        plan = plan_budget(
+            cfg,
+            cfg.time_budget_min * 60,
+            step_s,
+            eval_rate,
+            len(train_b.labels),
+            len(val_b.labels),
+            time.perf_counter() - t_start,
+        )
+        cfg = cfg.override(epochs=plan["epochs"])
+        print(
+            f"budget {cfg.time_budget_min:g} min: {step_s * 1000:.0f} ms/step "
+            f"({cfg.batch_size / step_s:.0f} img/s) -> {plan['epochs']} epoch(s) of "
+            f"{plan['steps_per_epoch']} steps, about {plan['planned_s'] / 60:.1f} min",
+            flush=True,
+        )
+    steps_per_epoch = plan["steps_per_epoch"] if plan else len(train_b)
+    optimizer = make_optimizer(cfg, model.net)
+    scheduler = make_scheduler(cfg, optimizer, total_steps=cfg.epochs * steps_per_epoch)
+
+    run_dir = run_dir or registry.runs_dir() / version
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    best = {"val_loss": math.inf, "val_accuracy": 0.0, "epoch": -1}
+    bad_epochs = 0
+    if info:
+        info = checkpoint.restore_run_state(run_dir, net=model.net, optimizer=optimizer, scheduler=scheduler)
+        history, best, bad_epochs = info["history"], info["best"], info["bad_epochs"]
+        start_epoch = info["epoch"] + 1
+        print(f"resuming {version} after epoch {start_epoch} of {cfg.epochs}", flush=True)
+    data_info = {
+        "source": data_src,
+        "split": data.split,
+        "sha256": data.sha256,
+        "images": len(data),
+        "skipped_images": len(data.skipped),
+        "train_size": len(train_b.labels),
+        "val_size": len(val_b.labels),
+    }
+
+    stopped_early = False
+    deadline = t_start + cfg.time_budget_min * 60 * 1.05 if cfg.time_budget_min and not info else None
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation + dropout: resumable exactly
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
+        bar = tqdm(
+            train_b.epoch(epoch),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
+        for step, (xb, yb) in enumerate(bar):
+            if step >= steps_per_epoch:
+                break
+            loss, ok = train_step(model, aug, optimizer, scheduler, cfg, autocast, xb, yb)
+            loss_sum += loss * len(yb)
+            correct += ok
+            seen += len(yb)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+        val_loss, val_acc = evaluate_loss(model, val_b, autocast, cfg.channels_last)
+        if cfg.scheduler == "plateau":
+            scheduler.step(val_loss)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_accuracy": correct.item() / max(seen, 1),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_seconds": train_s,
+            "epoch_seconds": time.perf_counter() - t0,
+            "images_per_second": seen / train_s,
+        }
+        history.append(row)
+        print(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['images_per_second']:.0f} img/s, {row['epoch_seconds']:.0f} s",
+            flush=True,
+        )
+        if val_loss < best["val_loss"]:
+            best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch + 1}
+            bad_epochs = 0
+            run_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.save_best(run_dir, model.net)
+        else:
+            bad_epochs += 1
+        checkpoint.save_run_state(
+            run_dir,
+            net=model.net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            info={
+                "config": cfg.to_dict(),
+                "data": data_info,
+                "plan": plan,
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "bad_epochs": bad_epochs,
+            },
+        )
+        if bad_epochs >= cfg.early_stop_patience:
+            print(f"early stop: validation loss has not improved for {bad_epochs} epochs", flush=True)
+            stopped_early = True
+            break
+        if deadline and time.perf_counter() > deadline and epoch + 1 < cfg.epochs:
+            print("time budget spent: stopping", flush=True)
+            stopped_early = True
+            break
+
+    model.net.load_state_dict(checkpoint.load_best(run_dir))
+    metadata = {
+        "version": version,
+        "name": "resnet50-cifar10",
+        "architecture": "resnet50",
+        "head": f"Dropout({cfg.dropout}) + Linear(2048, {len(data.class_names)})",
+        "class_names": data.class_names,
+        "num_classes": len(data.class_names),
+        "source_size": SOURCE_SIZE,
+        "input_size": cfg.image_size,
+        "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
+        "profile": cfg.profile,
+        "hyperparameters": cfg.to_dict(),
+        "budget_plan": plan,
+        "data": data_info,
+        "epochs_run": len(history),
+        "stopped_early": stopped_early,
+        "best_epoch": best["epoch"],
+        "best_val_loss": best["val_loss"],
+        "best_val_accuracy": best["val_accuracy"],
+        "background": {"count": len(background), "indices": bg_idx.tolist()},
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(),
+        "git_commit": git_commit(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    registry.publish(version, model.net, metadata, background, history)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return version
