@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q 'torch>=2.11,<=2.14.1' 'torchvision>=0.26,<=0.29.1'
+	$(PIP) install -q 'torch>=2.11' 'torchvision>=0.26'
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
