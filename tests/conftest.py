@@ -103,3 +103,7 @@ def redis_url() -> str:
         pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: {exc}")
     conn.flushdb()
     return TEST_REDIS_URL
+
+
+# The running-service fixtures (`python -m service` in a subprocess): see tests/service_fixtures.py.
+from service_fixtures import odd_images, service, service_registry, start_service  # noqa: E402, F401

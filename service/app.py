@@ -1,0 +1,112 @@
+"""The FastAPI application: ``create_app(settings)`` and its lifespan.
+
+Start-up builds the engine, the decode threads and the batcher, then loads and warms the
+model in the background: /healthz answers at once, /readyz turns 200 when the model is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.batcher import Batcher
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.metrics import HTTPMetricsMiddleware
+from service.routers import health, model, predict
+from service.settings import Settings, get_settings
+from service.state import ServiceState
+
+log = logging.getLogger("service")
+
+#: Routers included when their module exists (developed separately: the explanation endpoints).
+OPTIONAL_ROUTERS = ("service.routers.explain",)
+
+DESCRIPTION = """\
+Image classification (ResNet-50 trained on CIFAR-10) over HTTP.
+
+* `POST /predict`: multipart field `file` with an image (PNG, JPEG, WebP, GIF, BMP, TIFF); repeat it for several.
+* `GET /model`, `GET /model/confusion-matrix.png`, `POST /model/reload`: the served version.
+* `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
+
+Every error answers `{"error": {"code": "...", "message": "..."}}`.
+"""
+
+
+async def _load_model(state: ServiceState) -> None:
+    try:
+        served = await state.engine.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.load_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        log.error("the model could not be loaded: %s (POST /model/reload once fixed)", state.load_error)
+        return
+    log.info("ready: serving %s %s", served.name, served.version)
+    interval = state.settings.model_watch_interval_s
+    if interval > 0 and not state.settings.model_version:
+        state.tasks.append(asyncio.create_task(state.engine.watch_promoted(interval), name="watch-promoted"))
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = Engine(settings)
+    batcher = Batcher(
+        engine.run_batch,
+        engine.inference_executor,
+        max_size=settings.batch_max_size,
+        max_wait_s=settings.batch_max_wait_ms / 1000.0,
+        enabled=settings.batching,
+    )
+    decode_executor = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
+    state = ServiceState(settings=settings, engine=engine, batcher=batcher, decode_executor=decode_executor)
+    app.state.service = state
+    batcher.start()
+    state.tasks.append(asyncio.create_task(_load_model(state), name="load-model"))
+    try:
+        yield
+    finally:
+        for task in state.tasks:
+            task.cancel()
+        for task in state.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await batcher.stop()
+        await state.close()
+        decode_executor.shutdown(wait=False, cancel_futures=True)
+        engine.shutdown()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="shapserve",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.add_middleware(HTTPMetricsMiddleware)
+    app.include_router(predict.router)
+    app.include_router(model.router)
+    app.include_router(health.router)
+    for name in OPTIONAL_ROUTERS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,176 @@
+"""Asyncio dynamic batcher: concurrent requests share one forward pass.
+
+One consumer task takes everything queued (up to ``max_size`` images) and hands it to a
+single-threaded executor, so forward passes never overlap and the event loop never runs
+torch. While a forward pass runs, new requests queue up and form the next batch, so
+under load batches grow by themselves without any added wait.
+
+Waiting is the exception: when fewer than ``max_size`` images are queued *and* other
+requests are known to be decoding right now (see :meth:`Batcher.expect`), the batch waits
+up to ``max_wait_s`` for them. A request that finds nothing else in flight runs at once:
+an idle service adds no latency.
+
+With ``enabled=False`` every request gets a forward pass of its own (the baseline).
+A request's images always travel in one batch, so they are all answered by one model version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import torch
+
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: run(list of uint8 (n_i, 3, H, W) tensors) -> (tag, one result row per image, in order).
+RunBatch = Callable[[list[torch.Tensor]], tuple[T, list[Any]]]
+
+
+@dataclass
+class _Item:
+    images: torch.Tensor
+    future: asyncio.Future
+    enqueued: float
+    count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.count = int(self.images.shape[0])
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is shutting down."""
+
+
+class Batcher(Generic[T]):
+    def __init__(
+        self,
+        run: RunBatch[T],
+        executor: Executor,
+        *,
+        max_size: int = 32,
+        max_wait_s: float = 0.002,
+        enabled: bool = True,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self.max_size = max(1, int(max_size))
+        self.max_wait_s = max(0.0, float(max_wait_s))
+        self.enabled = enabled
+        self._queue: deque[_Item] = deque()
+        self._queued_images = 0
+        self._incoming = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._consume(), name="batcher")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(BatcherClosed("the service is shutting down"))
+        self._set_depth(0)
+
+    # -- producers -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def expect(self, images: int = 1) -> Iterator[None]:
+        """Announce ``images`` that are being decoded and will be submitted shortly."""
+        self._incoming += images
+        try:
+            yield
+        finally:
+            self._incoming -= images
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def submit(self, images: torch.Tensor) -> tuple[T, list[Any]]:
+        """Queue uint8 images (n, 3, H, W); returns (tag, one result row per image)."""
+        if self._closed or self._task is None:
+            raise BatcherClosed("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        item = _Item(images, loop.create_future(), loop.time())
+        self._queue.append(item)
+        self._set_depth(self._queued_images + item.count)
+        self._wakeup.set()
+        return await item.future
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    # -- consumer ------------------------------------------------------------------
+    def _set_depth(self, value: int) -> None:
+        self._queued_images = value
+        metrics.QUEUE_DEPTH.set(value)
+
+    def _take(self, batch: list[_Item], size: int) -> int:
+        """Move queued items into ``batch`` while they fit in ``max_size``."""
+        while self._queue and (not batch or size + self._queue[0].count <= self.max_size):
+            item = self._queue.popleft()
+            batch.append(item)
+            size += item.count
+            if not self.enabled:
+                break
+        return size
+
+    async def _consume(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        while True:
+            if not self._queue:
+                wakeup.clear()
+                await wakeup.wait()
+                continue
+            batch: list[_Item] = []
+            size = self._take(batch, 0)
+            if self.enabled and self.max_wait_s > 0 and size < self.max_size and self._incoming > 0:
+                deadline = loop.time() + self.max_wait_s
+                while size < self.max_size and self._incoming > 0:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wakeup.wait(), remaining)
+                    size = self._take(batch, size)
+            self._set_depth(max(0, self._queued_images - size))
+            now = loop.time()
+            for item in batch:
+                metrics.QUEUE_WAIT.observe(now - item.enqueued)
+            try:
+                tag, rows = await loop.run_in_executor(self._executor, self._run, [it.images for it in batch])
+            except asyncio.CancelledError:
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(BatcherClosed("the service is shutting down"))
+                raise
+            except Exception as exc:
+                log.exception("forward pass of %d image(s) failed", size)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            start = 0
+            for item in batch:
+                if not item.future.done():  # the client may have gone away
+                    item.future.set_result((tag, rows[start : start + item.count]))
+                start += item.count

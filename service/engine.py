@@ -1,0 +1,305 @@
+"""The model holder: loads a registry version for inference, warms it up, runs batches,
+and switches versions without failing a request.
+
+Threads: every forward pass runs on one dedicated inference thread (the batcher's
+executor); loading and warming a new version for a switch runs on a second, loader
+thread, *beside* the served model, which keeps answering. The switch itself is one
+attribute assignment; a batch reads that attribute once when it starts, so a batch (and
+therefore a request) is answered entirely by one version, and the old model is freed when
+its last batch finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from service import metrics
+from service.settings import Settings
+from training.errors import UserError
+from training.model import SOURCE_SIZE, Classifier
+from training.registry import CONFUSION_PNG, LoadedVersion, Registry
+
+log = logging.getLogger(__name__)
+
+#: Longest the warm-up spends on extra batch sizes (sizes 1 and max are always warmed).
+WARMUP_BUDGET_S = 20.0
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModelLoadError(Exception):
+    """A version cannot be served: ``status`` 404 for an unknown version, 422 otherwise."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def resolve_device(preference: str) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("DEVICE=cuda but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def fold_batch_norms(net: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that directly follows a Conv2d into it (eval mode only).
+
+    Same function, one layer less per block: fewer memory passes on CPU. Works on the
+    torchvision ResNet layout (convN/bnN attributes and ``downsample = Sequential(conv, bn)``).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and name.startswith("bn"):
+                conv = getattr(module, "conv" + name[2:], None)
+                if isinstance(conv, nn.Conv2d):
+                    setattr(module, "conv" + name[2:], fuse_conv_bn_eval(conv, child))
+                    setattr(module, name, nn.Identity())
+        if isinstance(module, nn.Sequential) and len(module) == 2:
+            conv, bn = module[0], module[1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module[0] = fuse_conv_bn_eval(conv, bn)
+                module[1] = nn.Identity()
+    return net
+
+
+def build_forward(model: Classifier, device: torch.device, *, jit: bool, precision: str) -> tuple[Forward, str]:
+    """uint8 images (N, 3, 32, 32) on the CPU -> class probabilities, float32 (N, C) on the CPU.
+
+    On CPU in fp32 the model is traced and frozen (TorchScript folds batch norm, pre-packs
+    the convolution weights for oneDNN and runs without the GIL); otherwise it runs eagerly
+    with batch norms folded, in channels-last layout. Returns (forward, description).
+    """
+    model = model.eval()
+    autocast = precision == "bf16"
+    core: nn.Module | torch.jit.ScriptModule | None = None
+    kind = ""
+    if jit and device.type == "cpu" and not autocast:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the tracer's shape note
+                example = torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
+                with torch.no_grad():
+                    traced = torch.jit.trace(model, example, check_trace=False)
+                    core = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+            kind = "torchscript-frozen"
+        except Exception as exc:  # pragma: no cover - depends on the torch build
+            log.warning("TorchScript freezing failed (%s); running the eager model", exc)
+            core = None
+    if core is None:
+        eager = copy.deepcopy(model)
+        fold_batch_norms(eager.net)
+        core = eager.to(device=device, memory_format=torch.channels_last).eval()
+        kind = "eager-channels-last"
+    if autocast:
+        kind += "+bf16"
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            x = images.to(device, non_blocking=True)
+            if autocast:
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                    logits = core(x)
+            else:
+                logits = core(x)
+            return torch.softmax(logits.float(), dim=1).cpu()
+
+    return forward, kind
+
+
+@dataclass
+class ServedModel:
+    """One loaded version, ready to answer."""
+
+    version: str
+    path: Path
+    metadata: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    class_names: list[str]
+    device: str
+    forward: Forward
+    runtime: str
+    load_seconds: float
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name") or self.metadata.get("architecture") or "model")
+
+    @property
+    def confusion_png(self) -> Path:
+        return self.path / CONFUSION_PNG
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    previous: str | None
+    current: str
+    changed: bool
+    load_seconds: float
+
+
+class Engine:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.model_registry)
+        self.device = resolve_device(settings.device)
+        self.threads = settings.resolved_torch_threads()
+        self.current: ServedModel | None = None
+        self.inference_executor = ThreadPoolExecutor(
+            1, thread_name_prefix="inference", initializer=self._init_inference_thread
+        )
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
+        self._reload_lock = asyncio.Lock()
+        self._pinned = settings.model_version
+        self._inference_thread_ident: int | None = None
+
+    def _init_inference_thread(self) -> None:
+        torch.set_num_threads(self.threads)
+        self._inference_thread_ident = threading.get_ident()
+
+    # -- loading ---------------------------------------------------------------------
+    def wanted_version(self, version: str | None = None) -> str:
+        """The version a (re)load should serve: the one asked for, else the pinned one, else
+        the promoted one, else the newest."""
+        try:
+            return self.registry.resolve(version or self._pinned)
+        except UserError as exc:
+            known = version is None or version in self.registry.versions()
+            raise ModelLoadError(404 if not known else 422, "unknown_version", str(exc)) from None
+
+    def load(self, version: str | None = None, *, warmup: bool | None = None) -> ServedModel:
+        """Blocking: read, optimise and warm up a version (does not serve it)."""
+        version = self.wanted_version(version)
+        start = time.perf_counter()
+        try:
+            loaded: LoadedVersion = self.registry.load(version, device="cpu")
+            evaluation = loaded.metrics()
+        except UserError as exc:
+            raise ModelLoadError(422, "model_load_failed", str(exc)) from None
+        model = loaded.model.to(self.device)
+        forward, runtime = build_forward(model, self.device, jit=self.settings.jit, precision=self.settings.precision)
+        served = ServedModel(
+            version=loaded.version,
+            path=loaded.path,
+            metadata=loaded.metadata,
+            evaluation=evaluation,
+            class_names=loaded.class_names,
+            device=str(self.device),
+            forward=forward,
+            runtime=runtime,
+            load_seconds=0.0,
+        )
+        if self.settings.warmup if warmup is None else warmup:
+            self.warm_up(served)
+        served.load_seconds = time.perf_counter() - start
+        log.info(
+            "loaded %s (%s, input %s px, %s on %s) in %.1f s",
+            served.version,
+            served.name,
+            served.metadata.get("input_size"),
+            runtime,
+            served.device,
+            served.load_seconds,
+        )
+        return served
+
+    def warm_up(self, served: ServedModel) -> None:
+        """First calls are slow (TorchScript profiling runs, oneDNN kernels built per shape):
+        pay for them before serving. Batch size 1 and the maximum always; then every size in
+        between while the budget lasts."""
+        max_size = self.settings.batch_max_size if self.settings.batching else self.settings.max_files_per_request
+        sizes = [1, 1, 1, max_size, max_size, *range(2, max_size)]
+        deadline = time.perf_counter() + WARMUP_BUDGET_S
+        for i, size in enumerate(sizes):
+            if i >= 5 and time.perf_counter() > deadline:
+                log.info("warm-up budget spent before batch size %d", size)
+                break
+            served.forward(torch.zeros(size, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8))
+
+    async def start(self) -> ServedModel:
+        """Load the configured version (on the inference thread: nothing else runs yet)."""
+        loop = asyncio.get_running_loop()
+        torch.set_num_threads(self.threads)
+        served = await loop.run_in_executor(self.inference_executor, self.load, None)
+        self._serve(served)
+        return served
+
+    def _serve(self, served: ServedModel) -> None:
+        self.current = served  # the atomic switch
+        metrics.set_model(served.metadata, served.version, served.evaluation, served.device)
+
+    async def reload(self, version: str | None = None, *, force: bool = False) -> ReloadResult:
+        """Load ``version`` (default: pinned, else promoted, else newest) beside the served
+        model, then switch. Requests keep being answered by the old model meanwhile."""
+        async with self._reload_lock:
+            previous = self.current.version if self.current else None
+            try:
+                target = self.wanted_version(version)
+                if target == previous and not force:
+                    metrics.MODEL_RELOADS.labels("unchanged").inc()
+                    return ReloadResult(previous, target, False, 0.0)
+                loop = asyncio.get_running_loop()
+                served = await loop.run_in_executor(self._loader, self.load, target)
+            except ModelLoadError:
+                metrics.MODEL_RELOADS.labels("failure").inc()
+                raise
+            except Exception:
+                metrics.MODEL_RELOADS.labels("failure").inc()
+                raise
+            self._serve(served)
+            metrics.MODEL_RELOADS.labels("success").inc()
+            log.info("switched model %s -> %s", previous, served.version)
+            return ReloadResult(previous, served.version, served.version != previous, served.load_seconds)
+
+    async def watch_promoted(self, interval_s: float) -> None:
+        """Poll the registry's PROMOTED pointer; switch when it names another version."""
+        last = self.registry.promoted()
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                promoted = await asyncio.to_thread(self.registry.promoted)
+                if promoted and promoted != last and self.current and promoted != self.current.version:
+                    log.info("registry promoted %s: switching", promoted)
+                    await self.reload(promoted)
+                last = promoted
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("promoted-pointer watch: %s", exc)
+
+    # -- inference -------------------------------------------------------------------
+    def run_batch(self, images: list[torch.Tensor]) -> tuple[ServedModel, list[list[float]]]:
+        """On the inference thread: one forward pass over the concatenated images."""
+        served = self.current  # read once: the whole batch is answered by this version
+        if served is None:
+            raise RuntimeError("no model loaded")
+        batch = images[0] if len(images) == 1 else torch.cat(images)
+        start = time.perf_counter()
+        probs = served.forward(batch)
+        metrics.INFERENCE_LATENCY.observe(time.perf_counter() - start)
+        metrics.BATCH_SIZE.observe(batch.shape[0])
+        metrics.PREDICTED_IMAGES.inc(batch.shape[0])
+        return served, probs.tolist()
+
+    def shutdown(self) -> None:
+        self.inference_executor.shutdown(wait=False, cancel_futures=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,93 @@
+"""GET /model, GET /model/confusion-matrix.png, POST /model/reload."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Request
+from fastapi.responses import FileResponse
+
+from service.errors import ServiceError, error_responses
+from service.schemas import ModelInfo, ReloadRequest, ReloadResponse
+from service.state import ServiceState
+
+router = APIRouter(prefix="/model", tags=["model"])
+
+
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    if state.engine.current is None:
+        raise ServiceError(503, "model_not_ready", state.load_error or "the model is still loading")
+    return state
+
+
+@router.get("", response_model=ModelInfo, summary="The served version", responses=error_responses(503))
+async def model_info(request: Request) -> ModelInfo:
+    """The served version's metadata and evaluation (accuracy, macro and per-class P/R/F1, confusion matrix)."""
+    state = _state(request)
+    served = state.engine.current
+    meta = served.metadata
+    return ModelInfo(
+        name=served.name,
+        version=served.version,
+        architecture=meta.get("architecture"),
+        profile=meta.get("profile"),
+        input_size=meta.get("input_size"),
+        class_names=served.class_names,
+        promoted=state.engine.registry.promoted() == served.version,
+        device=served.device,
+        runtime=served.runtime,
+        loaded_at=datetime.fromtimestamp(served.loaded_at, UTC).isoformat(timespec="seconds"),
+        load_seconds=round(served.load_seconds, 3),
+        metadata=meta,
+        evaluation=served.evaluation,
+    )
+
+
+@router.get(
+    "/confusion-matrix.png",
+    response_class=FileResponse,
+    summary="Confusion matrix of the served version",
+    responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
+)
+async def confusion_matrix(request: Request) -> FileResponse:
+    served = _state(request).engine.current
+    path = served.confusion_png
+    if not path.is_file():
+        raise ServiceError(
+            404,
+            "not_found",
+            f"version {served.version} has no confusion matrix yet: "
+            f"run `python -m training evaluate --version {served.version} --data ...`",
+        )
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResponse,
+    summary="Switch to another version",
+    responses=error_responses(401, 404, 422, 503),
+)
+async def reload_model(
+    request: Request,
+    body: Annotated[ReloadRequest | None, Body()] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> ReloadResponse:
+    """Load a version beside the served one, warm it up, then switch atomically. Requests in flight
+    finish on the old version; none fails. Without a body: MODEL_VERSION if pinned, else the
+    promoted version, else the newest. Needs `Authorization: Bearer $ADMIN_TOKEN` when ADMIN_TOKEN is set."""
+    state: ServiceState = request.app.state.service
+    token = state.settings.admin_token
+    if token is not None:
+        given = (authorization or "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ServiceError(401, "unauthorized", "POST /model/reload needs Authorization: Bearer <ADMIN_TOKEN>")
+    body = body or ReloadRequest()
+    result = await state.engine.reload(body.version, force=body.force)
+    state.load_error = None
+    return ReloadResponse(
+        previous=result.previous, current=result.current, changed=result.changed, load_seconds=result.load_seconds
+    )

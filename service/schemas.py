@@ -1,0 +1,82 @@
+"""Response bodies, for validation-free fast responses and for the OpenAPI documentation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["resnet50-cifar10"])
+    version: str = Field(examples=["20261126-101500-a1b2c3"])
+
+
+class Prediction(BaseModel):
+    label: str = Field(examples=["cat"])
+    index: int = Field(description="Class index in the checkpoint's class_names.", examples=[3])
+    probability: float = Field(ge=0, le=1, examples=[0.87])
+
+
+class FileResult(BaseModel):
+    filename: str | None
+    predictions: list[Prediction]
+
+
+class PredictResponse(BaseModel):
+    """One image: ``predictions``. Several ``file`` fields: ``results``, one per image, in order."""
+
+    model: ModelRef
+    predictions: list[Prediction] | None = Field(None, description="Top-k classes, most probable first (one file).")
+    results: list[FileResult] | None = Field(None, description="One entry per uploaded file, in order (several files).")
+    latency_ms: float = Field(description="Time spent in the service on this request.")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str | None
+    profile: str | None
+    input_size: int | None
+    class_names: list[str]
+    promoted: bool
+    device: str
+    runtime: str = Field(description="How the forward pass runs (TorchScript-frozen, eager, bf16...).")
+    loaded_at: str
+    load_seconds: float
+    metadata: dict[str, Any]
+    evaluation: dict[str, Any] | None = Field(
+        description="metrics.json of the version: accuracy, macro and per-class precision/recall/F1, "
+        "confusion_matrix; null if the version was never evaluated."
+    )
+
+
+class ReloadRequest(BaseModel):
+    version: str | None = Field(
+        None, description="Version id; default: MODEL_VERSION if pinned, else the promoted version, else the newest."
+    )
+    force: bool = Field(False, description="Reload even if this version is already served.")
+
+
+class ReloadResponse(BaseModel):
+    previous: str | None
+    current: str
+    changed: bool
+    load_seconds: float
+
+
+class Health(BaseModel):
+    status: str
+
+
+class RedisHealth(BaseModel):
+    ok: bool
+    url: str
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready | loading | failed")
+    model: ModelRef | None = None
+    error: str | None = None
+    redis: RedisHealth | None = Field(None, description="Reported only; /predict never needs Redis.")

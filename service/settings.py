@@ -1,0 +1,100 @@
+"""Service configuration, read from the environment (pydantic-settings).
+
+Every field is set by the environment variable of the same name in upper case
+(``MAX_UPLOAD_BYTES=5000000``); a ``.env`` file in the working directory is read too.
+The explanation worker reuses the upload limits (``MAX_UPLOAD_BYTES``, ``MAX_IMAGE_PIXELS``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        protected_namespaces=(),  # fields named model_* are ours, not pydantic's
+    )
+
+    # -- server ------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface uvicorn binds to (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(False, description="uvicorn's per-request access log (off: it costs throughput).")
+
+    # -- model ---------------------------------------------------------------------
+    model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
+    model_version: str | None = Field(
+        None, description="Version to serve; unset: the promoted version, else the newest."
+    )
+    model_watch_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="Poll the registry's PROMOTED pointer this often and switch when it moves (0: off). "
+        "Ignored when MODEL_VERSION pins a version.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads for inference (0: auto).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast for the forward pass (CUDA or CPUs with bf16); fp32 is exact."
+    )
+    jit: bool = Field(
+        True,
+        description="Trace + freeze the model for inference (folds batch norm into the convolutions and "
+        "pre-packs the weights: faster on CPU, same predictions). Off: plain eager model.",
+    )
+    warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+
+    # -- inputs --------------------------------------------------------------------
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest request body, refused while streaming.")
+    max_image_pixels: int = Field(
+        16_777_216, ge=1, description="Largest image (width x height, from its header), refused before decoding."
+    )
+    max_files_per_request: int = Field(16, ge=1, description="Most `file` fields in one /predict request.")
+    decode_threads: int = Field(0, ge=0, description="Threads that decode and resize uploads (0: auto).")
+
+    # -- dynamic batching ----------------------------------------------------------
+    batching: bool = Field(True, description="Group concurrent requests into one forward pass.")
+    batch_max_size: int = Field(32, ge=1, description="Most images in one forward pass.")
+    batch_max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a batch waits for requests that are already being decoded. A request that finds "
+        "nothing else in flight never waits.",
+    )
+
+    # -- dependencies / admin --------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Reported by /readyz; never needed by /predict.")
+    admin_token: str | None = Field(
+        None, description="If set, POST /model/reload needs `Authorization: Bearer <token>`."
+    )
+
+    @field_validator("model_version", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def resolved_torch_threads(self) -> int:
+        """0 -> every core the process may use (one process, one model: see BENCHMARKS.md)."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, len(os.sched_getaffinity(0)))
+
+    def resolved_decode_threads(self) -> int:
+        if self.decode_threads:
+            return self.decode_threads
+        return min(4, max(1, len(os.sched_getaffinity(0))))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

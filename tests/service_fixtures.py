@@ -1,0 +1,215 @@
+"""Fixtures that run the real service: ``python -m service`` under uvicorn in a subprocess.
+
+Loaded by tests/conftest.py, so every test module can use them:
+
+``service_registry``  (session) a private copy of the ``smoke_model`` registry whose version
+                      has been evaluated (metrics.json + confusion_matrix.png), so /model
+                      and the evaluation gauges have something to show.
+``start_service``     (session) factory: ``start_service(registry=None, env=None, wait="ready")``
+                      starts ``python -m service`` on a free port with ``env`` overriding
+                      the defaults below, waits until /readyz answers 200 (``wait="alive"``:
+                      until /healthz answers; ``wait=None``: not at all) and returns a
+                      :class:`RunningService`. Every service started is stopped when the
+                      session ends (or earlier with ``.stop()``).
+``service``           (session) one shared instance over ``service_registry`` with default
+                      settings. Don't switch its model; start your own for that.
+``odd_images``        (session) {name: (filename, bytes, mime type)}: the real CIFAR JPEG as
+                      greyscale PNG, palette PNG, RGBA PNG, 16-bit PNG, CMYK JPEG, animated GIF,
+                      EXIF-rotated JPEG, WebP, BMP and TIFF (see :func:`make_odd_images`).
+
+Defaults passed to the subprocess: ``MODEL_REGISTRY`` (the given registry, else
+``service_registry``), ``HOST=127.0.0.1``, ``PORT`` (free), ``REDIS_URL`` (the test Redis
+database), ``TORCH_THREADS=1`` and ``DECODE_THREADS=1`` (the suite shares a small machine),
+``LOG_LEVEL=info``. Example::
+
+    def test_something(start_service, service_registry):
+        svc = start_service(env={"BATCHING": "false", "MAX_UPLOAD_BYTES": "1000"})
+        r = svc.client.post("/predict", files={"file": ("a.jpg", data, "image/jpeg")})
+        assert r.status_code == 413, svc.log_tail()
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = float(os.environ.get("SHAPSERVE_TEST_STARTUP_TIMEOUT", "180"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningService:
+    """A ``python -m service`` subprocess and an httpx client bound to it."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str]
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=60.0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS) of the service process, in KiB (Linux)."""
+        out: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+        return out
+
+    def wait(self, until: str = "ready", timeout: float = STARTUP_TIMEOUT_S) -> None:
+        path = "/readyz" if until == "ready" else "/healthz"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if self.client.get(path, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"service not {until} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+def make_odd_images(jpeg: bytes) -> dict[str, tuple[str, bytes, str]]:
+    """The same picture in every mode and format the service must convert properly."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+    def save(image: Image.Image, fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kw)
+        return buf.getvalue()
+
+    rgba = np.asarray(src.convert("RGBA")).copy()
+    rgba[..., 3] = 160
+    grey16 = np.asarray(src.convert("L")).astype(np.uint16) * 257
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    rotated = src.resize((48, 32)).transpose(Image.Transpose.ROTATE_90)  # stored sideways, 32x48
+    return {
+        "greyscale_png": ("grey.png", save(src.convert("L"), "PNG"), "image/png"),
+        "palette_png": ("palette.png", save(src.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"), "image/png"),
+        "rgba_png": ("rgba.png", save(Image.fromarray(rgba, "RGBA"), "PNG"), "image/png"),
+        "16bit_png": ("grey16.png", save(Image.fromarray(grey16), "PNG"), "image/png"),
+        "cmyk_jpeg": ("cmyk.jpg", save(src.convert("CMYK"), "JPEG", quality=95), "image/jpeg"),
+        "animated_gif": (
+            "anim.gif",
+            save(src, "GIF", save_all=True, append_images=[src.transpose(Image.Transpose.FLIP_LEFT_RIGHT)], loop=0),
+            "image/gif",
+        ),
+        "exif_rotated_jpeg": ("rotated.jpg", save(rotated, "JPEG", quality=95, exif=exif), "image/jpeg"),
+        "webp": ("cat.webp", save(src, "WEBP", lossless=True), "image/webp"),
+        "bmp": ("cat.bmp", save(src, "BMP"), "image/bmp"),
+        "tiff": ("cat.tiff", save(src, "TIFF"), "image/tiff"),
+    }
+
+
+@pytest.fixture(scope="session")
+def odd_images(cifar_jpeg: bytes) -> dict[str, tuple[str, bytes, str]]:
+    return make_odd_images(cifar_jpeg)
+
+
+@pytest.fixture(scope="session")
+def service_registry(
+    smoke_model: tuple[Path, str], small_test_archive: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A copy of the smoke registry whose (promoted) version has metrics.json and confusion_matrix.png."""
+    from training import evaluate
+    from training.registry import Registry
+
+    src, version = smoke_model
+    dest = tmp_path_factory.mktemp("service") / "registry"
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns(".runs", ".incoming"))
+    evaluate.run(Registry(dest), version, str(small_test_archive), progress=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def start_service(
+    service_registry: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+) -> Iterator[Callable[..., RunningService]]:
+    started: list[RunningService] = []
+    logs = tmp_path_factory.mktemp("service-logs")
+
+    def start(
+        registry: Path | None = None, env: dict[str, str] | None = None, wait: str | None = "ready"
+    ) -> RunningService:
+        port = free_port()
+        full_env = {
+            **os.environ,
+            "MODEL_REGISTRY": str(registry or service_registry),
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "REDIS_URL": redis_url,
+            "TORCH_THREADS": "1",
+            "DECODE_THREADS": "1",
+            "LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
+        }
+        full_env.pop("MODEL_VERSION", None)
+        full_env.update(env or {})
+        log_path = logs / f"service-{port}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service"], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        svc = RunningService(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path, env=full_env)
+        started.append(svc)
+        if wait:
+            svc.wait(wait)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def service(start_service: Callable[..., RunningService]) -> RunningService:
+    """The shared service over ``service_registry``, default settings, ready."""
+    return start_service()
