@@ -1,0 +1,184 @@
+"""The dynamic batcher in-process, with a fake forward pass that records its batches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.batcher import Batcher
+
+
+class FakeModel:
+    """Records the batch sizes it sees; answers each image with its first pixel value."""
+
+    def __init__(self, block_first: bool = False) -> None:
+        self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not block_first:
+            self.gate.set()
+        self.fail_next = False
+
+    def __call__(self, images: list[torch.Tensor]) -> tuple[str, list[int]]:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        batch = torch.cat(images)
+        self.batches.append(int(batch.shape[0]))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("boom")
+        return "v1", [int(x) for x in batch[:, 0, 0, 0]]
+
+
+def images(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).contiguous()
+
+
+@pytest.fixture
+def executor():
+    pool = ThreadPoolExecutor(1)
+    yield pool
+    pool.shutdown(wait=True)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def test_an_idle_batcher_runs_at_once_even_with_a_long_max_wait(executor):
+    async def main():
+        model = FakeModel()
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=60.0)
+        batcher.start()
+        # Nothing else is queued or announced: no waiting for company (the guard is 5 s, max wait 60 s).
+        tag, rows = await asyncio.wait_for(batcher.submit(images(7)), timeout=5)
+        await batcher.stop()
+        return tag, rows, model.batches
+
+    assert run(main()) == ("v1", [7], [1])
+
+
+def test_requests_queued_during_a_forward_pass_share_the_next(executor):
+    async def main():
+        model = FakeModel(block_first=True)
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images(1)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        rest = [asyncio.create_task(batcher.submit(images(v))) for v in range(2, 7)]
+        await asyncio.sleep(0.05)
+        assert batcher.queued_images == 5
+        model.gate.set()
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = run(main())
+    assert batches == [1, 5]
+    assert [rows for _, rows in results] == [[1], [2], [3], [4], [5], [6]]  # each request gets its own rows
+
+
+def test_max_size_and_requests_are_never_split(executor):
+    async def main():
+        model = FakeModel(block_first=True)
+        batcher = Batcher(model, executor, max_size=4, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images(0)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        a = asyncio.create_task(batcher.submit(images(1, 2, 3)))
+        b = asyncio.create_task(batcher.submit(images(4, 5)))  # does not fit beside a: next batch
+        c = asyncio.create_task(batcher.submit(images(6, 7, 8, 9, 10, 11)))  # larger than max: alone
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        results = await asyncio.gather(first, a, b, c)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = run(main())
+    assert batches == [1, 3, 2, 6]
+    assert [rows for _, rows in results] == [[0], [1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11]]
+
+
+def test_batching_off_gives_each_request_its_own_forward(executor):
+    async def main():
+        model = FakeModel(block_first=True)
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=0.01, enabled=False)
+        batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(images(v))) for v in range(5)]
+        await asyncio.to_thread(model.entered.wait, 10)
+        model.gate.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = run(main())
+    assert batches == [1, 1, 1, 1, 1]
+    assert [rows for _, rows in results] == [[0], [1], [2], [3], [4]]
+
+
+def test_announced_requests_are_waited_for(executor):
+    async def main():
+        model = FakeModel()
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=5.0)
+        batcher.start()
+
+        async def slow_decode(value: int):
+            with batcher.expect():
+                await asyncio.sleep(0.05)
+                img = images(value)
+            return await batcher.submit(img)
+
+        async def fast(value: int):
+            return await batcher.submit(images(value))
+
+        with batcher.expect():  # a request is decoding while the first one arrives
+            pending = asyncio.create_task(fast(1))
+            await asyncio.sleep(0)
+            other = asyncio.create_task(slow_decode(2))
+            await asyncio.sleep(0)
+        results = await asyncio.gather(pending, other)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = run(main())
+    assert batches == [2]
+    assert [rows for _, rows in results] == [[1], [2]]
+
+
+def test_a_failed_forward_fails_its_batch_only(executor):
+    async def main():
+        model = FakeModel()
+        model.fail_next = True
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=0.0)
+        batcher.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(images(1))
+        ok = await batcher.submit(images(2))
+        await batcher.stop()
+        return ok
+
+    assert run(main()) == ("v1", [2])
+
+
+def test_stop_fails_waiting_requests(executor):
+    from service.batcher import BatcherClosed
+
+    async def main():
+        model = FakeModel(block_first=True)
+        batcher = Batcher(model, executor, max_size=1, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images(1)))
+        await asyncio.to_thread(model.entered.wait, 10)
+        queued = asyncio.create_task(batcher.submit(images(2)))
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        model.gate.set()
+        for task in (first, queued):
+            with pytest.raises(BatcherClosed):
+                await task
+
+    run(main())
