@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 for b in $BUDGETS; do
   echo "=== cpu profile, budget $b min, $(date -u +%FT%TZ) ==="
   start=$(date +%s)
-  v=$($PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" | tee /dev/stderr | tail -1)
+  v=$($PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" | tee -a /dev/stderr | tail -1)
   echo "wall seconds: $(( $(date +%s) - start ))"
   $PY -m training --quiet --registry "$REG" evaluate --version "$v" --data "$DATA" --holdout
 done

@@ -107,7 +107,8 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         registry.promote(version)
     meta = registry.metadata(version)
     print(
-        f"best epoch {meta['best_epoch']}: val loss {meta['best_val_loss']:.4f}, val accuracy {meta['best_val_accuracy']:.4f}"
+        f"best epoch {meta['best_epoch']}: val loss {meta['best_val_loss']:.4f}, "
+        f"val accuracy {meta['best_val_accuracy']:.4f}"
     )
     print(version)
     return 0

@@ -98,10 +98,7 @@ def load_images(
     else:
         raise UserError(f"{src} is neither a folder nor a .tar/.tar.gz archive")
 
-    if path.is_file():
-        names = _archive_names(path)
-    else:
-        names = [name for name, _ in entries]
+    names = _archive_names(path) if path.is_file() else [name for name, _ in entries]
     chosen, classes_found = _choose_split(names, split, src)
     classes = _class_order(classes_found, class_names, src)
 
@@ -294,7 +291,7 @@ def _load_cifar10_download(split: str | Sequence[str] | None, class_names: Seque
 
 def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The 80/20 (by default) split, as index tensors; the same seed gives the same split."""
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     generator = torch.Generator().manual_seed(seed)
     train, val = torch.utils.data.random_split(range(n), [n - n_val, n_val], generator=generator)
     return torch.tensor(train.indices, dtype=torch.int64), torch.tensor(val.indices, dtype=torch.int64)

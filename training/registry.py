@@ -181,8 +181,8 @@ class Registry:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / INCOMING).mkdir(exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.root / INCOMING, delete=True)
-            probe.close()
+            with tempfile.NamedTemporaryFile(dir=self.root / INCOMING):
+                pass
         except OSError as exc:
             raise UserError(f"registry {self.root} is not writable: {exc.strerror or exc}") from None
 

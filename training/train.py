@@ -91,7 +91,7 @@ def _to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def train_step(model, aug, optimizer, scheduler, cfg, autocast, images, labels):
+def train_step(model, aug, optimizer, cfg, autocast, images, labels):
     x = aug(_to_input(images, False))
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -101,20 +101,19 @@ def train_step(model, aug, optimizer, scheduler, cfg, autocast, images, labels):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if cfg.scheduler == "onecycle":
-        scheduler.step()
     return loss.detach(), (logits.argmax(1) == labels).sum()
 
 
 @torch.inference_mode()
 def evaluate_loss(
-    model, batches: Batches, autocast, channels_last: bool, desc: str = "validate"
+    model, batches: Batches, autocast, channels_last: bool, progress: bool = True
 ) -> tuple[float, float]:
     """Mean cross-entropy (no smoothing) and accuracy over ``batches``."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=batches.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=batches.images.device)
-    for images, labels in tqdm(batches.epoch(0), total=len(batches), desc=desc, leave=False, unit="batch"):
+    bar = tqdm(batches.epoch(0), total=len(batches), desc="validate", leave=False, unit="batch", disable=not progress)
+    for images, labels in bar:
         with autocast():
             logits = model(_to_input(images, channels_last))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
@@ -133,7 +132,7 @@ def measure_step_time(model, aug, cfg, autocast, train: Batches, device, steps: 
         if i >= steps + 2:
             break
         t0 = time.perf_counter()
-        train_step(probe, aug, opt, None, cfg.override(scheduler="plateau"), autocast, images, labels)
+        train_step(probe, aug, opt, cfg, autocast, images, labels)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # the first steps pay for allocation and kernel selection
@@ -195,7 +194,42 @@ def plan_budget(cfg, budget_s, step_s, eval_rate, n_train, n_val, elapsed_s) -> 
         "full_epoch_steps": full,
         "total_steps": epochs * steps_per_epoch,
         "planned_s": elapsed_s + epochs * (steps_per_epoch * step_s + val_s),
+        # wall-clock seconds for training + intermediate validation; the last validation
+        # pass comes after it
+        "train_window_s": left - val_s,
     }
+
+
+SCHEDULE_TICKS = 10_000
+
+
+class BudgetProgress:
+    """Drives a step-based LR schedule by the fraction of the time budget spent.
+
+    The measured step time only sizes the epochs; the schedule itself follows the clock,
+    so it ends on time whether steps then run slower than measured (another process on the
+    machine, thermal limits) or faster (more steps are taken). ``elapsed_before`` carries
+    the time of an interrupted run into its resumption.
+    """
+
+    def __init__(self, plan: dict[str, Any], elapsed_before: float = 0.0) -> None:
+        self.window = plan["train_window_s"]
+        self.elapsed_before = elapsed_before
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def fraction(self) -> float:
+        return min(1.0, self.elapsed() / self.window)
+
+    def advance(self, scheduler: Any) -> bool:
+        """Step ``scheduler`` (built for SCHEDULE_TICKS) up to the current progress; True when done."""
+        frac = self.fraction()
+        target = min(SCHEDULE_TICKS - 1, int(frac * SCHEDULE_TICKS))
+        while scheduler.last_epoch < target:
+            scheduler.step()
+        return frac >= 1.0
 
 
 def git_commit() -> str | None:
@@ -238,6 +272,8 @@ def run(
         version = new_version_id()
 
     dev = pick_device(device)
+    if not resume:
+        print(f"run {version} (if interrupted: train --resume {version})", flush=True)
     torch.manual_seed(cfg.seed)
     data = load_images(data_src, split=["train"], progress=progress)
     if info and data.sha256 != info["data"]["sha256"]:
@@ -299,17 +335,20 @@ def run(
         )
     steps_per_epoch = plan["steps_per_epoch"] if plan else len(train_b)
     optimizer = make_optimizer(cfg, model.net)
-    scheduler = make_scheduler(cfg, optimizer, total_steps=cfg.epochs * steps_per_epoch)
+    budgeted = plan is not None and cfg.scheduler == "onecycle"
+    scheduler = make_scheduler(cfg, optimizer, total_steps=SCHEDULE_TICKS if budgeted else cfg.epochs * steps_per_epoch)
 
     run_dir = run_dir or registry.runs_dir() / version
     history: list[dict[str, Any]] = []
     start_epoch = 0
     best = {"val_loss": math.inf, "val_accuracy": 0.0, "epoch": -1}
     bad_epochs = 0
+    global_step = 0
     if info:
         info = checkpoint.restore_run_state(run_dir, net=model.net, optimizer=optimizer, scheduler=scheduler)
         history, best, bad_epochs = info["history"], info["best"], info["bad_epochs"]
         start_epoch = info["epoch"] + 1
+        global_step = info["global_step"]
         print(f"resuming {version} after epoch {start_epoch} of {cfg.epochs}", flush=True)
     data_info = {
         "source": data_src,
@@ -322,8 +361,11 @@ def run(
     }
 
     stopped_early = False
-    deadline = t_start + cfg.time_budget_min * 60 * 1.05 if cfg.time_budget_min and not info else None
-    for epoch in range(start_epoch, cfg.epochs):
+    budget = BudgetProgress(plan, info["elapsed_s"] if info else 0.0) if budgeted else None
+    time_up = False
+    last_epoch = 10**6 if budget is not None else cfg.epochs  # a budgeted run ends when time does
+    of_epochs = f"~{cfg.epochs}" if budget is not None else str(cfg.epochs)
+    for epoch in range(start_epoch, last_epoch):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation + dropout: resumable exactly
         model.train()
         t0 = time.perf_counter()
@@ -333,7 +375,7 @@ def run(
         bar = tqdm(
             train_b.epoch(epoch),
             total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            desc=f"epoch {epoch + 1}/{of_epochs}",
             unit="batch",
             disable=not progress,
             leave=False,
@@ -341,15 +383,22 @@ def run(
         for step, (xb, yb) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            loss, ok = train_step(model, aug, optimizer, scheduler, cfg, autocast, xb, yb)
+            loss, ok = train_step(model, aug, optimizer, cfg, autocast, xb, yb)
+            global_step += 1
+            if budget is not None:
+                time_up = budget.advance(scheduler)
+            elif cfg.scheduler == "onecycle":
+                scheduler.step()
             loss_sum += loss * len(yb)
             correct += ok
             seen += len(yb)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            if time_up:
+                break
         bar.close()
         train_s = time.perf_counter() - t0
-        val_loss, val_acc = evaluate_loss(model, val_b, autocast, cfg.channels_last)
+        val_loss, val_acc = evaluate_loss(model, val_b, autocast, cfg.channels_last, progress)
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         row = {
@@ -365,8 +414,9 @@ def run(
         }
         history.append(row)
         print(
-            f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f} | {row['images_per_second']:.0f} img/s, {row['epoch_seconds']:.0f} s",
+            f"epoch {epoch + 1}/{of_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
+            f"val loss {val_loss:.4f} acc {val_acc:.4f} | "
+            f"{row['images_per_second']:.0f} img/s, {row['epoch_seconds']:.0f} s",
             flush=True,
         )
         if val_loss < best["val_loss"]:
@@ -386,6 +436,8 @@ def run(
                 "data": data_info,
                 "plan": plan,
                 "epoch": epoch,
+                "global_step": global_step,
+                "elapsed_s": budget.elapsed() if budget else 0.0,
                 "history": history,
                 "best": best,
                 "bad_epochs": bad_epochs,
@@ -395,9 +447,8 @@ def run(
             print(f"early stop: validation loss has not improved for {bad_epochs} epochs", flush=True)
             stopped_early = True
             break
-        if deadline and time.perf_counter() > deadline and epoch + 1 < cfg.epochs:
-            print("time budget spent: stopping", flush=True)
-            stopped_early = True
+        if time_up:
+            print(f"time budget spent after {epoch + 1} epoch(s), {global_step} steps", flush=True)
             break
 
     model.net.load_state_dict(checkpoint.load_best(run_dir))
@@ -416,6 +467,7 @@ def run(
         "budget_plan": plan,
         "data": data_info,
         "epochs_run": len(history),
+        "steps_run": global_step,
         "stopped_early": stopped_early,
         "best_epoch": best["epoch"],
         "best_val_loss": best["val_loss"],

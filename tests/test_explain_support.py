@@ -1,0 +1,159 @@
+"""Fixtures and helpers for the explanation tests (no tests here): real Redis, real workers.
+
+``explain_redis_url``  (session) redis://127.0.0.1:6379/14, flushed once: the explanation
+                       tests' own database (the service tests use 13).
+``start_worker``       (session) factory: ``start_worker(registry, env=None)`` runs
+                       ``python -m worker`` in a subprocess, waits until it listens and
+                       returns a :class:`RunningWorker`; every worker is stopped at the end.
+
+Import them into a test module with ``from test_explain_support import ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPLAIN_REDIS_URL = os.environ.get("SHAPSERVE_TEST_EXPLAIN_REDIS_URL", "redis://127.0.0.1:6379/14")
+#: Small and fast knobs for tests: quick abandoned-job detection, one torch thread.
+FAST_WORKER_ENV = {
+    "EXPLAIN_TORCH_THREADS": "1",
+    "EXPLAIN_MONITOR_INTERVAL_S": "1",
+    "EXPLAIN_HEARTBEAT_GRACE_S": "3",
+    "EXPLAIN_MAINTENANCE_INTERVAL_S": "2",
+    "EXPLAIN_WORKER_TTL_S": "20",
+}
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class RunningWorker:
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return ""
+
+    def wait_listening(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if "Listening on" in self.log_tail(100_000):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not listening after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def horses(self) -> list[int]:
+        return [pid for pid in children(self.pid) if alive(pid)]
+
+    def kill(self) -> None:
+        """SIGKILL the worker's main process (its horse dies with it: PR_SET_PDEATHSIG)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def explain_redis_url() -> str:
+    import redis
+
+    conn = redis.Redis.from_url(EXPLAIN_REDIS_URL)
+    try:
+        conn.ping()
+    except redis.ConnectionError as exc:
+        pytest.fail(f"Redis is not reachable at {EXPLAIN_REDIS_URL}: {exc}")
+    conn.flushdb()
+    conn.close()
+    return EXPLAIN_REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    explain_redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RunningWorker]]:
+    started: list[RunningWorker] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(registry: Path, env: dict[str, str] | None = None, wait: bool = True) -> RunningWorker:
+        full_env = {
+            **os.environ,
+            "REDIS_URL": explain_redis_url,
+            "MODEL_REGISTRY": str(registry),
+            "PYTHONUNBUFFERED": "1",
+            **FAST_WORKER_ENV,
+        }
+        full_env.pop("MODEL_VERSION", None)
+        full_env.update(env or {})
+        log_path = logs / f"worker-{len(started)}.log"
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "worker"], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+            )
+        worker = RunningWorker(proc=proc, log_path=log_path, env=full_env)
+        started.append(worker)
+        if wait:
+            worker.wait_listening()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.25) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,0 +1,172 @@
+"""The CLI end to end: smoke training into a registry, evaluate, list/show/promote, resume,
+and every user mistake answered with one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+
+def cli(*args: str, registry: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "training", "--quiet"]
+    if registry is not None:
+        cmd += ["--registry", str(registry)]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def assert_user_error(proc: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], proc.stderr
+
+
+def test_smoke_training_end_to_end(small_archive: Path, small_test_archive: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "reg"
+    proc = cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg, check=True)
+    version = proc.stdout.strip().splitlines()[-1]
+    folder = reg / version
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "background.safetensors", "history.json", "metadata.json", "model.safetensors"]
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["profile"] == "smoke" and meta["data"]["sha256"]
+    assert meta["hyperparameters"]["optimizer"] == "adam"
+    assert load_file(str(folder / "background.safetensors"))["images"].shape == (100, 3, 32, 32)
+
+    proc = cli("evaluate", "--version", version, "--data", str(small_test_archive), registry=reg, check=True)
+    assert "Table 4" in proc.stdout and "Table 5" in proc.stdout and "cat" in proc.stdout
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["num_images"] == 100 and metrics["data"]["split"] == "test"
+    assert sum(map(sum, metrics["confusion_matrix"])) == 100
+    assert (folder / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "training_curves.png").stat().st_size > 1000
+
+    assert version in cli("list", registry=reg, check=True).stdout
+    assert cli("promote", version, registry=reg, check=True).returncode == 0
+    assert (reg / "PROMOTED").read_text().strip() == version
+    shown = json.loads(cli("show", version, registry=reg, check=True).stdout)
+    assert shown["promoted"] is True and shown["metrics"]["accuracy"] == metrics["accuracy"]
+
+
+def test_training_is_seeded_and_resumable(small_archive: Path, tmp_path: Path) -> None:
+    """An interrupted run resumed from its last epoch ends with the same weights as an unbroken one."""
+    args = ["train", "--data", str(small_archive), "--profile", "smoke", "--epochs", "4"]
+    reg_a = tmp_path / "a"
+    version_a = cli(*args, registry=reg_a, check=True).stdout.split()[-1]
+
+    reg_b = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "training", "--quiet", "--registry", str(reg_b), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    version_b = None
+    for line in proc.stdout:
+        if line.startswith("run "):
+            version_b = line.split()[1]
+        if line.startswith("epoch 2/4"):
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130 and version_b
+    assert (reg_b / ".runs" / version_b / "state.json").is_file()
+    assert cli("list", registry=reg_b).stdout.startswith("no versions")
+    resumed = cli("train", "--resume", version_b, registry=reg_b, check=True)
+    assert "resuming" in resumed.stdout and resumed.stdout.split()[-1] == version_b
+    a = load_file(str(reg_a / version_a / "model.safetensors"))
+    b = load_file(str(reg_b / version_b / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_missing_archive(tmp_path: Path) -> None:
+    assert_user_error(cli("train", "--data", str(tmp_path / "nope.tar.gz"), "--profile", "smoke",
+                          registry=tmp_path), "data source not found")
+
+
+def test_wrong_layout(tmp_path: Path) -> None:
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    assert_user_error(cli("train", "--data", str(tmp_path / "flat"), "--profile", "smoke",
+                          registry=tmp_path / "r"), "expected <split>/<class>/<image>")
+
+
+def test_unknown_version(smoke_model: tuple[Path, str], small_test_archive: Path) -> None:
+    root, _ = smoke_model
+    assert_user_error(cli("show", "20000101-000000-000000", registry=root), "unknown version")
+    assert_user_error(cli("evaluate", "--version", "nope", "--data", str(small_test_archive), registry=root),
+                      "unknown version")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the read-only mount below covers it")
+def test_registry_not_writable_chmod(small_archive: Path, tmp_path: Path) -> None:
+    reg = tmp_path / "ro"
+    reg.mkdir()
+    reg.chmod(0o500)
+    assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg),
+                      "not writable")
+
+
+def test_registry_not_writable(small_archive: Path, tmp_path: Path) -> None:
+    # A registry path below a regular file can never be created, even by root.
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke",
+                          registry=blocker / "models"), "not writable")
+
+
+def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
+    proc = cli("train", "--data", "x", "--epochs", "zero", registry=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not an integer" in proc.stderr
+
+
+def test_time_budget_plan_fits_the_budget() -> None:
+    from training.presets import PROFILES
+    from training.train import plan_budget
+
+    cfg = PROFILES["cpu"]
+    # 0.7 s/step, 1000 val img/s, 40k train, 10k val: 60 minutes
+    plan = plan_budget(cfg, 3600, 0.7, 1000.0, 40_000, 10_000, elapsed_s=30)
+    assert plan["planned_s"] <= 3600 * 0.95 + 1
+    assert plan["planned_s"] > 3600 * 0.85
+    assert 150 <= plan["steps_per_epoch"] <= 156 and plan["epochs"] >= 25
+    # 5 minutes: less than two full epochs fit; they are shortened, not dropped
+    short = plan_budget(cfg, 300, 0.7, 1000.0, 40_000, 10_000, elapsed_s=30)
+    assert short["planned_s"] <= 300 * 0.95 + 1 and short["total_steps"] >= 300
+
+
+def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OneCycle schedule of a budgeted run is driven by elapsed time, not by step count."""
+    import torch
+
+    from training import train
+    from training.presets import PROFILES, make_scheduler
+
+    now = [1000.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    cfg = PROFILES["cpu"]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(cfg, opt, total_steps=train.SCHEDULE_TICKS)
+    progress = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=0.0)
+    lrs = []
+    for t in (0, 25, 50, 99, 100):
+        now[0] = 1000.0 + t
+        done = progress.advance(sched)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert done
+    assert lrs[1] == pytest.approx(cfg.lr, rel=0.01)  # the peak at 25% of the time
+    assert lrs[0] < lrs[1] and lrs[2] < lrs[1] and lrs[-1] < cfg.lr / 1000
+    # a resumed run continues where the interrupted one's clock stopped
+    resumed = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
+    assert resumed.fraction() == pytest.approx(0.6)
