@@ -1,0 +1,83 @@
+"""``python -m worker``: an RQ worker on the ``explain`` queue with the model preloaded.
+
+Configuration comes from the environment (see :mod:`worker.config`): ``REDIS_URL``,
+``MODEL_REGISTRY``, ``MODEL_VERSION`` and the ``EXPLAIN_*`` knobs. Run one per core group;
+several workers on one Redis share the queue. SIGTERM/SIGINT: finish the current job, then
+exit (a second one stops at once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+# GNU OpenMP threads spin while they wait: on a CPU shared with other busy processes (the
+# API, training) that turns a 2-thread forward pass ~15x slower. Must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--name", default=None, help="worker name (default: explain-<host>-<pid>)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    args = parser.parse_args(argv)
+
+    from worker.config import get_explain_settings
+
+    settings = get_explain_settings()
+    level = (args.log_level or settings.explain_log_level).upper()
+
+    # Imports and model loading happen here, in the parent, before any fork: every work
+    # horse inherits them (torch, shap, scikit-image, the weights, the background set).
+    from worker.runtime import configure_parent_threads, get_runtime
+
+    configure_parent_threads()
+    import shap  # noqa: F401
+    import skimage.segmentation  # noqa: F401
+
+    from training.errors import UserError
+    from worker import jobs as _jobs  # noqa: F401  (imported before any fork)
+    from worker.jobqueue import connect, get_queue, on_work_horse_killed
+    from worker.worker import ExplainWorker
+
+    try:
+        rt = get_runtime(settings).preload()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    connection = connect(settings.redis_url)
+    try:
+        connection.ping()
+    except Exception as exc:
+        print(f"error: Redis is not reachable at {settings.redis_url}: {exc}", file=sys.stderr)
+        return 3
+
+    name = args.name or f"explain-{socket.gethostname()}-{os.getpid()}"
+    worker = ExplainWorker(
+        [get_queue(connection, settings)],
+        connection=connection,
+        name=name,
+        default_result_ttl=settings.explain_result_ttl_s,
+        job_monitoring_interval=settings.explain_monitor_interval_s,
+        maintenance_interval=settings.explain_maintenance_interval_s,
+        worker_ttl=settings.explain_worker_ttl_s,
+        work_horse_killed_handler=on_work_horse_killed,
+    )
+    worker.heartbeat_grace = settings.explain_heartbeat_grace_s
+    worker.horse_threads = settings.torch_threads()
+    print(
+        f"worker {name}: queue {settings.explain_queue!r} on {settings.redis_url}, model {rt.version} preloaded, "
+        f"{worker.horse_threads} torch thread(s) per job",
+        file=sys.stderr,
+        flush=True,
+    )
+    worker.work(burst=args.burst, logging_level=level, with_scheduler=settings.explain_retry_interval_s > 0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Explanation settings, shared by the API (``POST /explain``) and the worker (``python -m worker``).
+
+Read from the environment (and ``.env``) like the service's own settings. The connection,
+registry and version use the *same* variable names as the service (``REDIS_URL``,
+``MODEL_REGISTRY``, ``MODEL_VERSION``), so one environment configures both processes; the
+explanation knobs are ``EXPLAIN_*``. This module imports neither torch nor the service.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Background images stored with every registry version (the study's explainer background).
+STORED_BACKGROUND = 100
+
+
+class ExplainSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        protected_namespaces=(),
+    )
+
+    # -- shared with the service ---------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and results.")
+    model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
+    model_version: str | None = Field(None, description="Version to explain; unset: promoted, else newest.")
+    max_image_pixels: int = Field(16_777_216, ge=1, description="Same limit as /predict (header check).")
+
+    # -- queue ----------------------------------------------------------------------------
+    explain_queue: str = Field("explain", description="RQ queue name.")
+    explain_max_queue_depth: int = Field(
+        50, ge=0, description="Queued (not yet started) jobs beyond which POST /explain answers 429."
+    )
+    explain_job_timeout_s: int = Field(900, ge=1, description="Wall-clock limit of one job (RQ job timeout).")
+    explain_retries: int = Field(
+        1, ge=0, le=10, description="Extra attempts after a failure or a killed worker (RQ Retry max)."
+    )
+    explain_retry_interval_s: int = Field(0, ge=0, description="Seconds before a retry is re-queued.")
+    explain_result_ttl_s: int = Field(86_400, ge=60, description="How long results (and heatmaps) are kept.")
+    explain_failure_ttl_s: int = Field(86_400, ge=60, description="How long failed jobs are kept.")
+    explain_redis_timeout_s: float = Field(
+        1.0, gt=0, description="API side: connect/read timeout towards Redis before answering 503."
+    )
+
+    # -- parameters: defaults and allowed ranges ------------------------------------------
+    explain_default_segments: int = Field(50, ge=2, description="SLIC superpixels asked for by default.")
+    explain_min_segments: int = 2
+    explain_max_segments: int = Field(200, ge=2)
+    explain_default_samples: int = Field(
+        1000, ge=10, description="Coalitions evaluated by default (see BENCHMARKS.md: Spearman rho >= 0.9)."
+    )
+    explain_min_samples: int = 20
+    explain_max_samples: int = Field(20_000, ge=20)
+    explain_default_background: int = Field(
+        1, ge=1, description="Background images by default (1: the mean of the version's 100)."
+    )
+    explain_max_background: int = Field(STORED_BACKGROUND, ge=1, le=STORED_BACKGROUND)
+    explain_max_evaluations: int = Field(
+        500_000, ge=1, description="Upper bound on samples x background (model evaluations) for one job."
+    )
+    explain_default_seed: int = 0
+
+    # -- worker -----------------------------------------------------------------------------
+    explain_torch_threads: int = Field(0, ge=0, description="torch intra-op threads in a job (0: every core).")
+    explain_batch_size: int = Field(256, ge=1, description="Images per forward pass.")
+    explain_slic_max_side: int = Field(
+        512, ge=32, description="Longer side above which the upload is reduced before SLIC (keeps SLIC fast)."
+    )
+    explain_slic_compactness: float = Field(10.0, gt=0)
+    explain_monitor_interval_s: int = Field(
+        5, ge=1, description="How often the worker checks its work horse and renews the job's heartbeat."
+    )
+    explain_heartbeat_grace_s: int = Field(
+        30, ge=1, description="A job whose worker has not renewed its heartbeat for this long is abandoned."
+    )
+    explain_maintenance_interval_s: int = Field(
+        15, ge=1, description="How often a worker reclaims abandoned jobs (retry or fail them)."
+    )
+    explain_worker_ttl_s: int = Field(35, ge=20, description="Idle worker heartbeat TTL (RQ worker_ttl).")
+    explain_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("model_version", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def torch_threads(self) -> int:
+        if self.explain_torch_threads:
+            return self.explain_torch_threads
+        return max(1, len(os.sched_getaffinity(0)))
+
+    def ranges(self) -> dict[str, tuple[int, int]]:
+        """Allowed (inclusive) ranges of the integer parameters, as the 422 answers name them."""
+        return {
+            "segments": (self.explain_min_segments, self.explain_max_segments),
+            "samples": (self.explain_min_samples, self.explain_max_samples),
+            "background": (1, self.explain_max_background),
+            "seed": (0, 2**32 - 1),
+        }
+
+
+@lru_cache
+def get_explain_settings() -> ExplainSettings:
+    return ExplainSettings()

@@ -1,0 +1,326 @@
+"""The explanation job contract, shared by the API (submit, status) and the worker (run).
+
+Redis layout (all keys under ``shapserve:explain:``):
+
+- the RQ queue ``explain`` (``rq:queue:explain``) and RQ's job hashes and registries;
+- ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (image bytes, model version,
+  normalised parameters), kept as long as the job's result can be;
+- ``artifact:<job id>`` -> npz (segmented image + superpixel labels) for the heatmap;
+- ``png:<job id>:<variant>`` -> a rendered heatmap, cached;
+- ``metrics`` -> see :mod:`worker.metrics`.
+
+Job ids are random UUIDs (``uuid4``). No torch here: the API imports this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.config import ExplainSettings
+from worker.metrics import read_metrics, record_failure
+
+PREFIX = "shapserve:explain:"
+JOB_FUNC = "worker.jobs.explain_job"
+#: RQ statuses as the API reports them.
+STATUS_MAP = {
+    "created": "queued",
+    "queued": "queued",
+    "deferred": "queued",
+    "scheduled": "queued",
+    "started": "started",
+    "finished": "finished",
+    "failed": "failed",
+    "stopped": "failed",
+    "canceled": "failed",
+}
+
+
+class QueueFull(Exception):
+    def __init__(self, depth: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"the explanation queue holds {depth} jobs (limit {limit}); retry in {retry_after} s")
+        self.depth = depth
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """What a job needs, pickled into the RQ job (the image travels as bytes)."""
+
+    image: bytes
+    model_version: str
+    segments: int
+    samples: int
+    background: int
+    seed: int
+    target: int | None
+
+    def params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("image")
+        return d
+
+
+def dedup_key(request: JobRequest) -> str:
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(request.image).digest())
+    h.update(json.dumps(request.params(), sort_keys=True).encode())
+    return f"{PREFIX}dedup:{h.hexdigest()}"
+
+
+def artifact_key(job_id: str) -> str:
+    return f"{PREFIX}artifact:{job_id}"
+
+
+def png_key(job_id: str, variant: str) -> str:
+    return f"{PREFIX}png:{job_id}:{variant}"
+
+
+def valid_job_id(job_id: str) -> bool:
+    try:
+        return str(uuid.UUID(job_id)) == job_id.lower()
+    except ValueError:
+        return False
+
+
+def connect(url: str, timeout: float | None = None):
+    """A Redis client; ``timeout`` bounds connect and each command (the API uses short ones)."""
+    import redis
+
+    kwargs: dict[str, Any] = {"health_check_interval": 30}
+    if timeout is not None:
+        kwargs.update(socket_connect_timeout=timeout, socket_timeout=max(timeout, 2.0))
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def get_queue(connection: Any, settings: ExplainSettings):
+    from rq import Queue
+
+    return Queue(settings.explain_queue, connection=connection, default_timeout=settings.explain_job_timeout_s)
+
+
+def dedup_ttl(settings: ExplainSettings) -> int:
+    attempts = settings.explain_retries + 1
+    return settings.explain_result_ttl_s + attempts * (settings.explain_job_timeout_s + 60) + 3600
+
+
+def retry_after_estimate(connection: Any, queue: Any, depth: int) -> int:
+    """Seconds until the queue has likely drained by one place: depth × mean job time / workers."""
+    from rq import Worker
+
+    try:
+        values = read_metrics(connection)
+        mean = values.get("duration_sum", 0.0) / values["duration_count"] if values.get("duration_count") else 10.0
+        workers = max(1, Worker.count(connection=connection, queue=queue))
+    except Exception:
+        mean, workers = 10.0, 1
+    return int(min(3600, max(1, math.ceil(depth * mean / workers))))
+
+
+def submit(connection: Any, settings: ExplainSettings, request: JobRequest) -> tuple[Any, bool]:
+    """Enqueue ``request`` unless an identical one exists: returns (job, created).
+
+    An identical request (same image bytes, version and parameters) whose job is queued,
+    running or finished (and not expired) gets that job back. A failed one is replaced.
+    Raises :class:`QueueFull` when a *new* job would go over ``EXPLAIN_MAX_QUEUE_DEPTH``.
+    """
+    from rq import Callback, Retry
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    queue = get_queue(connection, settings)
+    key = dedup_key(request)
+    for _ in range(5):
+        existing = connection.get(key)
+        if existing is not None:
+            job_id = existing.decode()
+            try:
+                job = Job.fetch(job_id, connection=connection)
+                if STATUS_MAP.get(job.get_status(refresh=False) or "", "failed") != "failed":
+                    return job, False
+            except NoSuchJobError:
+                pass
+            # Expired or failed: forget it (only if nobody replaced it meanwhile), then submit anew.
+            _compare_and_delete(connection, key, job_id)
+            continue
+        depth = queue.count
+        if depth >= settings.explain_max_queue_depth:
+            raise QueueFull(depth, settings.explain_max_queue_depth, retry_after_estimate(connection, queue, depth))
+        job_id = str(uuid.uuid4())
+        if not connection.set(key, job_id, nx=True, ex=dedup_ttl(settings)):
+            continue  # an identical request won the race: return its job on the next turn
+        try:
+            retry = (
+                Retry(max=settings.explain_retries, interval=settings.explain_retry_interval_s)
+                if (settings.explain_retries)
+                else None
+            )
+            job = queue.enqueue(
+                JOB_FUNC,
+                request,
+                job_id=job_id,
+                job_timeout=settings.explain_job_timeout_s,
+                result_ttl=settings.explain_result_ttl_s,
+                failure_ttl=settings.explain_failure_ttl_s,
+                retry=retry,
+                on_failure=Callback("worker.jobqueue.on_job_failure"),
+                meta={"progress": 0.0, "stage": "queued", "dedup_key": key, "params": request.params()},
+                description=f"explain segments={request.segments} samples={request.samples} "
+                f"background={request.background} version={request.model_version}",
+            )
+        except BaseException:
+            _compare_and_delete(connection, key, job_id)
+            raise
+        return job, True
+    raise RuntimeError("could not register the explanation job (dedup key kept changing)")
+
+
+_CAD = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def _compare_and_delete(connection: Any, key: str, value: str) -> None:
+    connection.eval(_CAD, 1, key, value)
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
+    """RQ failure callback (a raised error, a timeout, or an abandoned job found by cleanup)."""
+    reason = describe_exception(exc_type, exc_value)
+    _note_failure(job, connection, reason)
+
+
+def on_work_horse_killed(job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
+    """Worker(work_horse_killed_handler=...): the horse died without reporting (SIGKILL, OOM, crash)."""
+    import os
+
+    sig = os.WTERMSIG(ret_val) if ret_val and os.WIFSIGNALED(ret_val) else None
+    reason = f"the work horse died (signal {sig})" if sig else f"the work horse exited with status {ret_val}"
+    _note_failure(job, job.connection, reason)
+
+
+def _note_failure(job: Any, connection: Any, reason: str) -> None:
+    retried = bool(job.retries_left and job.retries_left > 0)
+    try:
+        job.meta["last_failure"] = reason
+        job.meta["failures"] = int(job.meta.get("failures", 0)) + 1
+        job.save_meta()
+    except Exception:
+        pass
+    record_failure(connection, retried=retried)
+
+
+def describe_exception(exc_type: Any, exc_value: Any) -> str:
+    name = getattr(exc_type, "__name__", str(exc_type))
+    if name == "AbandonedJobError":
+        return "the worker running this job died (killed or crashed) before it finished"
+    if name == "JobTimeoutException":
+        return f"the job ran over its time limit ({exc_value})"
+    text = str(exc_value).strip()
+    return f"{name}: {text}" if text else name
+
+
+def failure_reason(job: Any) -> str:
+    """One line for a failed job: what RQ recorded, made readable."""
+    raw = ""
+    try:
+        result = job.latest_result()
+        if result is not None and result.exc_string:
+            raw = result.exc_string.strip().splitlines()[-1]
+    except Exception:
+        pass
+    last = job.meta.get("last_failure") if isinstance(job.meta, dict) else None
+    if "AbandonedJobError" in raw:
+        raw = "the worker running this job died (killed or crashed) before it finished"
+    elif raw.startswith("Work-horse terminated unexpectedly"):
+        raw = f"the work horse died: {raw}"
+    reason = raw or last or "the job failed (no reason recorded)"
+    attempts = int(job.meta.get("failures", 0)) if isinstance(job.meta, dict) else 0
+    if attempts > 1:
+        reason += f" (after {attempts} attempts)"
+    return reason
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def job_status(connection: Any, settings: ExplainSettings, job_id: str) -> dict[str, Any] | None:
+    """The public status document of a job, or None when it is unknown (or expired)."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return None
+    if job.func_name != JOB_FUNC:
+        return None
+    raw = job.get_status(refresh=False)
+    if raw == "started":
+        # A worker that was SIGKILLed cannot report: its job's heartbeat entry expires
+        # EXPLAIN_HEARTBEAT_GRACE_S later. Reclaim it now rather than at the next worker's
+        # maintenance tick (RQ retries it, or fails it with AbandonedJobError).
+        queue = get_queue(connection, settings)
+        queue.started_job_registry.cleanup()
+        job = Job.fetch(job_id, connection=connection)
+        raw = job.get_status(refresh=False)
+    status = STATUS_MAP.get(raw or "", "queued")
+    meta = job.meta if isinstance(job.meta, dict) else {}
+    doc: dict[str, Any] = {
+        "job_id": job.id,
+        "status": status,
+        "queue_position": None,
+        "progress": 0.0,
+        "stage": meta.get("stage"),
+        "result": None,
+        "error": None,
+        "parameters": meta.get("params"),
+        "attempts": int(meta.get("failures", 0)) + (1 if status in ("started", "finished") else 0),
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at) if status != "queued" else None,
+        "ended_at": _iso(job.ended_at) if status in ("finished", "failed") else None,
+    }
+    if status == "queued":
+        position = get_queue(connection, settings).get_job_position(job.id)
+        doc["queue_position"] = position + 1 if position is not None else None
+        doc["stage"] = "queued"
+        if meta.get("last_failure"):
+            doc["error"] = f"attempt {meta.get('failures', 1)} failed and is being retried: {meta['last_failure']}"
+    elif status == "started":
+        doc["progress"] = float(meta.get("progress", 0.0))
+    elif status == "finished":
+        doc["progress"] = 1.0
+        doc["stage"] = "finished"
+        doc["result"] = job.return_value()
+    else:
+        doc["stage"] = "failed"
+        doc["progress"] = float(meta.get("progress", 0.0))
+        doc["error"] = failure_reason(job)
+    return doc
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# -- heatmap artefacts -----------------------------------------------------------------------------
+
+
+def pack_artifact(image: np.ndarray, labels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image=image.astype(np.uint8), labels=labels.astype(np.int32))
+    return buf.getvalue()
+
+
+def unpack_artifact(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return npz["image"], npz["labels"]

@@ -1,0 +1,88 @@
+"""The RQ job: decode the upload, explain it with the preloaded model, store the heatmap data.
+
+Runs in a work horse forked from ``python -m worker``, which already holds the model and
+its background set (see :mod:`worker.runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from worker.config import get_explain_settings
+from worker.core import ExplainParams, explain_image
+from worker.jobqueue import JobRequest, artifact_key, pack_artifact
+from worker.metrics import record_finished
+from worker.runtime import get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def explain_job(request: JobRequest) -> dict[str, Any]:
+    from rq import get_current_job
+
+    from service.images import decode_image
+    from training.model import to_source_size
+
+    settings = get_explain_settings()
+    job = get_current_job()
+    last_saved = [0.0]
+
+    def progress(fraction: float, stage: str) -> None:
+        if job is None:
+            return
+        now = time.monotonic()
+        if stage == "evaluating" and now - last_saved[0] < 0.5:
+            return
+        last_saved[0] = now
+        job.meta["progress"] = round(float(fraction), 4)
+        job.meta["stage"] = stage
+        try:
+            job.save_meta()
+        except Exception:  # progress is best effort; the result is what matters
+            log.warning("could not save progress of job %s", job.id, exc_info=True)
+
+    rt = get_runtime().load(request.model_version)
+    image = decode_image(request.image, settings.max_image_pixels)
+    model_input = to_source_size(image)
+    params = ExplainParams(
+        segments=request.segments,
+        samples=request.samples,
+        background=request.background,
+        seed=request.seed,
+        target=request.target,
+    )
+    if request.target is not None and not 0 <= request.target < len(rt.class_names):
+        raise ValueError(f"target {request.target} is not a class of version {rt.version}")
+    result, seg = explain_image(
+        rt.model,
+        image,
+        model_input,
+        rt.background(request.background),
+        rt.class_names,
+        params,
+        batch_size=settings.explain_batch_size,
+        slic_max_side=settings.explain_slic_max_side,
+        slic_compactness=settings.explain_slic_compactness,
+        progress=progress,
+    )
+    result = {"model_version": rt.version, **result, "parameters": request.params()}
+    if job is not None:
+        conn = job.connection
+        result["job_id"] = job.id
+        conn.set(artifact_key(job.id), pack_artifact(seg.image, seg.labels), ex=settings.explain_result_ttl_s)
+        try:
+            record_finished(conn, result)
+        except Exception:
+            log.warning("could not record metrics of job %s", job.id, exc_info=True)
+    log.info(
+        "explained with %d segments, %d samples, %d background: %.2f s, %d evaluations, residual %.2e",
+        result["segments"]["count"],
+        result["samples"],
+        result["background"],
+        result["duration_s"],
+        result["model_evaluations"],
+        result["local_accuracy_residual"],
+    )
+    return result

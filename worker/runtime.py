@@ -1,0 +1,113 @@
+"""What a worker process keeps between jobs: loaded model versions and their background sets.
+
+The worker's parent process calls :func:`preload` before it starts taking jobs, so the
+default version's network and its background summary are in memory *before* RQ forks a
+work horse for each job: every horse inherits them copy-on-write and never reads the
+registry. A job that names another version (after a promotion) loads it in the horse; the
+parent notices the new default at its next restart or reload.
+
+Torch and fork: the parent pins torch to **one** intra-op thread and never runs a parallel
+region, because GNU OpenMP's thread pool does not survive ``fork()`` (a horse forked after
+the parent ran a multi-threaded op hangs in its first parallel region: checked on this
+machine). Each horse sets its own thread count (:func:`configure_horse_threads`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from training.registry import LoadedVersion, Registry
+from worker.config import ExplainSettings
+from worker.core import BackgroundSet, summarize_background
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VersionRuntime:
+    loaded: LoadedVersion
+    stored_background: torch.Tensor  # uint8 (100, 3, 32, 32)
+    summaries: dict[int, BackgroundSet] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.loaded.class_names
+
+    def background(self, count: int) -> BackgroundSet:
+        if count not in self.summaries:
+            self.summaries[count] = summarize_background(self.stored_background, count)
+        return self.summaries[count]
+
+
+class Runtime:
+    """Loaded versions by id (at most ``keep`` of them, the default one always kept)."""
+
+    def __init__(self, settings: ExplainSettings, keep: int = 2) -> None:
+        self.settings = settings
+        self.registry = Registry(settings.model_registry)
+        self.keep = keep
+        self.versions: dict[str, VersionRuntime] = {}
+        self.default_version: str | None = None
+        self._lock = threading.Lock()
+
+    def load(self, version: str | None) -> VersionRuntime:
+        resolved = self.registry.resolve(version)
+        with self._lock:
+            if resolved in self.versions:
+                return self.versions[resolved]
+            loaded = self.registry.load(resolved, device="cpu")
+            loaded.model.to(memory_format=torch.channels_last)
+            for p in loaded.model.parameters():
+                p.requires_grad_(False)
+            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background())
+            self.versions[resolved] = rt
+            while len(self.versions) > self.keep:
+                oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
+                del self.versions[oldest]
+            log.info("loaded model version %s (%d background images)", resolved, len(rt.stored_background))
+            return rt
+
+    def preload(self) -> VersionRuntime:
+        """Load the default version and its default background summary (in the parent)."""
+        rt = self.load(self.settings.model_version)
+        self.default_version = rt.version
+        rt.background(min(self.settings.explain_default_background, len(rt.stored_background)))
+        return rt
+
+
+_runtime: Runtime | None = None
+
+
+def get_runtime(settings: ExplainSettings | None = None) -> Runtime:
+    global _runtime
+    if _runtime is None:
+        from worker.config import get_explain_settings
+
+        _runtime = Runtime(settings or get_explain_settings())
+    return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def configure_parent_threads() -> None:
+    """One intra-op thread, no inter-op pool: nothing that would break a later fork."""
+    torch.set_num_threads(1)
+
+
+def configure_horse_threads(threads: int) -> None:
+    torch.set_num_threads(max(1, threads))
