@@ -77,6 +77,7 @@ class ExplainCollector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from prometheus_client.utils import floatToGoString
 
         up = GaugeMetricFamily("shapserve_explain_redis_up", "1 when the explain metrics could be read from Redis")
         try:
@@ -118,7 +119,7 @@ class ExplainCollector:
         buckets = []
         for upper in (*DURATION_BUCKETS, math.inf):
             cumulative += values.get(_bucket_field(upper), 0.0)
-            buckets.append(("+Inf" if upper == math.inf else f"{upper:g}", cumulative))
+            buckets.append((floatToGoString(upper), cumulative))
         hist = HistogramMetricFamily(
             "shapserve_explain_job_duration_seconds", "Compute time of finished explanation jobs"
         )
