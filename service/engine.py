@@ -239,8 +239,9 @@ class Engine:
         """Load the configured version (on the inference thread: nothing else runs yet)."""
         loop = asyncio.get_running_loop()
         torch.set_num_threads(self.threads)
-        served = await loop.run_in_executor(self.inference_executor, self.load, None)
-        self._serve(served)
+        async with self._reload_lock:  # a reload asked for meanwhile waits, then wins
+            served = await loop.run_in_executor(self.inference_executor, self.load, None)
+            self._serve(served)
         return served
 
     def _serve(self, served: ServedModel) -> None:

@@ -214,6 +214,8 @@ async def read_image_uploads(request: Request, *, max_bytes: int, max_files: int
         parser = MultipartParser(boundary, collector.callbacks())
     except FormParserError as exc:
         raise InputError(400, "malformed_multipart", f"bad multipart boundary: {exc}") from None
+    from starlette.requests import ClientDisconnect
+
     received = 0
     try:
         async for chunk in request.stream():
@@ -226,6 +228,8 @@ async def read_image_uploads(request: Request, *, max_bytes: int, max_files: int
         parser.finalize()
     except FormParserError as exc:
         raise InputError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc}") from None
+    except ClientDisconnect:
+        raise InputError(400, "malformed_multipart", "the client went away before the upload was complete") from None
 
     if received == 0:
         raise InputError(400, "empty_body", no_body)
@@ -286,12 +290,12 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """
     image = open_image(data, max_pixels)
     try:
-        if getattr(image, "n_frames", 1) > 1:
-            image.seek(0)
+        # A freshly opened animation or multi-page TIFF is on its first frame: never seek (counting
+        # the frames of a GIF means walking the whole file).
         if image.format in ("JPEG", "MPO"):
             image.draft(None, (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        image = _upright(image)
         return to_rgb(image)
     except InputError:
         raise
@@ -301,6 +305,14 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise InputError(422, "corrupt_image", f"the image is truncated or corrupt: {exc}") from None
     except MemoryError:
         raise InputError(413, "image_too_large", "the image is too large to decode") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; an unreadable EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # a broken EXIF block must not cost the whole image
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
