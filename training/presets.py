@@ -16,6 +16,8 @@ from torch import nn
 
 from training.model import SOURCE_SIZE
 
+ONECYCLE_PCT_START = 0.25  # share of the schedule spent raising the LR
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -149,7 +151,7 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
     """OneCycle steps every batch; ReduceLROnPlateau steps on validation loss every epoch."""
     if cfg.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=0.25
+            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=ONECYCLE_PCT_START
         )
     if cfg.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(

@@ -27,7 +27,7 @@ from training import checkpoint
 from training.data import load_images, pick_background, split_train_val
 from training.errors import UserError
 from training.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE, Classifier, Preprocess, build_model
-from training.presets import TrainConfig, make_optimizer, make_scheduler, train_augmentation
+from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, make_scheduler, train_augmentation
 from training.registry import Registry, new_version_id
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,7 @@ def train_step(model, aug, optimizer, cfg, autocast, images, labels):
 
 
 @torch.inference_mode()
-def evaluate_loss(
-    model, batches: Batches, autocast, channels_last: bool, progress: bool = True
-) -> tuple[float, float]:
+def evaluate_loss(model, batches: Batches, autocast, channels_last: bool, progress: bool = True) -> tuple[float, float]:
     """Mean cross-entropy (no smoothing) and accuracy over ``batches``."""
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=batches.images.device)
@@ -230,6 +228,17 @@ class BudgetProgress:
         while scheduler.last_epoch < target:
             scheduler.step()
         return frac >= 1.0
+
+
+def _warming_up(cfg: TrainConfig, scheduler: Any) -> bool:
+    """True while a OneCycle schedule is still raising the LR.
+
+    Validation loss is expected to wobble on the way up to the peak LR; counting those
+    epochs towards early stopping would stop a run at its noisiest point.
+    """
+    if cfg.scheduler != "onecycle":
+        return False
+    return scheduler.last_epoch < scheduler.total_steps * ONECYCLE_PCT_START
 
 
 def git_commit() -> str | None:
@@ -424,7 +433,7 @@ def run(
             bad_epochs = 0
             run_dir.mkdir(parents=True, exist_ok=True)
             checkpoint.save_best(run_dir, model.net)
-        else:
+        elif not _warming_up(cfg, scheduler):
             bad_epochs += 1
         checkpoint.save_run_state(
             run_dir,
