@@ -1,17 +1,13 @@
 # shapserve: `make run` (service + worker + a model), `make test` (the whole suite).
-PYTHON ?= python3
+# The venv and the install are scripts/install.sh's (PYTHON=python3.12 to pick the interpreter).
+PYTHON ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
 
 .PHONY: install test lint run train bench clean
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q 'torch>=2.11' 'torchvision>=0.26'
-	$(PIP) install -q -e '.[dev]'
-	touch $@
+	VENV=$(VENV) PYTHON=$(PYTHON) FORCE=1 scripts/install.sh
 
 install: $(VENV)/.installed
 
@@ -21,6 +17,17 @@ lint: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# Redis (unless one answers), a model (trained first if the registry is empty), worker(s), API.
+# Settings from the environment or the command line: `make run DATA=path TRAIN_MINUTES=5 PORT=8080`
+# (all of them: `scripts/run.sh help`). Ctrl-C stops everything.
+run: install
+	@SKIP_INSTALL=1 VENV=$(VENV) scripts/run.sh up
+
+# Train with the full profile (paper on a CUDA machine, else cpu), evaluate, promote: a running
+# `make run` switches to the new version by itself.
+train: install
+	@SKIP_INSTALL=1 VENV=$(VENV) scripts/run.sh train
 
 clean:
 	rm -rf $(VENV) .pytest_cache var

@@ -1,0 +1,174 @@
+"""``make run`` / ``scripts/run.sh`` for real: an empty registry gets a first model, an
+embedded Redis starts, the API and a worker serve, ``scripts/run.sh train`` (``make train``)
+promotes a new version that the running API switches to, and Ctrl-C (SIGINT to the
+foreground process group, as a terminal sends it) leaves nothing running.
+
+The smoke profile on a small archive of real CIFAR-10 images stands in for the cpu
+profile's 10 minutes (``TRAIN_PROFILE=smoke``); the venv is the one running the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from service_fixtures import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "scripts" / "run.sh"
+
+
+def tagged_processes(token: str) -> list[tuple[int, str]]:
+    """Live processes whose environment carries ``token`` (every descendant of the script)."""
+    found = []
+    needle = f"SHAPSERVE_RUN_TEST_TOKEN={token}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if state != "Z":
+            found.append((int(entry.name), cmd))
+    return found
+
+
+def run_env(tmp_path: Path, token: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_VERSION", "PORT", "HOST")}
+    env.update(
+        SHAPSERVE_RUN_TEST_TOKEN=token,
+        SKIP_INSTALL="1",
+        VENV=sys.prefix,
+        VAR_DIR=str(tmp_path / "var"),
+        PYTHONUNBUFFERED="1",
+        TORCH_THREADS="1",
+        DECODE_THREADS="1",
+        EXPLAIN_TORCH_THREADS="1",
+        READY_TIMEOUT_S="240",
+    )
+    env.update(extra)
+    return env
+
+
+def wait_output(log: Path, proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace")
+        match = re.search(pattern, text)
+        if match:
+            return match
+        if proc.poll() is not None:
+            raise AssertionError(f"run.sh exited with {proc.returncode} before {pattern!r}:\n{text[-5000:]}")
+        time.sleep(0.3)
+    raise AssertionError(f"no {pattern!r} after {timeout:.0f} s:\n{log.read_text(errors='replace')[-5000:]}")
+
+
+def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_archive: Path, cifar_jpeg: bytes) -> None:
+    token = uuid.uuid4().hex
+    registry = tmp_path / "registry"
+    port = free_port()
+    nobody = free_port()  # no Redis answers there: the script must start its own
+    env = run_env(
+        tmp_path, token, MODEL_REGISTRY=str(registry), PORT=str(port), LOCAL_REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
+        TRAIN_PROFILE="smoke", DATA=str(small_archive), MODEL_WATCH_INTERVAL_S="1",
+    )  # fmt: skip
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["bash", str(RUN_SH)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,  # its own group: a terminal's Ctrl-C reaches all of it
+        )  # fmt: skip
+    try:
+        wait_output(log, proc, r"shapserve is up", 300)
+        text = log.read_text()
+        assert f"the model registry {registry} is empty: training a first model (smoke profile" in text
+        redis_url = re.search(r"Redis: (redis://127\.0\.0\.1:(\d+)/0) \(embedded", text).group(1)
+        base = f"http://127.0.0.1:{port}"
+        for line in (f"API      {base}", f"docs     {base}/docs", f"metrics  {base}/metrics"):
+            assert line in text
+        assert (tmp_path / "var" / "redis" / "appendonlydir").is_dir(), "the embedded Redis keeps an AOF"
+
+        client = httpx.Client(base_url=base, timeout=60)
+        first = client.get("/readyz").json()["model"]["version"]
+        assert [p.name for p in registry.iterdir() if not p.name.startswith(".") and p.is_dir()] == [first]
+        assert client.post("/predict", files={"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}).status_code == 200
+        assert client.get("/docs").status_code == 200 and client.get("/metrics").status_code == 200
+        import redis
+
+        assert redis.Redis.from_url(redis_url).ping()
+
+        # `make train` in another terminal: the running API switches to the promoted version.
+        train = subprocess.run(["bash", str(RUN_SH), "train"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=300)  # fmt: skip
+        assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+        second = re.search(r"promoted (\S+): a running API switches", train.stdout).group(1)
+        assert second != first and (registry / "PROMOTED").read_text().strip() == second
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").json()["model"]["version"] != second:
+            assert time.monotonic() < deadline, "the API did not switch to the promoted version"
+            time.sleep(0.5)
+        client.close()
+        assert len(tagged_processes(token)) >= 3  # script, worker, API (Redis rewrites its environment block)
+        redis_pid = int(re.search(r"\[redis\] .*\bpid=(\d+), just started", text).group(1))
+        assert Path(f"/proc/{redis_pid}").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "SIGINT: stopping everything" in text and "[run] stopped: " in text
+    deadline = time.monotonic() + 10
+    while tagged_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tagged_processes(token) == [], "left running after Ctrl-C"
+    assert not Path(f"/proc/{redis_pid}").exists(), "the embedded Redis is still running"
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz", timeout=2)
+
+
+def test_a_redis_url_that_does_not_answer_stops_at_once(tmp_path: Path) -> None:
+    token = uuid.uuid4().hex
+    env = run_env(tmp_path, token, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PORT=str(free_port()))
+    proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "does not answer (unset REDIS_URL to start an embedded Redis)" in proc.stdout
+    assert tagged_processes(token) == []
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = run_env(tmp_path, uuid.uuid4().hex, PORT=str(port))
+        proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use: choose another with PORT=..." in proc.stdout
+
+
+def test_help_lists_the_settings() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), "help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for name in ("MODEL_REGISTRY", "DATA", "TRAIN_MINUTES", "TRAIN_PROFILE", "REDIS_URL", "WORKERS", "PORT"):
+        assert f"``{name}``" in proc.stdout
