@@ -13,9 +13,14 @@ import os
 import socket
 import sys
 
-# GNU OpenMP threads spin while they wait: on a CPU shared with other busy processes (the
-# API, training) that turns a 2-thread forward pass ~15x slower. Must precede `import torch`.
+# Thread pools that busy-wait are ruinous on a CPU shared with other busy processes (the
+# API, training): measured on the 2-core VM with another process computing, a 2-thread
+# torch forward pass ran ~15x slower with GNU OpenMP's spinning waits, and KernelSHAP's
+# small least-squares solves ~150x slower with OpenBLAS threads (57 ms vs 0.35 ms each).
+# Torch's pool sleeps when idle; NumPy's BLAS gets one thread (its matrices are 2000x50).
+# Both must be set before torch / numpy are imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def main(argv: list[str] | None = None) -> int:

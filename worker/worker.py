@@ -40,7 +40,7 @@ import signal
 
 from rq import Worker
 
-from worker.runtime import configure_horse_threads
+from worker.runtime import configure_horse_threads, get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,20 @@ class ExplainWorker(Worker):
             remaining = max(0.0, job.timeout - working_time)
             return int(min(remaining, self.job_monitoring_interval)) + self.heartbeat_grace
         return self.job_monitoring_interval + self.heartbeat_grace
+
+    def execute_job(self, job, queue) -> None:
+        """Load the job's model version in the parent first (once), so that the horse inherits it.
+
+        After a promotion the API asks for the new version: the first such job pays one load
+        here, every later horse gets it for free (two versions are kept).
+        """
+        try:
+            version = getattr(job.args[0], "model_version", None) if job.args else None
+            if version:
+                get_runtime().load(version)
+        except Exception as exc:  # the horse will fail the job with the same error, and say why
+            log.warning("could not preload version for job %s: %s", job.id, exc)
+        super().execute_job(job, queue)
 
     def setup_work_horse_signals(self) -> None:
         super().setup_work_horse_signals()
