@@ -60,6 +60,13 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds spent busy by the whole machine so far (all cores, /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
 def training_running() -> bool:
     """Is a `python -m training` process running on this machine (it competes for the CPU)?"""
     for proc in Path("/proc").iterdir():
@@ -142,7 +149,7 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     from service.images import image_to_tensor
     from training.registry import Registry
 
-    threads = args.torch_threads or len(os.sched_getaffinity(0))
+    threads = args.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)  # as the service resolves 0
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     loaded = Registry(args.registry).load(args.version, device=device)
@@ -250,12 +257,14 @@ async def load_level(url: str, pid: int, body: bytes, ctype: str, concurrency: i
         issued = 0
         failures.clear()
         before, server_cpu0 = await asyncio.to_thread(scrape, url), proc_cpu_seconds(pid)
+        busy0 = machine_busy_seconds()
         cpu0 = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(requests, True) for _ in range(concurrency)))
         wall = time.perf_counter() - start
         client_cpu = time.process_time() - cpu0
         server_cpu = proc_cpu_seconds(pid) - server_cpu0
+        busy = machine_busy_seconds() - busy0
         after = await asyncio.to_thread(scrape, url)
     finally:
         await client.close()
@@ -277,6 +286,7 @@ async def load_level(url: str, pid: int, body: bytes, ctype: str, concurrency: i
         "client_cpu_cores": client_cpu / wall,
         "client": client.kind,
         "server_cpu_cores": server_cpu / wall,
+        "other_cpu_cores": max(0.0, busy - server_cpu - client_cpu) / wall,
         "mean_batch": n_images / n_batches if n_batches else float("nan"),
         "mean_forward_ms": 1000 * infer_s / n_batches if n_batches else float("nan"),
         "forward_busy": infer_s / wall,
@@ -362,7 +372,10 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
                 level["profile"] = str(profile)
             print(
                 f"  {name:8s} c={concurrency:<3d} {level['throughput']:8.1f} req/s  p50 {level['p50_ms']:7.1f}  "
-                f"p99 {level['p99_ms']:7.1f} ms  batch {level['mean_batch']:5.1f}  fails {level['failures']}",
+                f"p99 {level['p99_ms']:7.1f} ms  batch {level['mean_batch']:5.1f}  "
+                f"server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f} "
+                f"other {level['other_cpu_cores']:.2f} cores  "
+                f"fails {level['failures']}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -389,15 +402,16 @@ def report(result: dict) -> str:
         "| images/s | " + " | ".join(f"{v:.1f}" for v in raw["batched_images_per_s"].values()) + " |",
         "",
         "| batcher | C | req/s | p50 ms | p95 ms | p99 ms | mean batch | forward ms | forward busy | queue wait ms |"
-        " server CPU | client CPU | failures |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " server CPU | client CPU | other CPU | failures |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in result["levels"]:
         lines.append(
             f"| {'on' if lv['config'] == 'batch' else 'off'} | {lv['concurrency']} | {lv['throughput']:.1f} | "
             f"{lv['p50_ms']:.1f} | {lv['p95_ms']:.1f} | {lv['p99_ms']:.1f} | {lv['mean_batch']:.1f} | "
             f"{lv['mean_forward_ms']:.1f} | {lv['forward_busy']:.0%} | {lv['mean_queue_wait_ms']:.2f} | "
-            f"{lv['server_cpu_cores']:.2f} | {lv['client_cpu_cores']:.2f} | {sum(lv['failures'].values())} |"
+            f"{lv['server_cpu_cores']:.2f} | {lv['client_cpu_cores']:.2f} | {lv['other_cpu_cores']:.2f} | "
+            f"{sum(lv['failures'].values())} |"
         )
     by = {(lv["config"], lv["concurrency"]): lv for lv in result["levels"]}
     lines.append("")

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
         "Ignored when MODEL_VERSION pins a version.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads for inference (0: auto).")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads for inference (0: all cores but one).")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="bf16 autocast for the forward pass (CUDA or CPUs with bf16); fp32 is exact."
     )
@@ -60,7 +60,7 @@ class Settings(BaseSettings):
         16_777_216, ge=1, description="Largest image (width x height, from its header), refused before decoding."
     )
     max_files_per_request: int = Field(16, ge=1, description="Most `file` fields in one /predict request.")
-    decode_threads: int = Field(0, ge=0, description="Threads that decode and resize uploads (0: auto).")
+    decode_threads: int = Field(0, ge=0, description="Threads that decode and resize uploads (0: half the cores, 1-4).")
 
     # -- dynamic batching ----------------------------------------------------------
     batching: bool = Field(True, description="Group concurrent requests into one forward pass.")
@@ -84,15 +84,22 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_torch_threads(self) -> int:
-        """0 -> every core the process may use (one process, one model: see BENCHMARKS.md)."""
+        """0 -> all cores but one, at least one (see BENCHMARKS.md).
+
+        The spare core runs the event loop and the decoding. An OpenMP team as wide as the
+        machine collapses as soon as anything else wants a core: every parallel region waits
+        for its slowest (preempted) thread. On 2 cores, 2 threads made the service ~5x slower.
+        """
         if self.torch_threads:
             return self.torch_threads
-        return max(1, len(os.sched_getaffinity(0)))
+        return max(1, len(os.sched_getaffinity(0)) - 1)
 
     def resolved_decode_threads(self) -> int:
+        """0 -> half the cores, 1 to 4: decoding a small upload takes ~0.1-0.2 ms, and each extra
+        thread competes with the forward pass for the same cores."""
         if self.decode_threads:
             return self.decode_threads
-        return min(4, max(1, len(os.sched_getaffinity(0))))
+        return min(4, max(1, len(os.sched_getaffinity(0)) // 2))
 
 
 @lru_cache
