@@ -149,7 +149,8 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     from service.images import image_to_tensor
     from training.registry import Registry
 
-    threads = args.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1)  # as the service resolves 0
+    # As the service resolves TORCH_THREADS=0.
+    threads = args.torch_threads or max(1, (len(os.sched_getaffinity(0)) - 1) // args.inference_workers)
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     loaded = Registry(args.registry).load(args.version, device=device)
@@ -178,6 +179,28 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
             spent += timed(x)
             runs += 1
         batched[str(size)] = size * runs / spent
+    parallel: dict[str, float] = {}
+    if args.inference_workers > 1:  # as many forward passes side by side as the service runs
+        import threading
+
+        for size in sizes:
+            x = one.expand(size, -1, -1, -1).contiguous()
+            counts = [0] * args.inference_workers
+            stop = time.perf_counter() + args.raw_seconds
+
+            def spin(i: int, x: torch.Tensor = x, counts: list[int] = counts, stop: float = stop) -> None:
+                torch.set_num_threads(threads)
+                while time.perf_counter() < stop:
+                    forward(x)
+                    counts[i] += x.shape[0]
+
+            workers = [threading.Thread(target=spin, args=(i,)) for i in range(args.inference_workers)]
+            start = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            parallel[str(size)] = sum(counts) / (time.perf_counter() - start)
     return {
         "version": Registry(args.registry).resolve(args.version),
         "input_size": Registry(args.registry).metadata(Registry(args.registry).resolve(args.version))["input_size"],
@@ -190,6 +213,8 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
             "runs": len(batch1),
         },
         "batched_images_per_s": batched,
+        "inference_workers": args.inference_workers,
+        "parallel_images_per_s": parallel,
     }
 
 
@@ -306,6 +331,7 @@ def start_server(args: argparse.Namespace, batching: bool, log_path: Path) -> tu
         "BATCH_MAX_SIZE": str(args.batch_max_size),
         "BATCH_MAX_WAIT_MS": str(args.batch_max_wait_ms),
         "TORCH_THREADS": str(args.torch_threads),
+        "INFERENCE_WORKERS": str(args.inference_workers),
         "DEVICE": args.device,
         "PRECISION": args.precision,
         "JIT": "false" if args.no_jit else "true",
@@ -388,7 +414,8 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
 def report(result: dict) -> str:
     raw = result["raw"]
     lines = [
-        f"### {result['label']}: input {raw['input_size']} px, {raw['runtime']}, torch threads {raw['torch_threads']}",
+        f"### {result['label']}: input {raw['input_size']} px, {raw['runtime']}, torch threads {raw['torch_threads']}, "
+        f"inference workers {raw['inference_workers']}",
         "",
         f"{result['date']}, {result['machine']['cpu']} ({result['machine']['cores']} cores), torch "
         f"{result['machine']['torch']}, training running concurrently: {result['training_running']}, "
@@ -400,6 +427,15 @@ def report(result: dict) -> str:
         "| batch size | " + " | ".join(raw["batched_images_per_s"]) + " |",
         "|---|" + "---:|" * len(raw["batched_images_per_s"]),
         "| images/s | " + " | ".join(f"{v:.1f}" for v in raw["batched_images_per_s"].values()) + " |",
+        *(
+            [
+                f"| images/s, {raw['inference_workers']} passes side by side | "
+                + " | ".join(f"{v:.1f}" for v in raw["parallel_images_per_s"].values())
+                + " |"
+            ]
+            if raw.get("parallel_images_per_s")
+            else []
+        ),
         "",
         "| batcher | C | req/s | p50 ms | p95 ms | p99 ms | mean batch | forward ms | forward busy | queue wait ms |"
         " server CPU | client CPU | other CPU | failures |",
@@ -419,7 +455,7 @@ def report(result: dict) -> str:
         ratio = by[("batch", 16)]["throughput"] / by[("nobatch", 16)]["throughput"]
         lines.append(f"- C=16: batcher on / off throughput = {ratio:.2f}x")
     if ("batch", 16) in by:
-        best = max(raw["batched_images_per_s"].values())
+        best = max([*raw["batched_images_per_s"].values(), *raw.get("parallel_images_per_s", {}).values()])
         at16 = raw["batched_images_per_s"].get("16")
         text = f"- C=16 HTTP throughput / best raw batched rate = {by[('batch', 16)]['throughput'] / best:.1%}"
         if at16:
@@ -447,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", choices=["batch", "nobatch"], default=["batch", "nobatch"])
     p.add_argument("--batch-max-size", type=int, default=32)
     p.add_argument("--batch-max-wait-ms", type=float, default=2.0)
-    p.add_argument("--torch-threads", type=int, default=0)
+    p.add_argument("--torch-threads", type=int, default=0, help="0: as the service (all cores but one)")
+    p.add_argument("--inference-workers", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--no-jit", action="store_true")

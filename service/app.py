@@ -65,6 +65,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_size=settings.batch_max_size,
         max_wait_s=settings.batch_max_wait_ms / 1000.0,
         enabled=settings.batching,
+        workers=settings.inference_workers,
     )
     decode_executor = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
     state = ServiceState(settings=settings, engine=engine, batcher=batcher, decode_executor=decode_executor)

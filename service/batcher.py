@@ -1,9 +1,11 @@
 """Asyncio dynamic batcher: concurrent requests share one forward pass.
 
-One consumer task takes everything queued (up to ``max_size`` images) and hands it to a
-single-threaded executor, so forward passes never overlap and the event loop never runs
-torch. While a forward pass runs, new requests queue up and form the next batch, so
-under load batches grow by themselves without any added wait.
+One consumer task takes everything queued (up to ``max_size`` images) and hands it to the
+inference executor, so the event loop never runs torch. With ``workers=1`` (the default)
+forward passes never overlap: while one runs, new requests queue up and form the next
+batch, so under load batches grow by themselves without any added wait. With
+``workers=N`` up to N batches run at once (each on its own executor thread), a batch
+being formed as soon as a worker is free.
 
 Waiting is the exception: when fewer than ``max_size`` images are queued *and* other
 requests are known to be decoding right now (see :meth:`Batcher.expect`), the batch waits
@@ -60,6 +62,7 @@ class Batcher(Generic[T]):
         max_size: int = 32,
         max_wait_s: float = 0.002,
         enabled: bool = True,
+        workers: int = 1,
     ) -> None:
         self._run = run
         self._executor = executor
@@ -70,20 +73,27 @@ class Batcher(Generic[T]):
         self._queued_images = 0
         self._incoming = 0
         self._wakeup: asyncio.Event | None = None
+        self.workers = max(1, int(workers))
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
         self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._consume(), name="batcher")
 
     async def stop(self) -> None:
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._running]:
+            if task is not None:
+                task.cancel()
+        for task in [self._task, *self._running]:
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -136,41 +146,53 @@ class Batcher(Generic[T]):
         loop = asyncio.get_running_loop()
         wakeup = self._wakeup
         while True:
-            if not self._queue:
-                wakeup.clear()
-                await wakeup.wait()
-                continue
-            batch: list[_Item] = []
-            size = self._take(batch, 0)
-            if self.enabled and self.max_wait_s > 0 and size < self.max_size and self._incoming > 0:
-                deadline = loop.time() + self.max_wait_s
-                while size < self.max_size and self._incoming > 0:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
+            await self._slots.acquire()  # a forward-pass worker is free
+            try:
+                while not self._queue:
                     wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(wakeup.wait(), remaining)
-                    size = self._take(batch, size)
+                    await wakeup.wait()
+                batch: list[_Item] = []
+                size = self._take(batch, 0)
+                if self.enabled and self.max_wait_s > 0 and size < self.max_size and self._incoming > 0:
+                    deadline = loop.time() + self.max_wait_s
+                    while size < self.max_size and self._incoming > 0:
+                        remaining = deadline - loop.time()
+                        if remaining <= 0:
+                            break
+                        wakeup.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wakeup.wait(), remaining)
+                        size = self._take(batch, size)
+            except BaseException:
+                self._slots.release()
+                raise
             self._set_depth(max(0, self._queued_images - size))
             now = loop.time()
             for item in batch:
                 metrics.QUEUE_WAIT.observe(now - item.enqueued)
-            try:
-                tag, rows = await loop.run_in_executor(self._executor, self._run, [it.images for it in batch])
-            except asyncio.CancelledError:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(BatcherClosed("the service is shutting down"))
-                raise
-            except Exception as exc:
-                log.exception("forward pass of %d image(s) failed", size)
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(exc)
-                continue
-            start = 0
+            task = loop.create_task(self._forward(batch, size))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _forward(self, batch: list[_Item], size: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tag, rows = await loop.run_in_executor(self._executor, self._run, [it.images for it in batch])
+        except asyncio.CancelledError:
             for item in batch:
-                if not item.future.done():  # the client may have gone away
-                    item.future.set_result((tag, rows[start : start + item.count]))
-                start += item.count
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed("the service is shutting down"))
+            raise
+        except Exception as exc:
+            log.exception("forward pass of %d image(s) failed", size)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        start = 0
+        for item in batch:
+            if not item.future.done():  # the client may have gone away
+                item.future.set_result((tag, rows[start : start + item.count]))
+            start += item.count

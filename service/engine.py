@@ -1,8 +1,8 @@
 """The model holder: loads a registry version for inference, warms it up, runs batches,
 and switches versions without failing a request.
 
-Threads: every forward pass runs on one dedicated inference thread (the batcher's
-executor); loading and warming a new version for a switch runs on a second, loader
+Threads: every forward pass runs on a dedicated inference thread (the batcher's executor:
+one thread, or INFERENCE_WORKERS threads); loading and warming a new version for a switch runs on a second, loader
 thread, *beside* the served model, which keeps answering. The switch itself is one
 attribute assignment; a batch reads that attribute once when it starts, so a batch (and
 therefore a request) is answered entirely by one version, and the old model is freed when
@@ -165,7 +165,7 @@ class Engine:
         self.threads = settings.resolved_torch_threads()
         self.current: ServedModel | None = None
         self.inference_executor = ThreadPoolExecutor(
-            1, thread_name_prefix="inference", initializer=self._init_inference_thread
+            settings.inference_workers, thread_name_prefix="inference", initializer=self._init_inference_thread
         )
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._reload_lock = asyncio.Lock()

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     # -- dynamic batching ----------------------------------------------------------
     batching: bool = Field(True, description="Group concurrent requests into one forward pass.")
     batch_max_size: int = Field(32, ge=1, description="Most images in one forward pass.")
+    inference_workers: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Forward passes that may run at once, each on its own thread (1: one at a time, the "
+        "largest batches; 2 on a 2-core CPU: two single-threaded passes side by side).",
+    )
     batch_max_wait_ms: float = Field(
         2.0,
         ge=0,
@@ -84,7 +91,7 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     def resolved_torch_threads(self) -> int:
-        """0 -> all cores but one, at least one (see BENCHMARKS.md).
+        """0 -> all cores but one, shared by the inference workers, at least one (see BENCHMARKS.md).
 
         The spare core runs the event loop and the decoding. An OpenMP team as wide as the
         machine collapses as soon as anything else wants a core: every parallel region waits
@@ -92,7 +99,7 @@ class Settings(BaseSettings):
         """
         if self.torch_threads:
             return self.torch_threads
-        return max(1, len(os.sched_getaffinity(0)) - 1)
+        return max(1, (len(os.sched_getaffinity(0)) - 1) // self.inference_workers)
 
     def resolved_decode_threads(self) -> int:
         """0 -> half the cores, 1 to 4: decoding a small upload takes ~0.1-0.2 ms, and each extra

@@ -182,3 +182,24 @@ def test_stop_fails_waiting_requests(executor):
                 await task
 
     run(main())
+
+
+def test_several_workers_run_batches_side_by_side():
+    pool = ThreadPoolExecutor(2)
+    both_inside = threading.Barrier(2, timeout=10)
+
+    def run_batch(imgs: list[torch.Tensor]) -> tuple[str, list[int]]:
+        both_inside.wait()  # only passes if two forward passes are running at the same time
+        return "v1", [int(x) for x in torch.cat(imgs)[:, 0, 0, 0]]
+
+    async def main():
+        batcher = Batcher(run_batch, pool, max_size=1, max_wait_s=0.0, workers=2)
+        batcher.start()
+        results = await asyncio.gather(batcher.submit(images(1)), batcher.submit(images(2)))
+        await batcher.stop()
+        return results
+
+    try:
+        assert run(main()) == [("v1", [1]), ("v1", [2])]
+    finally:
+        pool.shutdown(wait=True)
