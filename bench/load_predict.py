@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="warm-up requests per worker before each level")
     p.add_argument("--configs", nargs="+", choices=["batch", "nobatch"], default=["batch", "nobatch"])
     p.add_argument("--batch-max-size", type=int, default=32)
-    p.add_argument("--batch-max-wait-ms", type=float, default=2.0)
+    p.add_argument("--batch-max-wait-ms", type=float, default=5.0)
     p.add_argument("--torch-threads", type=int, default=0, help="0: as the service (all cores but one)")
     p.add_argument("--inference-workers", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

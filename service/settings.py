@@ -73,10 +73,10 @@ class Settings(BaseSettings):
         "largest batches; 2 on a 2-core CPU: two single-threaded passes side by side).",
     )
     batch_max_wait_ms: float = Field(
-        2.0,
+        5.0,
         ge=0,
-        description="Longest a batch waits for requests that are already being decoded. A request that finds "
-        "nothing else in flight never waits.",
+        description="Longest a batch waits for company: requests being decoded, or as many images as were "
+        "recently in flight at the peak. A request that finds the service idle never waits.",
     )
 
     # -- dependencies / admin --------------------------------------------------------

@@ -203,3 +203,21 @@ def test_several_workers_run_batches_side_by_side():
         assert run(main()) == [("v1", [1]), ("v1", [2])]
     finally:
         pool.shutdown(wait=True)
+
+
+def test_after_a_burst_batches_wait_briefly_for_the_recent_peak(executor):
+    async def main():
+        model = FakeModel()
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=0.5)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(images(v)) for v in range(3)))  # peak demand: 3
+        first = asyncio.create_task(batcher.submit(images(7)))
+        await asyncio.sleep(0.05)  # well inside max_wait: the batch is still open
+        second = asyncio.create_task(batcher.submit(images(8)))
+        results = await asyncio.gather(first, second)
+        await batcher.stop()
+        return results, model.batches
+
+    results, batches = run(main())
+    assert batches == [3, 2]
+    assert [rows for _, rows in results] == [[7], [8]]
