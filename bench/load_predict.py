@@ -9,8 +9,8 @@ else httpx), after a warm-up. The raw forward pass of the same model, prepared t
 way (service.engine.build_forward, same torch threads) is measured in this process first:
 batch-1 latency and batched throughput.
 
-    .venv/bin/python bench/load_predict.py --registry models --image cat.jpg --label cpu-32px
-    .venv/bin/python bench/load_predict.py --registry /tmp/reg224 --image cat.jpg --label smoke-224px
+    .venv/bin/python bench/load_predict.py --registry models --label cpu-32px
+    .venv/bin/python bench/load_predict.py --registry /tmp/reg224 --label smoke-224px
 
 Prints a markdown report; writes JSON to bench/results/predict-<label>-<time>.json.
 """
@@ -99,6 +99,17 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def first_cat(archive: Path) -> tuple[bytes, str]:
+    """The first cat of the CIFAR-10 archive (as the tests' ``cifar_jpeg`` fixture)."""
+    import tarfile
+
+    with tarfile.open(archive, "r|*") as tar:
+        for member in tar:
+            if member.isfile() and "/cat/" in member.name:
+                return tar.extractfile(member).read(), Path(member.name).name
+    raise SystemExit(f"no cat in {archive}")
 
 
 def multipart(image: bytes, filename: str) -> tuple[bytes, str]:
@@ -477,7 +488,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", type=Path, default=ROOT / "models")
     p.add_argument("--version", help="default: promoted, else newest")
-    p.add_argument("--image", type=Path, required=True, help="the image every request sends (e.g. a CIFAR JPEG)")
+    p.add_argument(
+        "--image",
+        type=Path,
+        help="the image every request sends (default: the first cat, a 32x32 JPEG, of the CIFAR-10 archive)",
+    )
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz")
     p.add_argument("--label", default="run")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=400, help="measured requests per level (at least)")
@@ -502,8 +518,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)
-    image = args.image.read_bytes()
-    body, ctype = multipart(image, args.image.name)
+    if args.image:
+        image, image_name = args.image.read_bytes(), args.image.name
+    else:
+        image, image_name = first_cat(args.data)
+    body, ctype = multipart(image, image_name)
     started = datetime.now(UTC)
     training = training_running()
     print(f"raw forward ({args.label}) ...", file=sys.stderr, flush=True)
@@ -526,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
             "jit": not args.no_jit,
             "env": args.env,
         },
-        "image": {"name": args.image.name, "bytes": len(image)},
+        "image": {"name": image_name, "bytes": len(image)},
         "raw": raw,
         "levels": levels,
     }
