@@ -182,7 +182,7 @@ def plan_budget(cfg, budget_s, step_s, eval_rate, n_train, n_val, elapsed_s) -> 
             break
         epochs += 1
     total_steps = max(10, total_steps)
-    steps_per_epoch = min(full, math.ceil(total_steps / epochs))
+    steps_per_epoch = min(full, max(1, total_steps // epochs))
     return {
         "budget_s": budget_s,
         "step_s": step_s,
