@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -103,6 +104,8 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     if args.no_time_budget or (args.epochs and not args.time_budget):
         cfg = cfg.override(time_budget_min=0.0)
     version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     if args.promote:
         registry.promote(version)
     meta = registry.metadata(version)

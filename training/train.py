@@ -23,7 +23,7 @@ import torchvision
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from training import checkpoint
+from training import checkpoint, distributed
 from training.data import load_images, pick_background, split_train_val
 from training.errors import UserError
 from training.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE, Classifier, Preprocess, build_model
@@ -32,14 +32,6 @@ from training.registry import Registry, new_version_id
 
 log = logging.getLogger(__name__)
 BUDGET_SAFETY = 0.95  # plan for 95% of the budget: step times drift a little
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available")
-    return torch.device(requested)
 
 
 def cpu_has_bf16() -> bool:
@@ -69,9 +61,15 @@ class Batches:
     shuffle: bool
     seed: int = 0
     drop_last: bool = False
+    rank: int = 0  # under torchrun each rank reads its own equal share of every epoch
+    world: int = 1
+
+    def _shard_size(self) -> int:
+        n = len(self.labels)
+        return n // self.world if self.world > 1 else n
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def epoch(self, epoch: int):
@@ -80,6 +78,8 @@ class Batches:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         else:
             order = torch.arange(n)
+        if self.world > 1:
+            order = order[: self._shard_size() * self.world][self.rank :: self.world]
         order = order.to(self.images.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
@@ -116,8 +116,9 @@ def evaluate_loss(model, batches: Batches, autocast, channels_last: bool, progre
             logits = model(_to_input(images, channels_last))
         total_loss += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
-    n = len(batches.labels)
-    return total_loss.item() / n, correct.item() / n
+    count = torch.tensor(batches._shard_size(), device=total_loss.device)
+    sums = distributed.all_sum(torch.stack([total_loss, correct.double(), count.double()]))
+    return sums[0].item() / sums[2].item(), sums[1].item() / sums[2].item()
 
 
 def measure_step_time(model, aug, cfg, autocast, train: Batches, device, steps: int = 6) -> float:
@@ -210,7 +211,8 @@ class BudgetProgress:
     the time of an interrupted run into its resumption.
     """
 
-    def __init__(self, plan: dict[str, Any], elapsed_before: float = 0.0) -> None:
+    def __init__(self, plan: dict[str, Any], elapsed_before: float = 0.0, device: torch.device | None = None) -> None:
+        self.device = device or torch.device("cpu")
         self.window = plan["train_window_s"]
         self.elapsed_before = elapsed_before
         self.started = time.perf_counter()
@@ -223,7 +225,7 @@ class BudgetProgress:
 
     def advance(self, scheduler: Any) -> bool:
         """Step ``scheduler`` (built for SCHEDULE_TICKS) up to the current progress; True when done."""
-        frac = self.fraction()
+        frac = distributed.broadcast_floats([self.fraction()], self.device)[0]  # rank 0's clock rules
         target = min(SCHEDULE_TICKS - 1, int(frac * SCHEDULE_TICKS))
         while scheduler.last_epoch < target:
             scheduler.step()
@@ -280,9 +282,12 @@ def run(
     else:
         version = new_version_id()
 
-    dev = pick_device(device)
+    dd, dev = distributed.setup(device)
+    version = distributed.broadcast_str(version, dev)
+    progress = progress and dd.main
+    say = print if dd.main else (lambda *a, **k: None)
     if not resume:
-        print(f"run {version} (if interrupted: train --resume {version})", flush=True)
+        say(f"run {version} (if interrupted: train --resume {version})", flush=True)
     torch.manual_seed(cfg.seed)
     data = load_images(data_src, split=["train"], progress=progress)
     if info and data.sha256 != info["data"]["sha256"]:
@@ -299,15 +304,20 @@ def run(
 
     images = data.images.to(dev)
     labels = data.labels.to(dev)
+    rank_batch = max(1, cfg.batch_size // dd.world)  # cfg.batch_size stays the global batch
     train_b = Batches(
         images[train_idx.to(dev)],
         labels[train_idx.to(dev)],
-        cfg.batch_size,
+        rank_batch,
         True,
         cfg.seed,
-        drop_last=len(train_idx) >= 2 * cfg.batch_size,
+        drop_last=len(train_idx) // dd.world >= 2 * rank_batch,
+        rank=dd.rank,
+        world=dd.world,
     )
-    val_b = Batches(images[val_idx.to(dev)], labels[val_idx.to(dev)], cfg.eval_batch_size, False)
+    val_b = Batches(
+        images[val_idx.to(dev)], labels[val_idx.to(dev)], cfg.eval_batch_size, False, rank=dd.rank, world=dd.world
+    )
     del images, labels
 
     net = build_model(
@@ -321,22 +331,23 @@ def run(
         model = model.to(memory_format=torch.channels_last)
     aug = train_augmentation(cfg).to(dev)
     autocast = autocast_for(cfg, dev)
+    train_model = model
+    if dd.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     plan = info["plan"] if info else None
     if plan is None and cfg.time_budget_min:
         step_s = measure_step_time(model, aug, cfg, autocast, train_b, dev)
-        eval_rate = measure_eval_rate(model, cfg, autocast, val_b, dev)
-        plan = plan_budget(
-            cfg,
-            cfg.time_budget_min * 60,
-            step_s,
-            eval_rate,
-            len(train_b.labels),
-            len(val_b.labels),
-            time.perf_counter() - t_start,
+        eval_rate = measure_eval_rate(model, cfg, autocast, val_b, dev) * dd.world
+        step_s, eval_rate, elapsed = distributed.broadcast_floats(
+            [step_s, eval_rate, time.perf_counter() - t_start], dev
         )
+        plan = plan_budget(cfg, cfg.time_budget_min * 60, step_s, eval_rate, len(train_b.labels),
+                           len(val_b.labels), elapsed)  # fmt: skip
         cfg = cfg.override(epochs=plan["epochs"])
-        print(
+        say(
             f"budget {cfg.time_budget_min:g} min: {step_s * 1000:.0f} ms/step "
             f"({cfg.batch_size / step_s:.0f} img/s) -> {plan['epochs']} epoch(s) of "
             f"{plan['steps_per_epoch']} steps, about {plan['planned_s'] / 60:.1f} min",
@@ -358,7 +369,7 @@ def run(
         history, best, bad_epochs = info["history"], info["best"], info["bad_epochs"]
         start_epoch = info["epoch"] + 1
         global_step = info["global_step"]
-        print(f"resuming {version} after epoch {start_epoch} of {cfg.epochs}", flush=True)
+        say(f"resuming {version} after epoch {start_epoch} of {cfg.epochs}", flush=True)
     data_info = {
         "source": data_src,
         "split": data.split,
@@ -370,12 +381,13 @@ def run(
     }
 
     stopped_early = False
-    budget = BudgetProgress(plan, info["elapsed_s"] if info else 0.0) if budgeted else None
+    budget = BudgetProgress(plan, info["elapsed_s"] if info else 0.0, dev) if budgeted else None
     time_up = False
     last_epoch = 10**6 if budget is not None else cfg.epochs  # a budgeted run ends when time does
     of_epochs = f"~{cfg.epochs}" if budget is not None else str(cfg.epochs)
     for epoch in range(start_epoch, last_epoch):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # augmentation + dropout: resumable exactly
+        # augmentation + dropout: resumable exactly; each rank draws its own
+        torch.manual_seed(cfg.seed * 1000 + epoch + 1_000_003 * dd.rank)
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=dev)
@@ -392,7 +404,7 @@ def run(
         for step, (xb, yb) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
-            loss, ok = train_step(model, aug, optimizer, cfg, autocast, xb, yb)
+            loss, ok = train_step(train_model, aug, optimizer, cfg, autocast, xb, yb)
             global_step += 1
             if budget is not None:
                 time_up = budget.advance(scheduler)
@@ -407,6 +419,10 @@ def run(
                 break
         bar.close()
         train_s = time.perf_counter() - t0
+        if dd.enabled:  # the epoch's figures over every rank's share
+            sums = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(
+                float(seen), dtype=torch.float64, device=dev)]))  # fmt: skip
+            loss_sum, correct, seen = sums[0], sums[1], int(sums[2].item())
         val_loss, val_acc = evaluate_loss(model, val_b, autocast, cfg.channels_last, progress)
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
@@ -422,7 +438,7 @@ def run(
             "images_per_second": seen / train_s,
         }
         history.append(row)
-        print(
+        say(
             f"epoch {epoch + 1}/{of_epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
             f"val loss {val_loss:.4f} acc {val_acc:.4f} | "
             f"{row['images_per_second']:.0f} img/s, {row['epoch_seconds']:.0f} s",
@@ -431,35 +447,48 @@ def run(
         if val_loss < best["val_loss"]:
             best = {"val_loss": val_loss, "val_accuracy": val_acc, "epoch": epoch + 1}
             bad_epochs = 0
-            run_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.save_best(run_dir, model.net)
+            if dd.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                checkpoint.save_best(run_dir, model.net)
         elif not _warming_up(cfg, scheduler):
             bad_epochs += 1
-        checkpoint.save_run_state(
-            run_dir,
-            net=model.net,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            info={
-                "config": cfg.to_dict(),
-                "data": data_info,
-                "plan": plan,
-                "epoch": epoch,
-                "global_step": global_step,
-                "elapsed_s": budget.elapsed() if budget else 0.0,
-                "history": history,
-                "best": best,
-                "bad_epochs": bad_epochs,
-            },
-        )
+        if dd.main:
+            checkpoint.save_run_state(
+                run_dir,
+                net=model.net,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                info={
+                    "config": cfg.to_dict(),
+                    "data": data_info,
+                    "plan": plan,
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "elapsed_s": budget.elapsed() if budget else 0.0,
+                    "history": history,
+                    "best": best,
+                    "bad_epochs": bad_epochs,
+                },
+            )
         if bad_epochs >= cfg.early_stop_patience:
-            print(f"early stop: validation loss has not improved for {bad_epochs} epochs", flush=True)
+            say(f"early stop: validation loss has not improved for {bad_epochs} epochs", flush=True)
             stopped_early = True
             break
         if time_up:
-            print(f"time budget spent after {epoch + 1} epoch(s), {global_step} steps", flush=True)
+            say(f"time budget spent after {epoch + 1} epoch(s), {global_step} steps", flush=True)
             break
 
+    if dd.main:
+        _publish(registry, version, model, run_dir, cfg, data, data_info, plan, history, best, stopped_early,
+                 global_step, background, bg_idx, dev, dd)  # fmt: skip
+    distributed.barrier()
+    distributed.cleanup()
+    return version
+
+
+def _publish(registry, version, model, run_dir, cfg, data, data_info, plan, history, best, stopped_early,
+             global_step, background, bg_idx, dev, dd) -> None:  # fmt: skip
+    """Load the best epoch's weights and write the version (rank 0 only)."""
     model.net.load_state_dict(checkpoint.load_best(run_dir))
     metadata = {
         "version": version,
@@ -483,6 +512,7 @@ def run(
         "best_val_accuracy": best["val_accuracy"],
         "background": {"count": len(background), "indices": bg_idx.tolist()},
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "world_size": dd.world,
         "train_seconds": sum(r["epoch_seconds"] for r in history),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
@@ -492,4 +522,3 @@ def run(
     }
     registry.publish(version, model.net, metadata, background, history)
     shutil.rmtree(run_dir, ignore_errors=True)
-    return version
