@@ -72,6 +72,17 @@ def load_images(archive: Path, count: int) -> list[tuple[str, Image.Image]]:
     return out
 
 
+def load_image_bytes(archive: Path) -> bytes:
+    """The JPEG bytes of the first image of ``load_images`` (what a client would upload)."""
+    with tarfile.open(archive, "r|*") as tar:
+        last: dict[str, bytes] = {}
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and len(parts) == 3:
+                last[parts[1]] = tar.extractfile(member).read()
+    return last[sorted(last)[0]]
+
+
 def explain(model, loaded, image, bg, params, batch_size):
     start = time.perf_counter()
     x = to_source_size(image)
@@ -129,23 +140,58 @@ def stability(model, loaded, images, bg, segments, samples, batch_size, seeds=(1
     }
 
 
-def forked_first_explanation(model, loaded, image, bg, params, batch_size, threads) -> float:
-    """Seconds of one explanation in a child forked from a parent at one thread, as a work horse runs it."""
-    read, write = os.pipe()
-    torch.set_num_threads(1)
-    pid = os.fork()
-    if pid == 0:  # the horse
-        os.close(read)
-        torch.set_num_threads(threads)
-        t, _, _ = explain(model, loaded, image, bg, params, batch_size)
-        os.write(write, json.dumps(t).encode())
-        os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    data = os.read(read, 1024)
-    os.close(read)
-    torch.set_num_threads(threads)
-    return float(json.loads(data))
+def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count: int, timeout: float = 600) -> dict:
+    """``count`` all-defaults jobs through a real ``python -m worker`` (its own env defaults):
+    per job, the compute time the job reports and the wall time from submit to finished
+    (fork, decode, model already in the parent, SLIC, KernelSHAP, result write)."""
+    import signal
+    import uuid
+
+    from worker.jobqueue import JobRequest, connect, job_status, submit
+
+    queue = f"explain-bench-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": registry, "MODEL_VERSION": version,
+           "EXPLAIN_QUEUE": queue, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    for name in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS"):  # the worker's own defaults apply
+        env.pop(name, None)
+    log = Path(f"/tmp/{queue}.log")
+    with log.open("wb") as fh:
+        cmd = [sys.executable, "-m", "worker"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Listening on" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start:\n{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        settings = ExplainSettings(redis_url=redis_url, explain_queue=queue)
+        conn = connect(redis_url, 2.0)
+        walls, computes = [], []
+        for seed in range(count):
+            request = JobRequest(
+                image=image,
+                model_version=version,
+                segments=settings.explain_default_segments,
+                samples=settings.explain_default_samples,
+                background=settings.explain_default_background,
+                seed=1000 + seed,
+                target=None,
+            )
+            start = time.perf_counter()
+            job, _ = submit(conn, settings, request)
+            while True:
+                doc = job_status(conn, settings, job.id)
+                if doc["status"] in ("finished", "failed") or time.perf_counter() - start > timeout:
+                    break
+                time.sleep(0.05)
+            if doc["status"] != "finished":
+                raise RuntimeError(f"bench job {doc['status']}: {doc['error']}")
+            walls.append(time.perf_counter() - start)
+            computes.append(doc["result"]["duration_s"])
+        return {"jobs": count, "wall_s": walls, "compute_s": computes, "queue": queue}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def cpu_name() -> str:
@@ -175,11 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", type=int, nargs="*", default=[], help="sample counts for a rho sweep")
     p.add_argument("--sweep-only", action="store_true")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--worker-jobs", type=int, default=0, help="all-defaults jobs through a real python -m worker")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15", help="for --worker-jobs")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     registry = Registry(args.registry)
-    loaded = prepare_model(registry.load(args.version))  # as the worker runs it
+    version = registry.resolve(args.version)
+    jobs = None
+    if args.worker_jobs:
+        # First, while this process has started no thread pool that would compete with the worker.
+        image = load_image_bytes(Path(args.data))
+        jobs = worker_jobs(str(registry.root), version, image, args.redis_url, args.worker_jobs)
+
+    torch.set_num_threads(args.threads)
+    loaded = prepare_model(registry.load(version))  # as the worker runs it
     model = loaded.model
     images = load_images(Path(args.data), max(args.images, args.plain_images))
     training = subprocess.run(["pgrep", "-f", "training --quiet"], capture_output=True, text=True).stdout.split()
@@ -196,9 +251,15 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "images": [name for name, _ in images[: args.images]],
         "training_running_during_bench": bool(training),
+        "load_average_1m_before": os.getloadavg()[0],
         "command": " ".join([".venv/bin/python", "bench/explain_bench.py", *(argv or sys.argv[1:])]),
     }
     print(json.dumps({k: v for k, v in report.items() if k != "images"}), flush=True)
+    if jobs:
+        report["worker_jobs"] = jobs
+        print(f"worker jobs, all defaults: submit-to-finished {statistics.mean(jobs['wall_s']):.2f} s "
+              f"(max {max(jobs['wall_s']):.2f}), compute {statistics.mean(jobs['compute_s']):.2f} s, "
+              f"{jobs['jobs']} jobs", flush=True)  # fmt: skip
 
     # warm-up: oneDNN primitives for every batch shape used below
     bg1 = summarize_background(loaded.background(), 1)
@@ -235,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                 agree.append(float(np.abs(values - np.array([c["shap_values"] for c in result["classes"]]).T).max()))
         row = {
             "background": b,
+            "load_average_1m_after": os.getloadavg()[0],
             "evaluations": statistics.mean(evals),
             "batched_s": statistics.mean(batched),
             "raw_forward_s": statistics.mean(raw),
@@ -262,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
     params = ExplainParams(args.segments, args.samples, args.default_background, seed=0)
     warm = [explain(model, loaded, image, bg, params, args.batch_size)[0] for _, image in images[: args.images]]
-    cold = forked_first_explanation(model, loaded, images[0][1], bg, params, args.batch_size, args.threads)
-    report["defaults"] = {"warm_s": warm, "warm_mean_s": statistics.mean(warm), "forked_first_s": cold}
+    report["defaults"] = {"in_process_s": warm, "in_process_mean_s": statistics.mean(warm)}
     print(f"all defaults (segments {args.segments}, samples {args.samples}, background {args.default_background}): "
-          f"{statistics.mean(warm):.2f} s warm (max {max(warm):.2f}); first job in a fresh fork {cold:.2f} s",
-          flush=True)  # fmt: skip
+          f"{statistics.mean(warm):.2f} s in process (max {max(warm):.2f})", flush=True)  # fmt: skip
     training = subprocess.run(["pgrep", "-f", "training --quiet"], capture_output=True, text=True).stdout.split()
     report["training_running_after_bench"] = bool(training)
+    report["load_average_1m_after"] = os.getloadavg()[0]
     _write(args.json, report)
     return 0
 
