@@ -167,6 +167,7 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
         settings = ExplainSettings(redis_url=redis_url, explain_queue=queue)
         conn = connect(redis_url, 2.0)
         walls, computes = [], []
+        seed_base = uuid.uuid4().int % 2**31
         for seed in range(count):
             request = JobRequest(
                 image=image,
@@ -174,7 +175,7 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
                 segments=settings.explain_default_segments,
                 samples=settings.explain_default_samples,
                 background=settings.explain_default_background,
-                seed=1000 + seed,
+                seed=seed_base + seed,  # fresh seeds: never answered from an earlier run's cache
                 target=None,
             )
             start = time.perf_counter()
