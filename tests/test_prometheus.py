@@ -2,10 +2,11 @@
 
 - ``promtool check config`` / ``check rules`` / ``test rules`` on the shipped deploy/prometheus files;
 - ``promtool check metrics`` on the API's /metrics output;
-- a Prometheus server scraping the API every second, with the shipped alerts.yml loaded: after
-  some /predict requests and one explanation computed by a worker, the p99 latency query
-  returns a value, the worker shows up in the explanation metrics, and every shipped rule
-  evaluates without error on the real series.
+- a Prometheus server scraping the API and a worker's own metrics port every second, with the
+  shipped alerts.yml loaded: after some /predict requests and one explanation computed by the
+  worker, the p99 latency query returns a value, the worker shows up both through the API's
+  fleet-wide explanation metrics and on its own endpoint (job counted, busy back to 0), and
+  every shipped rule evaluates without error on the real series.
 
 Outside CI (``CI`` unset) the tests skip when the prometheus/promtool binaries are missing;
 under CI they fail.
@@ -70,20 +71,34 @@ def api(start_service, explain_redis_url):
     return start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": QUEUE})
 
 
+WORKER_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def worker(start_worker, service_registry, api):
-    return start_worker(service_registry, env={"EXPLAIN_QUEUE": QUEUE})
+    return start_worker(
+        service_registry,
+        env={
+            "EXPLAIN_QUEUE": QUEUE,
+            "EXPLAIN_METRICS_PORT": str(WORKER_METRICS_PORT),
+            "EXPLAIN_METRICS_HOST": "127.0.0.1",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
-def prometheus(api, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(api, worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = binary("prometheus")
     folder = tmp_path_factory.mktemp("prometheus")
     target = api.url.removeprefix("http://")
+    # The shipped file's jobs, with static targets in place of Docker's DNS discovery.
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(PROM_DIR / "alerts.yml")],
-        "scrape_configs": [{"job_name": "api", "static_configs": [{"targets": [target]}]}],
+        "scrape_configs": [
+            {"job_name": "api", "static_configs": [{"targets": [target]}]},
+            {"job_name": "worker", "static_configs": [{"targets": [f"127.0.0.1:{WORKER_METRICS_PORT}"]}]},
+        ],
     }
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -148,6 +163,16 @@ def test_a_live_prometheus_scrapes_the_api_and_answers_p99(prometheus, api, work
 
     up = query(prometheus, 'up{job="api"}')
     assert [float(s["value"][1]) for s in up] == [1.0]
+    # The worker's own endpoint, scraped as its own job.
+    assert [float(s["value"][1]) for s in query(prometheus, 'up{job="worker"}')] == [1.0]
+    done = wait_for(lambda: query(prometheus, 'shapserve_worker_jobs_total{job="worker", status="finished"} >= 1'),
+                    30, "the worker's own count of the finished job")  # fmt: skip
+    assert done
+    assert float(query(prometheus, 'shapserve_worker_busy{job="worker"}')[0]["value"][1]) == 0
+    assert float(query(prometheus, 'shapserve_worker_model_evaluations_total{job="worker"}')[0]["value"][1]) > 0
+    info = query(prometheus, 'shapserve_worker_info{job="worker"}')[0]["metric"]
+    assert info["queue"] == QUEUE and info["model_version"] == api.client.get("/readyz").json()["model"]["version"]
+    assert float(query(prometheus, 'process_resident_memory_bytes{job="worker"}')[0]["value"][1]) > 0
     workers = query(prometheus, "max(shapserve_explain_workers)")
     assert float(workers[0]["value"][1]) >= 1, "the worker is not seen through the API's metrics"
     jobs = wait_for(lambda: query(prometheus, "max(shapserve_explain_job_duration_seconds_count) >= 1"), 30,
@@ -169,6 +194,13 @@ def test_a_live_prometheus_scrapes_the_api_and_answers_p99(prometheus, api, work
     assert not broken, broken
     recorded = query(prometheus, "shapserve:predict_latency_seconds:p99_5m")
     assert recorded and float(recorded[0]["value"][1]) > 0
+
+
+def test_promtool_accepts_the_worker_metrics(worker) -> None:
+    text = httpx.get(f"http://127.0.0.1:{WORKER_METRICS_PORT}/metrics", timeout=10).content
+    assert b"shapserve_worker_job_duration_seconds_bucket" in text
+    proc = promtool("check", "metrics", stdin=text)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
 
 
 def test_promtool_accepts_the_api_metrics(api, cifar_jpeg) -> None:

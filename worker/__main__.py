@@ -74,9 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     worker.heartbeat_grace = settings.explain_heartbeat_grace_s
     worker.horse_threads = settings.torch_threads()
+    metrics_note = ""
+    if settings.explain_metrics_port:
+        from worker.metrics import WorkerMetrics, serve_worker_metrics
+
+        worker.metrics = WorkerMetrics()
+        worker.metrics.describe_worker(name, settings.explain_queue, rt.version)
+        try:
+            serve_worker_metrics(settings.explain_metrics_port, settings.explain_metrics_host)
+        except OSError as exc:
+            print(f"error: {exc} (EXPLAIN_METRICS_PORT)", file=sys.stderr)
+            return 2
+        metrics_note = f", metrics on http://{settings.explain_metrics_host}:{settings.explain_metrics_port}/metrics"
     print(
         f"worker {name}: queue {settings.explain_queue!r} on {settings.redis_url}, model {rt.version} preloaded, "
-        f"{worker.horse_threads} torch thread(s) per job",
+        f"{worker.horse_threads} torch thread(s) per job{metrics_note}",
         file=sys.stderr,
         flush=True,
     )

@@ -89,6 +89,10 @@ class ExplainSettings(BaseSettings):
         15, ge=1, description="How often a worker reclaims abandoned jobs (retry or fail them)."
     )
     explain_worker_ttl_s: int = Field(35, ge=20, description="Idle worker heartbeat TTL (RQ worker_ttl).")
+    explain_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port of this worker's own Prometheus /metrics (0: none)."
+    )
+    explain_metrics_host: str = Field("0.0.0.0", description="Address the worker's metrics port listens on.")
     explain_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @field_validator("model_version", mode="before")

@@ -37,6 +37,7 @@ import ctypes
 import logging
 import os
 import signal
+import time
 
 from rq import Worker
 
@@ -52,6 +53,8 @@ class ExplainWorker(Worker):
 
     heartbeat_grace = 30
     horse_threads = 1
+    #: The worker's own Prometheus figures (:class:`worker.metrics.WorkerMetrics`), or None.
+    metrics = None
 
     def get_heartbeat_ttl(self, job, working_time: float = 0.0) -> int:
         if job.timeout and job.timeout > 0:
@@ -68,10 +71,32 @@ class ExplainWorker(Worker):
         try:
             version = getattr(job.args[0], "model_version", None) if job.args else None
             if version:
-                get_runtime().load(version)
+                loaded = get_runtime().load(version)
+                if self.metrics is not None:
+                    self.metrics.model_loaded(loaded.version)
         except Exception as exc:  # the horse will fail the job with the same error, and say why
             log.warning("could not preload version for job %s: %s", job.id, exc)
-        super().execute_job(job, queue)
+        if self.metrics is None:
+            super().execute_job(job, queue)
+            return
+        started = time.monotonic()
+        self.metrics.busy.set(1)
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.metrics.busy.set(0)
+            self._record_job(job, time.monotonic() - started)
+
+    def _record_job(self, job, seconds: float) -> None:
+        """Count the attempt from what the horse left in Redis (the parent holds the counters)."""
+        try:
+            job.refresh()
+            status = job.get_status(refresh=False)
+            status = getattr(status, "value", status)
+            result = job.return_value(refresh=False) if status == "finished" else None
+            self.metrics.job_ended(str(status), seconds, result)
+        except Exception:  # metrics never fail a worker
+            log.warning("could not record metrics of job %s", job.id, exc_info=True)
 
     def setup_work_horse_signals(self) -> None:
         super().setup_work_horse_signals()
