@@ -269,7 +269,11 @@ def test_redis_unreachable_is_503_and_predict_keeps_working(start_service, cifar
     assert error["code"] == "queue_unavailable"
     assert "cannot be reached" in error["message"] and "/predict is not affected" in error["message"]
     assert client.get(f"/explain/{uuid.uuid4()}").status_code == 503
+    assert r.elapsed.total_seconds() < 3, r.elapsed  # one retry, not redis-py's ten (~4 s)
     assert client.post("/predict", files=files(cifar_jpeg)).status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"  # the model serves: still ready
+    assert ready.json()["redis"]["ok"] is False and ready.json()["redis"]["error"], ready.json()
     text = client.get("/metrics").text
     assert metric(text, "shapserve_explain_redis_up") == 0.0
     assert metric(text, "shapserve_explain_requests_total", outcome="redis_unavailable") == 1.0

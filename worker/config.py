@@ -83,12 +83,14 @@ class ExplainSettings(BaseSettings):
         5, ge=1, description="How often the worker checks its work horse and renews the job's heartbeat."
     )
     explain_heartbeat_grace_s: int = Field(
-        30, ge=1, description="A job whose worker has not renewed its heartbeat for this long is abandoned."
+        20, ge=1, description="A job whose worker has not renewed its heartbeat for this long is abandoned."
     )
     explain_maintenance_interval_s: int = Field(
-        15, ge=1, description="How often a worker reclaims abandoned jobs (retry or fail them)."
+        10, ge=1, description="How often a worker reclaims abandoned jobs (retry or fail them)."
     )
-    explain_worker_ttl_s: int = Field(35, ge=20, description="Idle worker heartbeat TTL (RQ worker_ttl).")
+    explain_worker_ttl_s: int = Field(
+        30, ge=20, description="Idle worker heartbeat TTL (RQ worker_ttl); an idle worker wakes every TTL - 15 s."
+    )
     explain_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port of this worker's own Prometheus /metrics (0: none)."
     )
@@ -104,6 +106,20 @@ class ExplainSettings(BaseSettings):
         if self.explain_torch_threads:
             return self.explain_torch_threads
         return max(1, len(os.sched_getaffinity(0)))
+
+    def abandoned_job_bound_s(self) -> int:
+        """Longest time from a worker's death (SIGKILL, lost machine) until its job is back in the
+        queue, with at least one other worker idle on it.
+
+        The job's entry in RQ's started registry expires ``monitor + grace`` seconds after its
+        last renewal; an idle worker runs its maintenance (which reclaims expired entries) only
+        between two blocking dequeues of ``worker_ttl - 15`` seconds each, on the first turn
+        after ``maintenance`` seconds have passed. Busy workers reclaim nothing until their job
+        ends; a ``GET /explain/{id}`` of the job reclaims it as soon as the entry has expired.
+        """
+        dequeue_timeout = max(1, self.explain_worker_ttl_s - 15)  # rq.Worker.dequeue_timeout
+        maintenance_period = dequeue_timeout * (self.explain_maintenance_interval_s // dequeue_timeout + 1)
+        return self.explain_monitor_interval_s + self.explain_heartbeat_grace_s + maintenance_period
 
     def ranges(self) -> dict[str, tuple[int, int]]:
         """Allowed (inclusive) ranges of the integer parameters, as the 422 answers name them."""

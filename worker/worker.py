@@ -28,7 +28,19 @@ Killed workers
   after ``EXPLAIN_MONITOR_INTERVAL_S + EXPLAIN_HEARTBEAT_GRACE_S`` (RQ hard-codes 60 s of
   grace; we make it configurable); then any worker's maintenance (every
   ``EXPLAIN_MAINTENANCE_INTERVAL_S``) or the next ``GET /explain/{id}`` retries the job or
-  fails it with "the worker running this job died".
+  fails it with "the worker running this job died". With the defaults the job is back in the
+  queue at most 5 + 20 + 15 = 40 s after the kill (monitor + grace + the maintenance period of
+  an idle worker: :meth:`worker.config.ExplainSettings.abandoned_job_bound_s`), not RQ's ten
+  minutes.
+
+Redis outages (a restart, a failover, a network blip)
+-----------------------------------------------------
+RQ's own loop retries only its blocking dequeue; a connection error anywhere else (the
+heartbeats it sends while a horse runs, the suspension check, maintenance, the bookkeeping
+after a job) ends ``work()`` and the process. :class:`ExplainWorker` instead rides the outage
+out: it logs, keeps its horse running, waits for Redis with a short back-off
+(``max_connection_wait_time``, 5 s) and goes on. A job whose horse could not report its end
+while Redis was away stays "started" and is reclaimed like a killed worker's.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import os
 import signal
 import time
 
+import redis
 from rq import Worker
 
 from worker.runtime import configure_horse_threads, get_runtime
@@ -46,12 +59,19 @@ from worker.runtime import configure_horse_threads, get_runtime
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+#: What a lost Redis raises (redis-py has already retried the command by then).
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 class ExplainWorker(Worker):
-    """``Worker`` with a configurable heartbeat grace and horses that die with their parent."""
+    """``Worker`` with a configurable heartbeat grace, horses that die with their parent, and a
+    parent that survives Redis outages."""
 
-    heartbeat_grace = 30
+    heartbeat_grace = 20
+    #: Longest pause between reconnection attempts (RQ: 60 s, so a worker could idle a minute
+    #: after Redis came back).
+    max_connection_wait_time = 5.0
+    _maintenance_interrupted = False
     horse_threads = 1
     #: The worker's own Prometheus figures (:class:`worker.metrics.WorkerMetrics`), or None.
     metrics = None
@@ -77,15 +97,99 @@ class ExplainWorker(Worker):
         except Exception as exc:  # the horse will fail the job with the same error, and say why
             log.warning("could not preload version for job %s: %s", job.id, exc)
         if self.metrics is None:
-            super().execute_job(job, queue)
+            self._execute_riding_out_outages(job, queue)
             return
         started = time.monotonic()
         self.metrics.busy.set(1)
         try:
-            super().execute_job(job, queue)
+            self._execute_riding_out_outages(job, queue)
         finally:
             self.metrics.busy.set(0)
             self._record_job(job, time.monotonic() - started)
+
+    def _execute_riding_out_outages(self, job, queue) -> None:
+        """RQ's fork-and-monitor; Redis lost around the end of the job does not end the worker.
+
+        The heartbeats during the job are covered by :meth:`maintain_heartbeats`; what can still
+        fail is RQ's bookkeeping once the horse has exited (reading the job's status when the
+        horse failed, marking the worker idle). The job then keeps its "started" state and its
+        expiring entry in the started registry, so the abandoned-job handling retries it.
+        """
+        try:
+            super().execute_job(job, queue)
+        except REDIS_ERRORS as exc:
+            log.error(
+                "Redis was unreachable when job %s ended (%s): it will be reclaimed as abandoned and retried",
+                job.id,
+                exc,
+            )
+
+    # -- Redis outages ------------------------------------------------------------------------
+
+    def maintain_heartbeats(self, job, execution) -> None:
+        """Renew the job's heartbeat; while Redis is away, keep the horse running and try again
+        at the next monitoring tick (the entry has ``heartbeat_grace`` seconds to spare)."""
+        try:
+            super().maintain_heartbeats(job, execution)
+        except REDIS_ERRORS as exc:
+            log.warning("Redis unreachable while job %s runs (%s); the job goes on", job.id, exc)
+
+    def heartbeat(self, timeout=None, pipeline=None) -> None:
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)
+            return
+        try:
+            super().heartbeat(timeout)
+        except REDIS_ERRORS as exc:  # the worker key lives worker_ttl + 60 s: a missed renewal is harmless
+            log.warning("Redis unreachable, worker heartbeat skipped (%s)", exc)
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """First thing of every turn of RQ's loop: wait here until Redis answers."""
+        self.wait_for_redis()
+        if self._maintenance_interrupted:
+            # RQ takes a 15-minute lock per queue for maintenance and releases it at the end; a
+            # pass cut short by the outage would leave it, and with it abandoned jobs, for 15 min.
+            try:
+                for queue in self.queues:
+                    queue.release_maintenance_lock()
+                self._maintenance_interrupted = False
+            except REDIS_ERRORS:
+                return  # lost again: the next turn waits
+        super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()
+        except REDIS_ERRORS as exc:
+            self._maintenance_interrupted = True
+            log.warning("Redis unreachable during maintenance (%s); trying again at the next one", exc)
+
+    def teardown(self) -> None:
+        try:
+            super().teardown()
+        except REDIS_ERRORS as exc:  # stopping during an outage: the worker key expires by itself
+            log.warning("Redis unreachable at shutdown (%s); the worker's entry will expire", exc)
+
+    def wait_for_redis(self) -> None:
+        """Block until Redis answers a PING, retrying with back-off up to ``max_connection_wait_time``.
+
+        A stop request (SIGTERM/SIGINT) interrupts the wait through RQ's signal handler.
+        """
+        delay = 0.5
+        lost_at: float | None = None
+        while True:
+            try:
+                self.connection.ping()
+            except REDIS_ERRORS as exc:
+                if lost_at is None:
+                    lost_at = time.monotonic()
+                    log.error("Redis unreachable (%s); waiting for it", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_connection_wait_time)
+                continue
+            if lost_at is not None:
+                log.warning("Redis reachable again after %.1f s", time.monotonic() - lost_at)
+            return
 
     def _record_job(self, job, seconds: float) -> None:
         """Count the attempt from what the horse left in Redis (the parent holds the counters)."""

@@ -1,0 +1,62 @@
+"""The soak, short (~60 s): ``bench/soak.py`` attached to a real API and worker at a modest
+rate of /predict and /explain together. Correctness goals only, never speed: no 5xx other than
+refusals, no transport error, every accepted job finished, RSS growth under 10 %.
+
+The 10-minute run at twice the measured capacity is not part of the suite (see
+``bench/soak.py --help`` and BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from service_fixtures import ROOT
+
+pytestmark = pytest.mark.timeout(300)
+pytest_plugins = ["test_explain_support", "private_redis"]
+
+SOAK_S = 45
+WARMUP_S = 8
+
+
+def test_short_soak_meets_the_correctness_goals(
+    start_service, start_worker, service_registry, private_redis, cifar_jpeg, tmp_path: Path
+):
+    # Its own Redis: a pytest session starting beside this one flushes the shared databases.
+    env = {"REDIS_URL": private_redis.url(), "EXPLAIN_QUEUE": "explain-soak-short"}
+    worker = start_worker(service_registry, env=env, wait=False)
+    api = start_service(env=env)
+    worker.wait_listening()
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(cifar_jpeg)
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "bench/soak.py", "--url", api.url, "--api-pid", str(api.pid),
+        "--worker-pid", str(worker.pid), "--duration-s", str(SOAK_S), "--warmup-s", str(WARMUP_S),
+        "--predict-rate", "20", "--explain-rate", "0.5", "--explain-segments", "12", "--explain-samples", "60",
+        "--drain-s", "60", "--sample-interval-s", "1", "--image", str(image), "--label", "ci-short",
+        "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    print(proc.stdout, proc.stderr[-3000:])
+    paths = list(out.glob("soak-ci-short-*.json"))
+    assert len(paths) == 1, (proc.returncode, proc.stderr[-3000:])
+    summary = json.loads(paths[0].read_text())["summary"]
+
+    assert summary["sent"] > 0 and summary["served_2xx"] > 0, summary
+    assert summary["other_5xx"] == 0, summary["by_endpoint"]
+    assert summary["transport_errors"] == 0, summary["by_endpoint"]
+    jobs = summary["explain_jobs"]
+    assert jobs["accepted"] > 0 and jobs.get("lost", 0) == 0, jobs
+    assert jobs.get("finished", 0) == jobs["accepted"], jobs  # none failed, none left pending
+    memory = summary["memory"]
+    assert {"api", "worker"} <= set(memory), memory
+    for role, m in memory.items():
+        assert m["growth"] is None or m["growth"] < 0.10, (role, m)
+    assert memory["api"]["growth"] is not None and memory["worker"]["growth"] is not None, memory
+    assert summary["goals_met"] and proc.returncode == 0, (summary["goals"], proc.stdout)
+    assert api.proc.poll() is None and worker.proc.poll() is None
