@@ -20,12 +20,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
 from service.engine import ModelLoadError
 from service.images import InputError
+from service.schemas import ErrorDetail as ErrorDetail  # the error body's models live with the others
+from service.schemas import ErrorResponse
 
 log = logging.getLogger("service.errors")
 
@@ -41,18 +42,6 @@ _HTTP_CODES = {
     422: "invalid_parameter",
     503: "unavailable",
 }
-
-
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-    details: list[dict[str, Any]] | None = None
-
-
-class ErrorResponse(BaseModel):
-    """The body of every 4xx/5xx answer."""
-
-    error: ErrorDetail
 
 
 class ServiceError(Exception):

@@ -23,7 +23,8 @@ empty_file             422     a ``file`` field holds zero bytes
 too_many_files         422     more ``file`` fields than MAX_FILES_PER_REQUEST
 upload_too_large       413     the body is over MAX_UPLOAD_BYTES (refused while streaming)
 not_an_image           415     the bytes are not a PNG, JPEG, WebP, GIF, BMP or TIFF image
-corrupt_image          422     the image is truncated or its data is corrupt
+corrupt_image          422     the image is truncated or its data is corrupt, or the file starts
+                               like an accepted format but its header cannot be read
 image_too_large        413     width x height over MAX_IMAGE_PIXELS (read from the header)
 =====================  ======  ==================================================================
 """
@@ -203,7 +204,7 @@ async def read_image_uploads(request: Request, *, max_bytes: int, max_files: int
             415,
             "unsupported_media_type",
             f"expected multipart/form-data with the image in a field named '{field}', "
-            f"got Content-Type {content_type or 'none'!r}",
+            f"got {f'Content-Type {content_type!r}' if content_type else 'no Content-Type'}",
         )
     boundary = params.get(b"boundary")
     if not boundary:
@@ -252,6 +253,38 @@ def _describe(index: int, upload: Upload, count: int) -> str:
 # -- decoding -------------------------------------------------------------------------------
 
 
+#: Leading bytes of the accepted formats (Pillow's format names), to tell a damaged image from another kind of file.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The accepted format whose signature ``data`` starts with, else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for signature, fmt in _SIGNATURES:
+        if data.startswith(signature):
+            return fmt
+    return None
+
+
+def _open_problem(data: bytes, fmt: str) -> str:
+    """Why Pillow's ``fmt`` plugin refuses the header (Image.open only says it cannot identify the file)."""
+    Image.init()
+    try:
+        Image.OPEN[fmt][0](io.BytesIO(data))
+    except Exception as exc:  # the reason is all we want from it
+        return str(exc) or type(exc).__name__
+    return "unreadable header"
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Identify the format and read the header only: nothing is decoded yet.
 
@@ -264,11 +297,18 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
+        looks_like = sniff_format(data)
+        if looks_like is not None:  # a damaged image of an accepted format, not a file of another kind
+            problem = _open_problem(data, looks_like)
+            raise InputError(
+                422, "corrupt_image", f"the file looks like a {looks_like} image but its header is corrupt: {problem}"
+            ) from None
         raise InputError(415, "not_an_image", f"the file is not a {FORMAT_NAMES} image") from None
     except Image.DecompressionBombError as exc:
         raise InputError(413, "image_too_large", str(exc)) from None
     except _DECODE_ERRORS as exc:
-        raise InputError(422, "corrupt_image", f"the image header is corrupt: {exc}") from None
+        looks_like = sniff_format(data) or "image"
+        raise InputError(422, "corrupt_image", f"the {looks_like} image's header is corrupt: {exc}") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise InputError(422, "corrupt_image", f"the image has no pixels ({width}x{height})")
@@ -289,6 +329,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     'I', scaled to 8 bits rather than clipped), float 'F', CMYK and YCbCr/LAB.
     """
     image = open_image(data, max_pixels)
+    fmt = image.format or "image"
     try:
         # A freshly opened animation or multi-page TIFF is on its first frame: never seek (counting
         # the frames of a GIF means walking the whole file).
@@ -302,7 +343,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InputError(413, "image_too_large", str(exc)) from None
     except _DECODE_ERRORS as exc:
-        raise InputError(422, "corrupt_image", f"the image is truncated or corrupt: {exc}") from None
+        raise InputError(422, "corrupt_image", f"the {fmt} image is truncated or corrupt: {exc}") from None
     except MemoryError:
         raise InputError(413, "image_too_large", "the image is too large to decode") from None
 

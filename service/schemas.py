@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable, machine-readable (see service.errors and service.images).")
+    message: str = Field(description="What is wrong, in words.")
+    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorDetail
 
 
 class ModelRef(BaseModel):
@@ -55,7 +67,8 @@ class ReloadRequest(BaseModel):
     version: str | None = Field(
         None, description="Version id; default: MODEL_VERSION if pinned, else the promoted version, else the newest."
     )
-    force: bool = Field(False, description="Reload even if this version is already served.")
+    # Strict: 0, "no" or "false" are not booleans in JSON (lax pydantic would take them).
+    force: StrictBool = Field(False, description="Reload even if this version is already served.")
 
 
 class ReloadResponse(BaseModel):

@@ -113,8 +113,10 @@ class Registry:
         )
 
     def path(self, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
-            raise UserError(f"invalid version id {version!r}")
+        # Longer than a file name can be (255 bytes): no such folder, and asking the OS would raise.
+        if not version or "/" in version or version.startswith(".") or len(version.encode("utf-8", "replace")) > 255:
+            shown = version if len(version) <= 80 else f"{version[:80]}... ({len(version)} characters)"
+            raise UserError(f"invalid version id {shown!r}")
         path = self.root / version
         if not (path / METADATA).is_file():
             known = ", ".join(self.versions()[-5:]) or "none"

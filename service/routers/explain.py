@@ -15,6 +15,7 @@ import asyncio
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -129,14 +130,24 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(422, "invalid_parameter", message)
 
 
+#: A decimal integer in ASCII digits: int() alone also takes "1_000", "+5" and other scripts' digits.
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _shown(raw: str) -> str:
+    return repr(raw) if len(raw) <= 40 else f"{raw[:40]!r}... ({len(raw)} characters)"
+
+
 def _int_param(name: str, raw: str | None, default: int, bounds: tuple[int, int]) -> int:
     lo, hi = bounds
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise _invalid(f"{name} must be an integer from {lo} to {hi} (got {raw!r})") from None
+    text = raw.strip()
+    if not _INTEGER.fullmatch(text):
+        raise _invalid(f"{name} must be an integer from {lo} to {hi} (got {_shown(raw)})")
+    if len(text.lstrip("-")) > 30:  # far out of any range (and int() refuses over 4300 digits)
+        raise _invalid(f"{name} must be from {lo} to {hi} (got {_shown(raw)})")
+    value = int(text)
     if not lo <= value <= hi:
         raise _invalid(f"{name} must be from {lo} to {hi} (got {value})")
     return value
@@ -146,8 +157,8 @@ def resolve_target(raw: str | None, class_names: list[str]) -> int | None:
     if raw is None or raw.strip() == "":
         return None
     text = raw.strip()
-    if text.lstrip("-").isdigit():
-        index = int(text)
+    if _INTEGER.fullmatch(text):
+        index = int(text) if len(text) <= 30 else -1
         if 0 <= index < len(class_names):
             return index
     else:
@@ -155,7 +166,7 @@ def resolve_target(raw: str | None, class_names: list[str]) -> int | None:
         if text.lower() in lowered:
             return lowered.index(text.lower())
     raise _invalid(
-        f"unknown target class {text!r}: use a label ({', '.join(class_names)}) "
+        f"unknown target class {_shown(text)}: use a label ({', '.join(class_names)}) "
         f"or an index from 0 to {len(class_names) - 1}"
     )
 
@@ -211,7 +222,42 @@ def _model_identity(request: Request, ctx: _Context) -> tuple[str, list[str]]:
 
 # -- routes ------------------------------------------------------------------------------------------
 
+def _parameter_schemas(settings: ExplainSettings) -> dict[str, dict[str, Any]]:
+    """OpenAPI schemas of the parameters, with the ranges :func:`parse_params` enforces.
+
+    The route reads them as strings and parses them itself (a bad value gets a 422 naming the
+    allowed range), so FastAPI would document them as strings; these say what is accepted.
+    The ranges are the environment's, as the service process reads it. Not expressible here:
+    ``target`` must name a class of the served model, and samples x background must stay
+    within EXPLAIN_MAX_EVALUATIONS (both 422 too).
+    """
+    ranges = settings.ranges()
+    described = {
+        "segments": ("SLIC superpixels asked for.", settings.explain_default_segments),
+        "samples": ("Coalitions evaluated (KernelSHAP nsamples).", settings.explain_default_samples),
+        "background": ("Background images standing in for hidden superpixels.", settings.explain_default_background),
+        "seed": ("Seed of the coalition sampling.", settings.explain_default_seed),
+    }
+    out: dict[str, dict[str, Any]] = {
+        "target": {
+            "type": "string",
+            "description": "Class label (any case) or index of the served model; default: the top-1 prediction.",
+        }
+    }
+    for name, (text, default) in described.items():
+        lo, hi = ranges[name]
+        out[name] = {"type": "integer", "minimum": lo, "maximum": hi, "default": default, "description": text}
+    limit = settings.explain_max_evaluations
+    out["samples"]["description"] += f" samples x background may not exceed {limit}."
+    return out
+
+
+_PARAMETERS = _parameter_schemas(get_explain_settings())
 _MULTIPART_BODY = {
+    "parameters": [
+        {"name": name, "in": "query", "required": False, "description": schema["description"], "schema": schema}
+        for name, schema in _PARAMETERS.items()
+    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -221,16 +267,18 @@ _MULTIPART_BODY = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary", "description": "One image, as for /predict."},
-                        "target": {"type": "string", "description": "Class label or index (default: top-1)."},
-                        "segments": {"type": "integer", "description": "SLIC superpixels asked for."},
-                        "samples": {"type": "integer", "description": "Coalitions evaluated."},
-                        "background": {"type": "integer", "description": "Background images (1..100)."},
-                        "seed": {"type": "integer"},
+                        **_PARAMETERS,
                     },
                 }
             }
         },
-    }
+    },
+    "responses": {
+        "200": {
+            "description": "An identical request had already finished: its job, at once.",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
 }
 
 
@@ -246,11 +294,12 @@ _MULTIPART_BODY = {
 )
 async def post_explain(
     request: Request,
-    target: Annotated[str | None, Query(description="Class label or index; default: the top-1 prediction.")] = None,
-    segments: Annotated[str | None, Query(description="SLIC superpixels asked for (default 50).")] = None,
-    samples: Annotated[str | None, Query(description="Coalitions evaluated (KernelSHAP nsamples).")] = None,
-    background: Annotated[str | None, Query(description="Background images standing in for hidden parts.")] = None,
-    seed: Annotated[str | None, Query(description="Seed of the coalition sampling.")] = None,
+    # Parsed by parse_params; documented (as integers with their ranges) by _MULTIPART_BODY.
+    target: Annotated[str | None, Query(include_in_schema=False)] = None,
+    segments: Annotated[str | None, Query(include_in_schema=False)] = None,
+    samples: Annotated[str | None, Query(include_in_schema=False)] = None,
+    background: Annotated[str | None, Query(include_in_schema=False)] = None,
+    seed: Annotated[str | None, Query(include_in_schema=False)] = None,
 ) -> Response:
     ctx = _context(request)
     settings = ctx.settings
@@ -348,7 +397,7 @@ def _heatmap_classes(raw: str, result: dict[str, Any]) -> tuple[str, list[int]]:
     picked: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if part.isdigit() and int(part) < len(labels):
+        if part.isascii() and part.isdigit() and len(part) <= 30 and int(part) < len(labels):
             picked.append(int(part))
         elif part in [lbl.lower() for lbl in labels]:
             picked.append([lbl.lower() for lbl in labels].index(part))

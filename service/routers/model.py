@@ -69,7 +69,7 @@ async def confusion_matrix(request: Request) -> FileResponse:
     "/reload",
     response_model=ReloadResponse,
     summary="Switch to another version",
-    responses=error_responses(401, 404, 422, 503),
+    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
 )
 async def reload_model(
     request: Request,

@@ -15,6 +15,7 @@ from service import metrics
 from service.errors import ServiceError, error_responses
 from service.images import InputError, Upload, image_to_tensor
 from service.schemas import PredictResponse
+from service.settings import get_settings
 from service.state import ServiceState
 
 router = APIRouter(tags=["predict"])
@@ -31,6 +32,8 @@ _MULTIPART_BODY = {
                         "file": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                            "maxItems": get_settings().max_files_per_request,
                             "description": "One image (PNG, JPEG, WebP, GIF, BMP or TIFF) per `file` field; "
                             "repeat the field for several images.",
                         }
