@@ -17,13 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI
 
 from service import __version__
+from service.auth import AuthMiddleware, KeyRing
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import HTTPMetricsMiddleware
+from service.ratelimit import RateLimiter, RateLimitMiddleware
 from service.routers import health, model, predict
 from service.settings import Settings, get_settings
 from service.state import ServiceState
+from service.timeout import TimeoutMiddleware
 
 log = logging.getLogger("service")
 
@@ -36,6 +39,9 @@ Image classification (ResNet-50 trained on CIFAR-10) over HTTP.
 * `POST /predict`: multipart field `file` with an image (PNG, JPEG, WebP, GIF, BMP, TIFF); repeat it for several.
 * `GET /model`, `GET /model/confusion-matrix.png`, `POST /model/reload`: the served version.
 * `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
+
+When the service has API keys, every route but `/healthz`, `/readyz`, `/metrics` and these docs needs one:
+`Authorization: Bearer <key>` or `X-API-Key: <key>` (401 without, 403 with a wrong one).
 
 Every error answers `{"error": {"code": "...", "message": "..."}}`.
 """
@@ -87,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await batcher.stop()
         await state.close()
+        await app.state.rate_limiter.aclose()
         decode_executor.shutdown(wait=False, cancel_futures=True)
         engine.shutdown()
 
@@ -103,6 +110,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    # Outermost first: metrics -> timeout -> API key -> rate limit -> routes. (add_middleware
+    # wraps what is there, so they are added innermost first.)
+    keyring = KeyRing.from_settings(settings)  # KeyConfigError: unusable keys, or none but required
+    keyring.announce()
+    limiter = RateLimiter.from_settings(settings)
+    if limiter.enabled:
+        log.info("%s", limiter.describe())
+    app.state.keyring = keyring
+    app.state.rate_limiter = limiter
+    app.add_middleware(RateLimitMiddleware, limiter=limiter)
+    app.add_middleware(AuthMiddleware, keyring=keyring)
+    app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
     app.add_middleware(HTTPMetricsMiddleware)
     app.include_router(predict.router)
     app.include_router(model.router)

@@ -7,8 +7,11 @@ list of offending fields). Refused inputs are logged and counted in
 
 Other codes: ``invalid_parameter`` (422, a query/body parameter such as ``top_k``),
 ``not_found`` (404), ``method_not_allowed`` (405), ``model_not_ready`` (503),
-``unknown_version`` (404/422), ``model_load_failed`` (422), ``unauthorized`` (401),
-``internal_error`` (500).
+``unknown_version`` (404/422), ``model_load_failed`` (422), ``internal_error`` (500).
+Keys and limits (service/auth.py, service/ratelimit.py, service/timeout.py):
+``unauthorized`` (401, no API key), ``forbidden`` (403, an unknown key), ``admin_required``
+(403), ``rate_limited`` (429), ``too_many_jobs`` and ``queue_full`` (429, /explain),
+``request_timeout`` (503).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _HTTP_CODES = {
     413: "content_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameter",
+    429: "too_many_requests",
     503: "unavailable",
 }
 

@@ -80,6 +80,24 @@ REJECTED_INPUTS = Counter(
 for _reason in REJECT_REASONS:
     REJECTED_INPUTS.labels(_reason)
 
+#: Refused credentials: no key (401), an unknown key (403), a non-admin key on an admin route (403).
+AUTH_FAILURE_REASONS: tuple[str, ...] = ("missing_key", "invalid_key", "not_admin")
+AUTH_FAILURES = Counter(
+    f"{NAMESPACE}_auth_failures_total", "Requests refused for their API key, by reason.", ["reason"]
+)
+for _reason in AUTH_FAILURE_REASONS:
+    AUTH_FAILURES.labels(_reason)
+#: The routes with a per-key rate limit (service.ratelimit).
+RATE_LIMITED_ROUTES: tuple[str, ...] = ("/predict", "/explain")
+RATE_LIMITED = Counter(
+    f"{NAMESPACE}_rate_limited_total", "Requests refused with 429 by the per-key rate limit, by route.", ["route"]
+)
+for _route in RATE_LIMITED_ROUTES:
+    RATE_LIMITED.labels(_route)
+REQUEST_TIMEOUTS = Counter(
+    f"{NAMESPACE}_request_timeouts_total", "Requests cut off after REQUEST_TIMEOUT_S (answered 503 when possible)."
+)
+
 MODEL_INFO = Info(f"{NAMESPACE}_model", "The model version being served.")
 MODEL_LOADED_AT = Gauge(f"{NAMESPACE}_model_loaded_timestamp_seconds", "Unix time the served version was loaded.")
 MODEL_RELOADS = Counter(f"{NAMESPACE}_model_reloads_total", "Model switches attempted, by result.", ["result"])

@@ -79,16 +79,72 @@ class Settings(BaseSettings):
         "recently in flight at the peak. A request that finds the service idle never waits.",
     )
 
-    # -- dependencies / admin --------------------------------------------------------
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Reported by /readyz; never needed by /predict.")
-    admin_token: str | None = Field(
-        None, description="If set, POST /model/reload needs `Authorization: Bearer <token>`."
+    # -- dependencies ------------------------------------------------------------------
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Explanation queue and the shared rate-limit counters; reported by /readyz; never needed by "
+        "/predict.",
     )
 
-    @field_validator("model_version", "admin_token", mode="before")
+    # -- authentication (service/auth.py) ----------------------------------------------
+    api_keys: str = Field(
+        "", description="API key entries `name:sha256hex[:admin]`, separated by commas or whitespace (hashes only)."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File of API key entries, one `name:sha256hex[:admin]` per line, `#` comments."
+    )
+    require_api_keys: bool = Field(
+        False, description="Refuse to start when no API key is configured (off: the API is open, with a warning)."
+    )
+
+    # -- limits (service/ratelimit.py, service/timeout.py) -------------------------------
+    rate_limit_predict: str = Field(
+        "",
+        description="Per-key (client address without keys) limit on POST /predict, e.g. `1200/minute` or "
+        "`20/second;1000/minute`; shared by the replicas through Redis. Empty: no limit.",
+    )
+    rate_limit_explain: str = Field("", description="The same for POST /explain, e.g. `60/minute`. Empty: no limit.")
+    rate_limit_redis_timeout_s: float = Field(
+        0.25, gt=0, description="Longest wait for the rate-limit counters in Redis before counting in memory."
+    )
+    request_timeout_s: float = Field(
+        60.0, ge=0, description="Longest a request may take, upload included: then 503 `request_timeout` (0: none)."
+    )
+    max_concurrent_requests: int = Field(
+        256,
+        ge=0,
+        description="uvicorn's limit_concurrency: open connections (idle keep-alive ones included) or requests "
+        "beyond which it answers 503 at once (0: no limit).",
+    )
+    listen_backlog: int = Field(
+        256, ge=1, description="Connections the kernel queues before the server accepts them (uvicorn's backlog)."
+    )
+
+    @field_validator("model_version", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("rate_limit_predict", "rate_limit_explain")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not a rate limit: use e.g. `60/minute`, `10/second`, `1000 per hour`, "
+                    "several separated by `;`"
+                ) from None
+        return value
 
     def resolved_torch_threads(self) -> int:
         """0 -> all cores but one, shared by the inference workers, at least one (see BENCHMARKS.md).

@@ -334,15 +334,23 @@ def own_registry(service_registry: Path, tmp_path: Path) -> Path:
 def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_model, jpeg_file):
     import asyncio
 
+    from service.auth import mint
+
     old = smoke_model[1]
     new = clone_version(own_registry, old, "20991231-000000-abcdef")
-    svc = start_service(registry=own_registry, env={"ADMIN_TOKEN": "s3cret", "BATCH_MAX_SIZE": "8"})
+    user, user_entry = mint("load")
+    admin, admin_entry = mint("ops", admin=True)
+    keys = f"{user_entry.entry()},{admin_entry.entry()}"
+    svc = start_service(registry=own_registry, env={"API_KEYS": keys, "BATCH_MAX_SIZE": "8"})
+    svc.client.headers["X-API-Key"] = user
     assert svc.client.get("/model").json()["version"] == old  # promoted, though not the newest
+    assert svc.client.post("/model/reload", json={"version": new}).status_code == 403  # not an admin key
+    assert svc.client.get("/model").json()["version"] == old
 
     async def run() -> tuple[list[tuple[int, str | None]], httpx.Response]:
         results: list[tuple[int, str | None]] = []
         stop = asyncio.Event()
-        async with httpx.AsyncClient(base_url=svc.url, timeout=60) as client:
+        async with httpx.AsyncClient(base_url=svc.url, timeout=60, headers={"X-API-Key": user}) as client:
 
             async def load() -> None:
                 while not stop.is_set():
@@ -356,7 +364,7 @@ def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_m
             while len(results) < 20:
                 await asyncio.sleep(0.05)
             reload = await client.post(
-                "/model/reload", json={"version": new}, headers={"authorization": "Bearer s3cret"}
+                "/model/reload", json={"version": new}, headers={"X-API-Key": admin}
             )
             n = len(results)
             while len(results) < n + 20:
@@ -378,12 +386,14 @@ def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_m
     assert metric(text, "shapserve_model_info", version=old) == 0
     assert metric(text, "shapserve_model_reloads_total", result="success") == 1
 
-    # The admin token is required; unknown versions are refused and the served one stays.
-    assert svc.client.post("/model/reload", json={"version": old}).status_code == 401
-    admin = {"authorization": "Bearer s3cret"}
-    r = svc.client.post("/model/reload", json={"version": "20000101-000000-000000"}, headers=admin)
+    # An admin key is required (none: 401, a user key: 403); unknown versions are refused and the
+    # served one stays.
+    assert httpx.post(f"{svc.url}/model/reload", json={"version": old}).status_code == 401
+    assert svc.client.post("/model/reload", json={"version": old}).status_code == 403
+    admin_key = {"X-API-Key": admin}
+    r = svc.client.post("/model/reload", json={"version": "20000101-000000-000000"}, headers=admin_key)
     assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_version"
-    r = svc.client.post("/model/reload", json={"version": new}, headers=admin)
+    r = svc.client.post("/model/reload", json={"version": new}, headers=admin_key)
     assert r.status_code == 200 and r.json()["changed"] is False
     assert svc.client.get("/model").json()["version"] == new
 

@@ -40,6 +40,12 @@ class ExplainSettings(BaseSettings):
     explain_max_queue_depth: int = Field(
         50, ge=0, description="Queued (not yet started) jobs beyond which POST /explain answers 429."
     )
+    explain_max_jobs_per_key: int = Field(
+        10,
+        ge=0,
+        description="Jobs one API key (the client address without keys) may have queued or running at once; "
+        "beyond: 429 `too_many_jobs` (0: no cap).",
+    )
     explain_job_timeout_s: int = Field(1800, ge=1, description="Wall-clock limit of one job (RQ job timeout).")
     explain_retries: int = Field(
         1, ge=0, le=10, description="Extra attempts after a failure or a killed worker (RQ Retry max)."

@@ -69,10 +69,13 @@ class JobRequest:
         return d
 
 
-def dedup_key(request: JobRequest) -> str:
+def dedup_key(request: JobRequest, owner: str | None = None) -> str:
+    """One key per (image bytes, version, parameters) and owner: two API keys never share a job."""
     h = hashlib.sha256()
     h.update(hashlib.sha256(request.image).digest())
     h.update(json.dumps(request.params(), sort_keys=True).encode())
+    if owner is not None:
+        h.update(b"\0owner\0" + owner.encode())
     return f"{PREFIX}dedup:{h.hexdigest()}"
 
 
@@ -138,19 +141,29 @@ def retry_after_estimate(connection: Any, queue: Any, depth: int) -> int:
     return int(min(3600, max(1, math.ceil(depth * mean / workers))))
 
 
-def submit(connection: Any, settings: ExplainSettings, request: JobRequest) -> tuple[Any, bool]:
+def submit(
+    connection: Any,
+    settings: ExplainSettings,
+    request: JobRequest,
+    owner: str | None = None,
+    principal: str | None = None,
+) -> tuple[Any, bool]:
     """Enqueue ``request`` unless an identical one exists: returns (job, created).
 
-    An identical request (same image bytes, version and parameters) whose job is queued,
-    running or finished (and not expired) gets that job back. A failed one is replaced.
-    Raises :class:`QueueFull` when a *new* job would go over ``EXPLAIN_MAX_QUEUE_DEPTH``.
+    An identical request (same image bytes, version, parameters and ``owner``, the API key's
+    name) whose job is queued, running or finished (and not expired) gets that job back. A
+    failed one is replaced. Raises :class:`QueueFull` when a *new* job would go over
+    ``EXPLAIN_MAX_QUEUE_DEPTH``, :class:`worker.quota.TooManyJobs` when ``principal`` (whom the
+    per-key cap counts) has ``EXPLAIN_MAX_JOBS_PER_KEY`` jobs in flight.
     """
     from rq import Callback, Retry
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
+    from worker import quota
+
     queue = get_queue(connection, settings)
-    key = dedup_key(request)
+    key = dedup_key(request, owner)
     for _ in range(5):
         existing = connection.get(key)
         if existing is not None:
@@ -168,7 +181,16 @@ def submit(connection: Any, settings: ExplainSettings, request: JobRequest) -> t
         if depth >= settings.explain_max_queue_depth:
             raise QueueFull(depth, settings.explain_max_queue_depth, retry_after_estimate(connection, queue, depth))
         job_id = str(uuid.uuid4())
+        capped = principal is not None and settings.explain_max_jobs_per_key > 0
+        if capped:
+            held = quota.reserve(connection, queue.name, principal, job_id, settings.explain_max_jobs_per_key,
+                                 dedup_ttl(settings))  # fmt: skip
+            if held < 0:
+                raise quota.TooManyJobs(-held, settings.explain_max_jobs_per_key,
+                                        retry_after_estimate(connection, queue, 1))  # fmt: skip
         if not connection.set(key, job_id, nx=True, ex=dedup_ttl(settings)):
+            if capped:
+                quota.release(connection, queue.name, principal, job_id)
             continue  # an identical request won the race: return its job on the next turn
         try:
             retry = (
@@ -185,12 +207,20 @@ def submit(connection: Any, settings: ExplainSettings, request: JobRequest) -> t
                 failure_ttl=settings.explain_failure_ttl_s,
                 retry=retry,
                 on_failure=Callback("worker.jobqueue.on_job_failure"),
-                meta={"progress": 0.0, "stage": "queued", "dedup_key": key, "params": request.params()},
+                meta={
+                    "progress": 0.0,
+                    "stage": "queued",
+                    "dedup_key": key,
+                    "params": request.params(),
+                    "owner": owner,
+                },
                 description=f"explain segments={request.segments} samples={request.samples} "
                 f"background={request.background} version={request.model_version}",
             )
         except BaseException:
             _compare_and_delete(connection, key, job_id)
+            if capped:
+                quota.release(connection, queue.name, principal, job_id)
             raise
         return job, True
     raise RuntimeError("could not register the explanation job (dedup key kept changing)")
@@ -266,8 +296,12 @@ def failure_reason(job: Any) -> str:
 # -- status -----------------------------------------------------------------------------------
 
 
-def job_status(connection: Any, settings: ExplainSettings, job_id: str) -> dict[str, Any] | None:
-    """The public status document of a job, or None when it is unknown (or expired)."""
+def job_status(
+    connection: Any, settings: ExplainSettings, job_id: str, owner: str | None = None
+) -> dict[str, Any] | None:
+    """The public status document of a job, or None when it is unknown (or expired), or, when
+    ``owner`` is given (authentication on), when another key created it: None either way, so
+    that a job id tells nothing to whoever did not create it."""
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
@@ -276,6 +310,8 @@ def job_status(connection: Any, settings: ExplainSettings, job_id: str) -> dict[
     except NoSuchJobError:
         return None
     if job.func_name != JOB_FUNC:
+        return None
+    if owner is not None and (job.meta if isinstance(job.meta, dict) else {}).get("owner") != owner:
         return None
     raw = job.get_status(refresh=False)
     if raw == "started":

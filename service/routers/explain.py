@@ -23,7 +23,7 @@ from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 from prometheus_client import REGISTRY, Counter
 
-from service import metrics
+from service import auth, metrics
 from service.errors import ServiceError, error_responses
 from service.explain_form import read_explain_upload
 from service.images import decode_image
@@ -41,15 +41,17 @@ from worker.jobqueue import (
     valid_job_id,
 )
 from worker.metrics import ExplainCollector
+from worker.quota import TooManyJobs
 
 router = APIRouter(tags=["explain"])
 
 REQUESTS = Counter(
     f"{metrics.NAMESPACE}_explain_requests_total",
-    "POST /explain answers, by outcome (accepted, deduplicated, rejected, queue_full, redis_unavailable).",
+    "POST /explain answers, by outcome (accepted, deduplicated, rejected, queue_full, too_many_jobs, "
+    "redis_unavailable).",
     ["outcome"],
 )
-for _outcome in ("accepted", "deduplicated", "rejected", "queue_full", "redis_unavailable"):
+for _outcome in ("accepted", "deduplicated", "rejected", "queue_full", "too_many_jobs", "redis_unavailable"):
     REQUESTS.labels(_outcome)
 
 PARAMS = ("target", "segments", "samples", "background", "seed")
@@ -288,7 +290,8 @@ _MULTIPART_BODY = {
     summary="Queue a SHAP explanation",
     description="Multipart field `file` (validated as /predict does) and optional `target`, `segments`, `samples`, "
     "`background`, `seed` as form fields or query parameters. Answers 202 with the job's URLs (200 when an "
-    "identical request already finished: same image bytes, model version and parameters reuse one job).",
+    "identical request already finished: same image bytes, model version, parameters and API key reuse one job). "
+    "A job can be read only with the key that created it (404 to other keys).",
     openapi_extra=_MULTIPART_BODY,
     responses=error_responses(400, 413, 415, 422, 429, 503),
 )
@@ -325,10 +328,15 @@ async def post_explain(
 
     job_request = JobRequest(image=upload.data, model_version=version, **params)
     try:
-        job, created = await _redis_call(ctx, submit, ctx.redis, settings, job_request)
+        job, created = await _redis_call(
+            ctx, submit, ctx.redis, settings, job_request, auth.owner_of(request), auth.principal(request.scope)
+        )
     except QueueFull as exc:
         REQUESTS.labels("queue_full").inc()
         raise ServiceError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
+    except TooManyJobs as exc:
+        REQUESTS.labels("too_many_jobs").inc()
+        raise ServiceError(429, "too_many_jobs", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except ServiceError:
         REQUESTS.labels("redis_unavailable").inc()
         raise
@@ -362,7 +370,7 @@ async def _status(request: Request, job_id: str) -> tuple[_Context, dict[str, An
     ctx = _context(request)
     if not valid_job_id(job_id):
         raise _unknown(job_id)
-    doc = await _redis_call(ctx, job_status, ctx.redis, ctx.settings, job_id)
+    doc = await _redis_call(ctx, job_status, ctx.redis, ctx.settings, job_id, auth.owner_of(request))
     if doc is None:
         raise _unknown(job_id)
     return ctx, doc

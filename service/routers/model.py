@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Request
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import FileResponse
 
+from service.auth import require_admin
 from service.errors import ServiceError, error_responses
 from service.schemas import ModelInfo, ReloadRequest, ReloadResponse
 from service.state import ServiceState
@@ -69,22 +69,17 @@ async def confusion_matrix(request: Request) -> FileResponse:
     "/reload",
     response_model=ReloadResponse,
     summary="Switch to another version",
-    responses=error_responses(400, 401, 404, 422, 503),  # 400: a body that is not JSON
+    responses=error_responses(400, 401, 403, 404, 422, 503),  # 400: a body that is not JSON
+    dependencies=[Depends(require_admin)],
 )
 async def reload_model(
     request: Request,
     body: Annotated[ReloadRequest | None, Body()] = None,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> ReloadResponse:
     """Load a version beside the served one, warm it up, then switch atomically. Requests in flight
     finish on the old version; none fails. Without a body: MODEL_VERSION if pinned, else the
-    promoted version, else the newest. Needs `Authorization: Bearer $ADMIN_TOKEN` when ADMIN_TOKEN is set."""
+    promoted version, else the newest. With API keys configured, needs a key with the admin scope."""
     state: ServiceState = request.app.state.service
-    token = state.settings.admin_token
-    if token is not None:
-        given = (authorization or "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ServiceError(401, "unauthorized", "POST /model/reload needs Authorization: Bearer <ADMIN_TOKEN>")
     body = body or ReloadRequest()
     result = await state.engine.reload(body.version, force=body.force)
     state.load_error = None
