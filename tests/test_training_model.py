@@ -97,3 +97,25 @@ def test_classifier_accepts_float_and_uint8_alike() -> None:
     x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.inference_mode():
         assert torch.allclose(model(x), model(x.float() / 255), atol=1e-5)
+
+
+class _Payload:
+    """Unpickling this creates a file: what a malicious "checkpoint" would do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_payload_as_weights_is_refused_without_running(tmp_path: Path) -> None:
+    from training.errors import UserError
+    from training.model import build_model
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": _Payload(marker)}, path)
+    with pytest.raises(UserError, match="refused to unpickle"):
+        build_model(weights=str(path))
+    assert not marker.exists(), "the pickle payload ran"

@@ -72,7 +72,11 @@ def _read_backbone_state(path: Path) -> dict[str, torch.Tensor]:
         state = load_file(str(path))
     else:
         # weights_only=True: tensors only, no arbitrary objects are unpickled.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle.UnpicklingError for a payload, RuntimeError for junk
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path} is not a plain tensor state dict (refused to unpickle it): {first}") from exc
     if not isinstance(state, dict) or "conv1.weight" not in state:
         raise UserError(f"{path} is not a ResNet-50 state dict (no conv1.weight)")
     return state
