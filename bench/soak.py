@@ -3,6 +3,7 @@
 
 Reproduction (the 10-minute figures of BENCHMARKS.md; a quiet machine, nothing else running):
 
+    .venv/bin/pip install -e '.[bench]'     # aiohttp: a client light enough to keep its schedule
     .venv/bin/python bench/soak.py --registry models --label cpu-10min
 
 That starts a private redis-server (unless --redis-url), `python -m service` and one
@@ -21,6 +22,9 @@ Phases:
    or not earlier ones were answered, up to --max-in-flight outstanding (beyond: counted as
    shed by the client, not sent). Every /explain uses a new seed, so each accepted one is a job;
 4. drain: every accepted job is followed until it ends (at most --drain-s).
+
+The client is aiohttp when installed, else httpx (several times more CPU per request): the
+summary says when the client fell behind its own schedule, i.e. the offered rate was not reached.
 
 Recorded: answers by endpoint and status; served (2xx); refusals (429, 503); other 5xx (goal 0);
 transport errors and client timeouts (goal 0); /predict p50/p95/p99 latency; explain jobs
@@ -194,12 +198,77 @@ class Tally:
     predict_ms: list[float] = field(default_factory=list)  # answered 200
     jobs: list[str] = field(default_factory=list)  # accepted explanation jobs
     in_flight: int = 0
+    #: endpoint -> how late the last request left, seconds: over ~1 s the client could not keep
+    #: its schedule (a busy machine) and the offered rate was not reached.
+    send_lag_s: dict[str, float] = field(default_factory=dict)
+
+
+class ClientTimeout(Exception):
+    """No answer within --timeout."""
+
+
+class TransportError(Exception):
+    """Connection refused or reset, protocol error: no HTTP answer at all."""
+
+
+class HttpClient:
+    """aiohttp when installed (``pip install -e '.[bench]'``: several times less CPU per request
+    than httpx, so the client is less often the bottleneck), else httpx."""
+
+    def __init__(self, url: str, connections: int, timeout: float, prefer: str = "auto") -> None:
+        self.url = url
+        aiohttp = None
+        if prefer in ("auto", "aiohttp"):
+            try:
+                import aiohttp
+            except ModuleNotFoundError:
+                if prefer == "aiohttp":
+                    raise SystemExit("--client aiohttp: aiohttp is not installed (pip install -e '.[bench]')") from None
+        self.kind = "aiohttp" if aiohttp else "httpx"
+        if aiohttp:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=connections), timeout=aiohttp.ClientTimeout(total=timeout)
+            )
+        else:
+            import httpx
+
+            limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+            self._session = httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits)
+
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict | None = None, params: dict | None = None
+    ) -> tuple[int, bytes]:
+        """(status, body); raises :class:`ClientTimeout` or :class:`TransportError`."""
+        if self.kind == "aiohttp":
+            import aiohttp
+
+            try:
+                async with self._session.request(
+                    method, self.url + path, data=body, headers=headers, params=params
+                ) as resp:
+                    return resp.status, await resp.read()
+            except TimeoutError:
+                raise ClientTimeout() from None
+            except aiohttp.ClientError as exc:
+                raise TransportError(type(exc).__name__) from None
+        import httpx
+
+        try:
+            resp = await self._session.request(method, path, content=body, headers=headers, params=params)
+        except httpx.TimeoutException:
+            raise ClientTimeout() from None
+        except httpx.HTTPError as exc:
+            raise TransportError(type(exc).__name__) from None
+        return resp.status_code, resp.content
+
+    async def close(self) -> None:
+        await (self._session.close() if self.kind == "aiohttp" else self._session.aclose())
 
 
 class Load:
     """The requests: a multipart body built once, a new seed for every /explain."""
 
-    def __init__(self, client: Any, body: bytes, ctype: str, explain_params: dict[str, str]) -> None:
+    def __init__(self, client: HttpClient, body: bytes, ctype: str, explain_params: dict[str, str]) -> None:
         self.client = client
         self.body = body
         self.headers = {"content-type": ctype}
@@ -207,8 +276,6 @@ class Load:
         self.seed = random.SystemRandom().randrange(2**31)
 
     async def send(self, endpoint: str, tally: Tally) -> None:
-        import httpx
-
         tally.in_flight += 1
         params = None
         if endpoint == "explain":
@@ -216,21 +283,21 @@ class Load:
             params = {**self.explain_params, "seed": str(self.seed)}
         start = time.perf_counter()
         try:
-            r = await self.client.post(f"/{endpoint}", content=self.body, headers=self.headers, params=params)
-        except httpx.TimeoutException:
+            status, data = await self.client.request("POST", f"/{endpoint}", self.body, self.headers, params)
+        except ClientTimeout:
             tally.answers[(endpoint, "client_timeout")] += 1
             return
-        except httpx.HTTPError as exc:
-            tally.answers[(endpoint, f"transport:{type(exc).__name__}")] += 1
+        except TransportError as exc:
+            tally.answers[(endpoint, f"transport:{exc}")] += 1
             return
         finally:
             tally.in_flight -= 1
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        tally.answers[(endpoint, r.status_code)] += 1
-        if endpoint == "predict" and r.status_code == 200:
+        tally.answers[(endpoint, status)] += 1
+        if endpoint == "predict" and status == 200:
             tally.predict_ms.append(elapsed_ms)
-        elif endpoint == "explain" and r.status_code in (200, 202):
-            tally.jobs.append(r.json()["job_id"])
+        elif endpoint == "explain" and status in (200, 202):
+            tally.jobs.append(json.loads(data)["job_id"])
 
 
 async def open_loop(load: Load, endpoint: str, rate: float, seconds: float, tally: Tally, cap: int) -> None:
@@ -251,6 +318,7 @@ async def open_loop(load: Load, endpoint: str, rate: float, seconds: float, tall
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         n += 1
+    tally.send_lag_s[endpoint] = round(max(0.0, loop.time() - (t0 + (n - 1) / rate)), 3)
     if tasks:
         await asyncio.gather(*tasks)
 
@@ -272,24 +340,22 @@ async def predict_capacity(load: Load, concurrency: int, seconds: float) -> floa
     return len(tally.predict_ms) / (time.monotonic() - start)
 
 
-async def job_states(client: Any, ids: list[str], concurrency: int = 16) -> dict[str, str]:
+async def job_states(client: HttpClient, ids: list[str], concurrency: int = 16) -> dict[str, str]:
     """{job id: finished | failed | queued | started | lost (404) | unreachable}, via GET /explain/{id}."""
-    import httpx
-
     out: dict[str, str] = {}
     sem = asyncio.Semaphore(concurrency)
 
     async def one(job_id: str) -> None:
         async with sem:
             try:
-                r = await client.get(f"/explain/{job_id}")
-            except httpx.HTTPError:
+                status, data = await client.request("GET", f"/explain/{job_id}")
+            except (ClientTimeout, TransportError):
                 out[job_id] = "unreachable"
                 return
-        if r.status_code == 404:
+        if status == 404:
             out[job_id] = "lost"
-        elif r.status_code == 200:
-            out[job_id] = r.json()["status"]
+        elif status == 200:
+            out[job_id] = json.loads(data)["status"]
         else:
             out[job_id] = "unreachable"
 
@@ -350,11 +416,9 @@ def memory_summary(samples: list[dict]) -> dict[str, dict[str, Any]]:
 
 
 async def soak(args: argparse.Namespace, url: str, pids: dict[str, int | None], body: bytes, ctype: str) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=args.max_in_flight, max_keepalive_connections=args.max_in_flight)
     explain_params = {"segments": str(args.explain_segments), "samples": str(args.explain_samples)}
-    async with httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits) as client:
+    client = HttpClient(url, args.max_in_flight, args.timeout, args.client)
+    try:
         load = Load(client, body, ctype, explain_params)
         capacity: dict[str, float | None] = {"predict_per_s": None, "explain_jobs_per_s": None}
         predict_rate, explain_rate = args.predict_rate, args.explain_rate
@@ -414,8 +478,11 @@ async def soak(args: argparse.Namespace, url: str, pids: dict[str, int | None], 
             pending = [j for j, s in states.items() if s not in ("finished", "failed", "lost")]
             states.update(await job_states(client, pending))
         drain_s = time.monotonic() - drain_start
+    finally:
+        await client.close()
 
     return {
+        "client": client.kind,
         "capacity": capacity,
         "rates": {"predict_per_s": predict_rate, "explain_per_s": explain_rate},
         "elapsed_s": round(elapsed, 2),
@@ -468,6 +535,7 @@ def summarize(run: dict) -> dict[str, Any]:
         "other_4xx": other_4xx,
         "transport_errors": transport,
         "shed_by_client": dict(tally.shed),
+        "client_send_lag_s": dict(tally.send_lag_s),
         "by_endpoint": by_endpoint,
         "predict_latency_ms": {
             "n": len(lat),
@@ -493,12 +561,19 @@ def report(result: dict) -> str:
     lat = s["predict_latency_ms"]
     jobs = s["explain_jobs"]
     lines = [
-        f"soak {result['label']}: {result['elapsed_s']:.0f} s at /predict {result['rates']['predict_per_s']:.1f}/s + "
-        f"/explain {result['rates']['explain_per_s']:.2f}/s (capacity: {result['capacity']})",
+        f"soak {result['label']}: {result['settings']['duration_s']:.0f} s of requests at /predict "
+        f"{result['rates']['predict_per_s']:.1f}/s + /explain {result['rates']['explain_per_s']:.2f}/s, the last "
+        f"answer after {result['elapsed_s']:.0f} s (capacity: {result['capacity']}; client: {result['client']})",
         f"  sent {s['sent']}, served {s['served_2xx']} (predict {s['predict_served_per_s']}/s), refusals "
         f"429: {s['refusals']['429']}, 503: {s['refusals']['503']}; other 5xx: {s['other_5xx']}; other 4xx: "
         f"{s['other_4xx']}; transport errors: {s['transport_errors']}; shed by the client: {s['shed_by_client']}",
         f"  /predict latency: p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms (n={lat['n']})",
+        f"  client schedule lag at the end (s): {s['client_send_lag_s']}"
+        + (
+            "  <- the client fell behind: the offered rate was not reached"
+            if max(s["client_send_lag_s"].values(), default=0.0) > 1.0
+            else ""
+        ),
         f"  explain jobs: {jobs} (drain {result['drain_s']:.0f} s)",
     ]
     for role, m in s["memory"].items():
@@ -537,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explain-samples", type=int, default=300, help="samples of each explanation")
     p.add_argument("--max-in-flight", type=int, default=300, help="outstanding requests beyond which none is sent")
     p.add_argument("--timeout", type=float, default=30.0, help="client timeout per request, seconds")
+    p.add_argument("--client", choices=["auto", "aiohttp", "httpx"], default="auto", help="auto: aiohttp if installed")
     p.add_argument("--drain-s", type=float, default=300.0, help="longest wait for accepted jobs after the soak")
     p.add_argument("--sample-interval-s", type=float, default=2.0, help="RSS sampling interval")
     p.add_argument("--image", type=Path, help="image sent (default: the first cat of --data)")
@@ -570,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "cores": len(os.sched_getaffinity(0)),
         "attached": bool(args.url),
+        "client": run["client"],
         "settings": {
             "duration_s": args.duration_s,
             "warmup_s": args.warmup_s,
