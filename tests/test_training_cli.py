@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, registry: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -70,6 +70,9 @@ def test_training_is_seeded_and_resumable(small_archive: Path, tmp_path: Path) -
     proc = subprocess.Popen(
         [sys.executable, "-m", "training", "--quiet", "--registry", str(reg_b), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        # A shell's background job starts with SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler: give the child the default disposition, as a terminal does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     version_b = None
     for line in proc.stdout:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_torchrun_two_processes_publish_one_version(small_archive: Path, tmp_path: Path) -> None:
