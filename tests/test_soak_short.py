@@ -55,7 +55,12 @@ def test_short_soak_meets_the_correctness_goals(
     assert jobs.get("finished", 0) == jobs["accepted"], jobs  # none failed, none left pending
     memory = summary["memory"]
     assert {"api", "worker"} <= set(memory), memory
-    for role, m in memory.items():
+    # The long-lived processes must not grow. Work horses are forked anew for every job, so
+    # "horse" compares different short-lived processes caught at different stages of their jobs
+    # (in 45 s the first fifth catches the first horses early): reported, not asserted; a leak
+    # in what they inherit would show in the worker parent.
+    for role in ("api", "worker"):
+        m = memory[role]
         assert m["growth"] is None or m["growth"] < 0.10, (role, m)
     assert memory["api"]["growth"] is not None and memory["worker"]["growth"] is not None, memory
     assert summary["goals_met"] and proc.returncode == 0, (summary["goals"], proc.stdout)
