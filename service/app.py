@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import FastAPI
 
 from service import __version__
-from service.auth import AuthMiddleware, KeyRing
+from service.auth import PUBLIC_PATHS, AuthMiddleware, KeyRing
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.metrics import HTTPMetricsMiddleware
+from service.openapi import install_openapi
 from service.ratelimit import RateLimiter, RateLimitMiddleware
 from service.routers import health, model, predict
 from service.settings import Settings, get_settings
@@ -134,4 +135,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise
             continue
         app.include_router(module.router)
+    install_openapi(
+        app,
+        auth=keyring.enabled,
+        public_paths=PUBLIC_PATHS,
+        rate_limited=limiter.limits,
+        timeout=settings.request_timeout_s > 0,
+    )
     return app

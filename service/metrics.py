@@ -151,11 +151,32 @@ def render() -> tuple[bytes, str]:
     return generate_latest(), CONTENT_TYPE_LATEST
 
 
+def route_template(scope: Scope) -> str:
+    """The template of the route that served (or would have served) this request.
+
+    Starlette's router sets ``scope["route"]``. A request refused by a middleware before
+    routing (401/403 by the API-key check, 429 by the rate limit, 503 by the timeout) has
+    none, so the app's routes are matched here: such refusals are counted under their
+    route, not lumped with the 404s under ``<unmatched>``.
+    """
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", None) or UNMATCHED_ROUTE
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for candidate in getattr(app, "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match is not Match.NONE:
+            return getattr(candidate, "path", None) or UNMATCHED_ROUTE
+    return UNMATCHED_ROUTE
+
+
 class HTTPMetricsMiddleware:
     """Pure ASGI middleware (no per-request task or body copy): counts and times every request.
 
-    The route label is the matched route's template, read from ``scope["route"]`` which
-    Starlette's router sets; requests that match no route share one label value.
+    The route label is the matched route's template (:func:`route_template`); requests that
+    match no route share one label value.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -179,8 +200,7 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             HTTP_IN_FLIGHT.dec()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or UNMATCHED_ROUTE
+            template = route_template(scope)
             method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
             labels = (template, method, str(status))
             HTTP_REQUESTS.labels(*labels).inc()

@@ -508,6 +508,8 @@ def test_the_alerts_the_issue_asks_for() -> None:
     assert any('status=~"5.."' in e and "/" in e for e in expanded), "error ratio"
     assert any("shapserve_explain_queue_depth" in e for e in expanded), "queue depth"
     assert any("shapserve_model_accuracy" in e and "<" in e for e in expanded), "accuracy below a threshold"
+    assert any('shapserve_auth_failures_total{reason="invalid_key"}' in e for e in expanded), "unknown API keys"
+    assert any("shapserve_rate_limited_total" in e for e in expanded), "rate-limit refusals"
 
 
 def test_grafana_provisioning(services: dict[str, dict]) -> None:

@@ -28,8 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
-from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import ROOT, RunningService
+from service_fixtures import ROOT, RunningService, metric
 
 SECURITY_REDIS_URL = os.environ.get("SHAPSERVE_TEST_SECURITY_REDIS_URL", "redis://127.0.0.1:6379/11")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once
@@ -37,14 +36,6 @@ SMALL = {"segments": "12", "samples": "60"}
 FAST_START = {"JIT": "false", "WARMUP": "false"}
 OPEN_TIMEOUT_S = 5
 OPEN_CONCURRENCY = 6
-
-
-def metric(text: str, sample_name: str, /, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def image(jpeg: bytes) -> dict:
@@ -224,6 +215,29 @@ def test_public_routes_need_no_key(secured):
     assert "API keys: 6 configured (1 admin)" in api.log_tail(200_000)
 
 
+def test_openapi_declares_the_key_schemes_and_the_refusals(secured, open_service):
+    spec = secured[0].client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearerAuth"] == {"type": "http", "scheme": "bearer", "description": "`Authorization: Bearer <key>`"}
+    assert schemes["apiKeyHeader"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for method, path in PROTECTED[:-1]:  # every documented protected route
+        template = "/explain/{job_id}" if path.startswith("/explain/") else path
+        operation = spec["paths"][template][method.lower()]
+        assert operation["security"] == [{"bearerAuth": []}, {"apiKeyHeader": []}], (method, path)
+        assert {"401", "403", "503"} <= set(operation["responses"]), (method, path)
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert "security" not in spec["paths"][path]["get"] and "401" not in spec["paths"][path]["get"]["responses"]
+    # 429 where a rate limit is configured (POST /predict and /explain here), nowhere else
+    limited = {(m, p) for p, ops in spec["paths"].items() for m, op in ops.items() if "429" in op["responses"]}
+    assert limited == {("post", "/predict"), ("post", "/explain")}
+    ref = spec["paths"]["/model"]["get"]["responses"]["401"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.rsplit("/", 1)[-1] in spec["components"]["schemas"]
+    # an open deployment advertises no scheme and no 401
+    open_spec = open_service.client.get("/openapi.json").json()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert "401" not in open_spec["paths"]["/predict"]["post"]["responses"]
+
+
 def test_no_key_is_401_and_a_wrong_key_is_403(secured, keys, cifar_jpeg):
     api, _ = secured
     for method, path in PROTECTED:
@@ -338,7 +352,10 @@ def test_rate_limits_are_per_key_and_shared_by_the_replicas(secured, keys, cifar
     assert codes == [400] * 8
     limited = b.client.post("/explain", files=image(cifar_jpeg), data=SMALL, headers=erin)
     assert limited.status_code == 429 and limited.json()["error"]["code"] == "rate_limited"
-    assert metric(b.client.get("/metrics").text, "shapserve_rate_limited_total", route="/explain") == 1
+    text = b.client.get("/metrics").text
+    assert metric(text, "shapserve_rate_limited_total", route="/explain") == 1
+    # refusals made before routing are still counted under their route, not as <unmatched>
+    assert metric(text, "shapserve_http_requests_total", route="/explain", method="POST", status="429") >= 1
 
 
 def test_auth_failures_are_counted(secured, keys):
@@ -349,13 +366,20 @@ def test_auth_failures_are_counted(secured, keys):
         return {r: metric(text, "shapserve_auth_failures_total", reason=r) for r in
                 ("missing_key", "invalid_key", "not_admin")}  # fmt: skip
 
+    def refused(status: str) -> float:
+        text = api.client.get("/metrics").text
+        return metric(text, "shapserve_http_requests_total", route="/model", method="GET", status=status)
+
     before = counts()
+    before_401, before_403 = refused("401"), refused("403")
     api.client.get("/model")
     api.client.get("/model", headers=xkey("ssk_nope"))
     api.client.get("/model", headers=xkey("ssk_nope"))
     api.client.post("/model/reload", headers=xkey(keys["bob"]))
     after = counts()
     assert {r: after[r] - before[r] for r in after} == {"missing_key": 1, "invalid_key": 2, "not_admin": 1}
+    # refused before routing, yet labelled with their route (not <unmatched>)
+    assert (refused("401") - before_401, refused("403") - before_403) == (1, 2)
 
 
 def test_keys_never_reach_the_logs_or_redis(secured, keys, security_redis):
