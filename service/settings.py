@@ -10,10 +10,18 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _blank_is_none(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+#: An optional setting that an empty variable (``MODEL_VERSION=``, as compose passes one) unsets.
+BlankIsNone = BeforeValidator(_blank_is_none)
 
 
 class Settings(BaseSettings):
@@ -33,7 +41,7 @@ class Settings(BaseSettings):
 
     # -- model ---------------------------------------------------------------------
     model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
-    model_version: str | None = Field(
+    model_version: Annotated[str | None, BlankIsNone] = Field(
         None, description="Version to serve; unset: the promoted version, else the newest."
     )
     model_watch_interval_s: float = Field(
@@ -90,7 +98,7 @@ class Settings(BaseSettings):
     api_keys: str = Field(
         "", description="API key entries `name:sha256hex[:admin]`, separated by commas or whitespace (hashes only)."
     )
-    api_keys_file: Path | None = Field(
+    api_keys_file: Annotated[Path | None, BlankIsNone] = Field(
         None, description="File of API key entries, one `name:sha256hex[:admin]` per line, `#` comments."
     )
     require_api_keys: bool = Field(
@@ -119,16 +127,6 @@ class Settings(BaseSettings):
     listen_backlog: int = Field(
         256, ge=1, description="Connections the kernel queues before the server accepts them (uvicorn's backlog)."
     )
-
-    @field_validator("model_version", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("api_keys_file", mode="before")
-    @classmethod
-    def _empty_path_is_none(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("rate_limit_predict", "rate_limit_explain")
     @classmethod

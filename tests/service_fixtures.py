@@ -48,6 +48,22 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = float(os.environ.get("SHAPSERVE_TEST_STARTUP_TIMEOUT", "180"))
 
 
+def metric(text: str, sample_name: str, /, **labels: str) -> float:
+    """Value of one sample in a Prometheus exposition (0.0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def image_file(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> dict:
+    """httpx ``files=`` for one upload in field ``file``."""
+    return {"file": (name, data, mime)}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

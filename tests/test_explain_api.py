@@ -10,8 +10,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import free_port
+from service_fixtures import free_port, metric
 from test_explain_support import wait_for
 
 pytestmark = pytest.mark.timeout(600)
@@ -22,14 +21,6 @@ SMALL = {"segments": "12", "samples": "60"}
 
 def files(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> dict:
     return {"file": (name, data, mime)}
-
-
-def metric(text: str, sample_name: str, /, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def wait_finished(client: httpx.Client, status_url: str, timeout: float = 180) -> dict:

@@ -14,23 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import ROOT
+from service_fixtures import ROOT, metric
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def as_files(*items: tuple[str, bytes, str], field: str = "file") -> list[tuple[str, tuple[str, bytes, str]]]:
     return [(field, item) for item in items]
-
-
-def metric(text: str, sample_name: str, /, **labels: str) -> float:
-    """Value of one sample in a Prometheus exposition (0.0 if absent)."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def check_predictions(body: dict, k: int, class_names: list[str]) -> None:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.settings import BlankIsNone
 
 #: Background images stored with every registry version (the study's explainer background).
 STORED_BACKGROUND = 100
@@ -32,7 +34,9 @@ class ExplainSettings(BaseSettings):
     # -- shared with the service ---------------------------------------------------------
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and results.")
     model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
-    model_version: str | None = Field(None, description="Version to explain; unset: promoted, else newest.")
+    model_version: Annotated[str | None, BlankIsNone] = Field(
+        None, description="Version to explain; unset: promoted, else newest."
+    )
     max_image_pixels: int = Field(16_777_216, ge=1, description="Same limit as /predict (header check).")
 
     # -- queue ----------------------------------------------------------------------------
@@ -102,11 +106,6 @@ class ExplainSettings(BaseSettings):
     )
     explain_metrics_host: str = Field("0.0.0.0", description="Address the worker's metrics port listens on.")
     explain_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @field_validator("model_version", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        return None if isinstance(value, str) and not value.strip() else value
 
     def torch_threads(self) -> int:
         if self.explain_torch_threads:

@@ -28,6 +28,7 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
     settings = get_explain_settings()
     job = get_current_job()
     last_saved = [0.0]
+    progress_failures = [0]
 
     def progress(fraction: float, stage: str) -> None:
         if job is None:
@@ -40,8 +41,12 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         job.meta["stage"] = stage
         try:
             job.save_meta()
-        except Exception:  # progress is best effort; the result is what matters
-            log.warning("could not save progress of job %s", job.id, exc_info=True)
+        except Exception as exc:  # progress is best effort; the result is what matters
+            # One line per job, not a traceback every half second while Redis is away.
+            progress_failures[0] += 1
+            if progress_failures[0] == 1:
+                log.warning("could not save progress of job %s (%s: %s); retrying quietly", job.id,
+                            type(exc).__name__, exc)  # fmt: skip
 
     rt = get_runtime().load(request.model_version)
     image = decode_image(request.image, settings.max_image_pixels)
