@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Real `cpu`-profile runs on the shared training images at 5, 15 and 60-minute budgets,
 # each scored on the 20% validation split it held out. Not for CI (80+ minutes).
-# Usage: bench/train_budgets.sh [DATA] [REGISTRY] [BUDGETS...]
+# Usage: [TRAIN_ARGS='--lr 0.05'] bench/train_budgets.sh [DATA] [REGISTRY] [BUDGETS...]
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10/train.tar.gz}
 REG=${2:-models}
@@ -11,7 +11,7 @@ PY=${PYTHON:-.venv/bin/python}
 for b in $BUDGETS; do
   echo "=== cpu profile, budget $b min, $(date -u +%FT%TZ) ==="
   start=$(date +%s)
-  v=$($PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" | tee -a /dev/stderr | tail -1)
+  v=$($PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" ${TRAIN_ARGS:-} | tee -a /dev/stderr | tail -1)
   echo "wall seconds: $(( $(date +%s) - start ))"
   $PY -m training --quiet --registry "$REG" evaluate --version "$v" --data "$DATA" --holdout
 done

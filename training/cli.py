@@ -29,6 +29,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be from 0 to below 1")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -56,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float)
     t.add_argument("--weight-decay", type=float)
     t.add_argument("--seed", type=int)
+    t.add_argument("--dropout", type=_probability, help="dropout before the last layer (paper: 0.5)")
+    t.add_argument("--label-smoothing", type=_probability)
+    t.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA, CPUs with native bf16)")
     t.add_argument(
         "--time-budget",
         type=_positive_float,
@@ -100,6 +113,9 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         seed=args.seed,
         time_budget_min=args.time_budget,
         weights=args.weights,
+        dropout=args.dropout,
+        label_smoothing=args.label_smoothing,
+        amp=args.amp,
     )
     if args.no_time_budget or (args.epochs and not args.time_budget):
         cfg = cfg.override(time_budget_min=0.0)
