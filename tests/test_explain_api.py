@@ -11,16 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from service_fixtures import free_port, metric
+from service_fixtures import image_file as files
 from test_explain_support import wait_for
 
 pytestmark = pytest.mark.timeout(600)
 pytest_plugins = ["test_explain_support"]
 
 SMALL = {"segments": "12", "samples": "60"}
-
-
-def files(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> dict:
-    return {"file": (name, data, mime)}
 
 
 def wait_finished(client: httpx.Client, status_url: str, timeout: float = 180) -> dict:

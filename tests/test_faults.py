@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from service_fixtures import ROOT
+from service_fixtures import image_file as files
 from test_explain_support import alive, wait_for
 
 from worker.config import ExplainSettings
@@ -41,10 +42,6 @@ SMALL = {"segments": "12", "samples": "60"}
 #: outlast an outage mid-way, short enough to run again.
 KILL_SAMPLES = 2000
 OUTAGE_SAMPLES = 4000
-
-
-def files(data: bytes) -> dict:
-    return {"file": ("cat.jpg", data, "image/jpeg")}
 
 
 def final(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:

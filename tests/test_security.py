@@ -29,6 +29,7 @@ import httpx
 import pytest
 import redis
 from service_fixtures import ROOT, RunningService, metric
+from service_fixtures import image_file as image
 
 SECURITY_REDIS_URL = os.environ.get("SHAPSERVE_TEST_SECURITY_REDIS_URL", "redis://127.0.0.1:6379/11")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once
@@ -36,10 +37,6 @@ SMALL = {"segments": "12", "samples": "60"}
 FAST_START = {"JIT": "false", "WARMUP": "false"}
 OPEN_TIMEOUT_S = 5
 OPEN_CONCURRENCY = 6
-
-
-def image(jpeg: bytes) -> dict:
-    return {"file": ("cat.jpg", jpeg, "image/jpeg")}
 
 
 def bearer(secret: str) -> dict[str, str]:

@@ -35,7 +35,8 @@ def assert_user_error(proc: subprocess.CompletedProcess[str], fragment: str) -> 
 
 def test_smoke_training_end_to_end(small_archive: Path, small_test_archive: Path, tmp_path: Path) -> None:
     reg = tmp_path / "reg"
-    proc = cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg, check=True)
+    proc = cli("train", "--data", str(small_archive), "--profile", "smoke", "--dropout", "0.2",
+               "--label-smoothing", "0.05", registry=reg, check=True)  # fmt: skip
     version = proc.stdout.strip().splitlines()[-1]
     folder = reg / version
     assert sorted(p.name for p in folder.iterdir()) == [
@@ -43,6 +44,7 @@ def test_smoke_training_end_to_end(small_archive: Path, small_test_archive: Path
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["profile"] == "smoke" and meta["data"]["sha256"]
     assert meta["hyperparameters"]["optimizer"] == "adam"
+    assert (meta["hyperparameters"]["dropout"], meta["hyperparameters"]["label_smoothing"]) == (0.2, 0.05)
     assert load_file(str(folder / "background.safetensors"))["images"].shape == (100, 3, 32, 32)
 
     proc = cli("evaluate", "--version", version, "--data", str(small_test_archive), registry=reg, check=True)
@@ -132,6 +134,8 @@ def test_registry_not_writable(small_archive: Path, tmp_path: Path) -> None:
 def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
     proc = cli("train", "--data", "x", "--epochs", "zero", registry=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not an integer" in proc.stderr
+    proc = cli("train", "--data", "x", "--dropout", "1", registry=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "from 0 to below 1" in proc.stderr
 
 
 def test_time_budget_plan_fits_the_budget() -> None:

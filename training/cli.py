@@ -19,34 +19,24 @@ from training.registry import Registry
 EXIT_USER_ERROR = 2
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _number(kind: type, ok, requirement: str):
+    """An argparse ``type``: parse ``text`` as ``kind``, then check it."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} must be {requirement}")
+        return value
+
+    return parse
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be from 0 to below 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "at least 1")
+_positive_float = _number(float, lambda v: v > 0, "greater than 0")
+_probability = _number(float, lambda v: 0.0 <= v < 1.0, "from 0 to below 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
