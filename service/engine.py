@@ -144,21 +144,31 @@ class Forward:
         return text + ("+bf16" if self.autocast else "")
 
 
+def freeze_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """``model`` traced on ``example``, frozen (batch norms folded, weights inlined) and
+    optimised for inference (oneDNN pre-packed convolutions); None where this torch build
+    cannot, and the caller runs the eager model. The trace follows ``example``'s dtype and
+    size, so the module takes inputs of that kind, any batch size."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the tracer's shape note
+            with torch.no_grad():
+                traced = torch.jit.trace(model.eval(), example, check_trace=False)
+                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+    except Exception as exc:  # pragma: no cover - depends on the torch build
+        log.warning("TorchScript freezing failed (%s); running the eager model", exc)
+        return None
+
+
 def build_forward(model: Classifier, device: torch.device, *, jit: bool, precision: str) -> Forward:
     """Prepare ``model`` for inference on ``device`` (see :class:`Forward`)."""
     model = model.eval()
     autocast = precision == "bf16"
     variants: dict[str, nn.Module] = {}
     if jit and device.type == "cpu" and not autocast:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the tracer's shape note
-                example = torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
-                with torch.no_grad():
-                    traced = torch.jit.trace(model, example, check_trace=False)
-                    variants["torchscript-frozen"] = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-        except Exception as exc:  # pragma: no cover - depends on the torch build
-            log.warning("TorchScript freezing failed (%s); running the eager model", exc)
+        frozen = freeze_for_inference(model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8))
+        if frozen is not None:
+            variants["torchscript-frozen"] = frozen
     eager = copy.deepcopy(model)
     fold_batch_norms(eager.net)
     variants["eager-channels-last"] = eager.to(device=device, memory_format=torch.channels_last).eval()

@@ -75,6 +75,29 @@ def test_batched_values_agree_with_the_plain_kernel_explainer(loaded, cat, backg
     assert result["max_local_accuracy_residual"] < 1e-3
 
 
+def test_the_frozen_worker_model_explains_as_the_eager_one(smoke_model, loaded, cat):
+    """What ``python -m worker`` runs (EXPLAIN_JIT, on by default: traced, frozen, optimised)
+    gives the eager model's probabilities, and so the same SHAP values."""
+    from worker.runtime import prepare_model
+
+    registry, version = smoke_model
+    frozen = prepare_model(Registry(registry).load(version), jit=True).model
+    assert isinstance(frozen, torch.jit.ScriptModule)
+    x = torch.rand(37, 3, 32, 32)
+    with torch.inference_mode():
+        for batch in (x, x[:5], x[:1]):  # any batch size, as the last partial batch of a job
+            got = torch.softmax(frozen(batch.contiguous(memory_format=torch.channels_last)), -1)
+            np.testing.assert_allclose(got, torch.softmax(loaded.model(batch), -1), atol=1e-5)
+    bg = summarize_background(loaded.background(), 2)
+    params = ExplainParams(segments=10, samples=80, background=2, seed=3)
+    ours, _ = explain_image(frozen, cat, to_source_size(cat), bg, loaded.class_names, params)
+    ref, _ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    np.testing.assert_allclose(
+        [c["shap_values"] for c in ours["classes"]], [c["shap_values"] for c in ref["classes"]], atol=1e-5
+    )
+    assert ours["local_accuracy_residual"] < 1e-3
+
+
 def test_exhaustive_small_case_is_exact_shapley(loaded, cat):
     """With every coalition enumerated (M small), KernelSHAP equals the exact Shapley values."""
     from itertools import combinations

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from training.model import SOURCE_SIZE
 from training.registry import LoadedVersion, Registry
 from worker.config import ExplainSettings
 from worker.core import BackgroundSet, summarize_background
@@ -67,7 +68,7 @@ class Runtime:
         with self._lock:
             if resolved in self.versions:
                 return self.versions[resolved]
-            loaded = prepare_model(self.registry.load(resolved, device="cpu"))
+            loaded = prepare_model(self.registry.load(resolved, device="cpu"), jit=self.settings.explain_jit)
             rt = VersionRuntime(loaded=loaded, stored_background=loaded.background())
             self.versions[resolved] = rt
             while len(self.versions) > self.keep:
@@ -84,16 +85,27 @@ class Runtime:
         return rt
 
 
-def prepare_model(loaded: LoadedVersion) -> LoadedVersion:
+def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> LoadedVersion:
     """The network as the worker runs it: batch norms folded into the convolutions (the
-    service's own :func:`service.engine.fold_batch_norms`; ~6% more images/s here, outputs
-    equal to ~1e-7), channels-last weights, no gradients."""
-    from service.engine import fold_batch_norms
+    service's own :func:`service.engine.fold_batch_norms`; outputs equal to ~1e-7),
+    channels-last weights, no gradients; with ``jit``, traced, frozen and optimised for
+    inference as the service's batched path is (:func:`service.engine.freeze_for_inference`):
+    1.5x the eager images/s at batch 256 here.
+
+    Tracing runs one batch-1 forward pass, in the parent process with its single intra-op
+    thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's
+    profiling runs (two batches at roughly eager speed) on their first job.
+    """
+    from service.engine import fold_batch_norms, freeze_for_inference
 
     loaded.model.net = fold_batch_norms(loaded.model.net)
     loaded.model.eval().to(memory_format=torch.channels_last)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
+    if jit:
+        frozen = freeze_for_inference(loaded.model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
+        if frozen is not None:
+            loaded.model = frozen
     return loaded
 
 
