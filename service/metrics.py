@@ -162,14 +162,32 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None:
         return getattr(route, "path", None) or UNMATCHED_ROUTE
+    app = scope.get("app")
+    return _match_template(getattr(app, "routes", ()), scope) or UNMATCHED_ROUTE
+
+
+def _match_template(routes, scope: Scope) -> str | None:
+    """First route template among ``routes`` matching ``scope``, looking inside included routers.
+
+    FastAPI up to 0.11x copies an included router's routes into the app; later versions keep
+    one entry per included router (no ``path`` of its own) whose routes hold the templates.
+    ``include_router`` is called here without a prefix (the routers carry their own), so the
+    inner templates match the request path as they are.
+    """
     from starlette.routing import Match
 
-    app = scope.get("app")
-    for candidate in getattr(app, "routes", ()):
+    for candidate in routes:
         match, _ = candidate.matches(scope)
-        if match is not Match.NONE:
-            return getattr(candidate, "path", None) or UNMATCHED_ROUTE
-    return UNMATCHED_ROUTE
+        if match is Match.NONE:
+            continue
+        path = getattr(candidate, "path", None)
+        if isinstance(path, str) and path:
+            return path
+        inner = getattr(candidate, "original_router", None) or candidate
+        found = _match_template(getattr(inner, "routes", ()), scope)
+        if found:
+            return found
+    return None
 
 
 class HTTPMetricsMiddleware:
