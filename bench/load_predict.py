@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="warm-up requests per worker before each level")
     p.add_argument("--configs", nargs="+", choices=["batch", "nobatch"], default=["batch", "nobatch"])
     p.add_argument("--batch-max-size", type=int, default=32)
-    p.add_argument("--batch-max-wait-ms", type=float, default=5.0)
+    p.add_argument("--batch-max-wait-ms", type=float, default=None, help="default: the service's")
     p.add_argument("--torch-threads", type=int, default=0, help="0: as the service (all cores but one)")
     p.add_argument("--inference-workers", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -515,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes")
     p.add_argument("--logs", type=Path, default=Path("/tmp/shapserve-bench"), help="server logs and profiles")
     args = p.parse_args(argv)
+    if args.batch_max_wait_ms is None:
+        from service.settings import Settings
+
+        args.batch_max_wait_ms = Settings.model_fields["batch_max_wait_ms"].default
 
     args.out.mkdir(parents=True, exist_ok=True)
     args.logs.mkdir(parents=True, exist_ok=True)

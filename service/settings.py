@@ -81,10 +81,12 @@ class Settings(BaseSettings):
         "largest batches; 2 on a 2-core CPU: two single-threaded passes side by side).",
     )
     batch_max_wait_ms: float = Field(
-        5.0,
+        15.0,
         ge=0,
         description="Longest a batch waits for company: requests being decoded, or as many images as were "
-        "recently in flight at the peak. A request that finds the service idle never waits.",
+        "recently in flight at the peak. A request that finds the service idle never waits. (At 32 px "
+        "the event loop spends about 0.8 ms per request, so 16 concurrent requests need ~13 ms to "
+        "gather: at 5 ms the batches at C=16 were 9.4 images on average, at 15 ms 16.)",
     )
 
     # -- dependencies ------------------------------------------------------------------

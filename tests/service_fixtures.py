@@ -30,6 +30,7 @@ database), ``TORCH_THREADS=1`` and ``DECODE_THREADS=1`` (the suite shares a smal
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -64,6 +65,16 @@ def image_file(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> 
     return {"file": (name, data, mime)}
 
 
+def clone_version(registry: Path, version: str, new_id: str) -> str:
+    """Copy a version's folder under another id (a second servable version, or one to damage)."""
+    dest = registry / new_id
+    shutil.copytree(registry / version, dest)
+    meta = json.loads((dest / "metadata.json").read_text())
+    meta["version"] = new_id
+    (dest / "metadata.json").write_text(json.dumps(meta))
+    return new_id
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -71,17 +82,12 @@ def free_port() -> int:
 
 
 @dataclass
-class RunningService:
-    """A ``python -m service`` subprocess and an httpx client bound to it."""
+class RunningProcess:
+    """A subprocess started by a fixture, its environment and the file its output goes to."""
 
-    url: str
     proc: subprocess.Popen
     log_path: Path
     env: dict[str, str]
-    client: httpx.Client = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.client = httpx.Client(base_url=self.url, timeout=60.0)
 
     @property
     def pid(self) -> int:
@@ -92,6 +98,17 @@ class RunningService:
             return self.log_path.read_text(errors="replace")[-chars:]
         except FileNotFoundError:
             return ""
+
+
+@dataclass
+class RunningService(RunningProcess):
+    """A ``python -m service`` subprocess and an httpx client bound to it."""
+
+    url: str
+    client: httpx.Client = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.client = httpx.Client(base_url=self.url, timeout=60.0)
 
     def memory_kib(self) -> dict[str, int]:
         """VmRSS and VmHWM (peak RSS) of the service process, in KiB (Linux)."""

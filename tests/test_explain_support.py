@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from service_fixtures import ROOT, RunningProcess
 
-ROOT = Path(__file__).resolve().parents[1]
 EXPLAIN_REDIS_URL = os.environ.get("SHAPSERVE_TEST_EXPLAIN_REDIS_URL", "redis://127.0.0.1:6379/14")
 #: Small and fast knobs for tests: quick abandoned-job detection, one torch thread.
 FAST_WORKER_ENV = {
@@ -59,20 +59,8 @@ def alive(pid: int) -> bool:
 
 
 @dataclass
-class RunningWorker:
-    proc: subprocess.Popen
-    log_path: Path
-    env: dict[str, str]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+class RunningWorker(RunningProcess):
+    """A ``python -m worker`` subprocess."""
 
     def wait_listening(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout

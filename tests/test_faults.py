@@ -10,7 +10,6 @@ folders; the session's shared registries are never modified.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ROOT
+from service_fixtures import ROOT, clone_version
 from service_fixtures import image_file as files
 from test_explain_support import alive, wait_for
 
@@ -258,15 +257,6 @@ def test_redis_restart_with_aof_keeps_jobs_and_everyone_reconnects(
 # -- corrupt and missing checkpoints --------------------------------------------------------------------------
 
 
-def clone(registry: Path, version: str, new_id: str) -> str:
-    dest = registry / new_id
-    shutil.copytree(registry / version, dest)
-    meta = json.loads((dest / "metadata.json").read_text())
-    meta["version"] = new_id
-    (dest / "metadata.json").write_text(json.dumps(meta))
-    return new_id
-
-
 @pytest.fixture
 def damaged_registry(service_registry: Path, smoke_model, tmp_path: Path) -> tuple[Path, str, dict[str, str]]:
     """A copy of the service registry (its promoted version untouched) plus broken clones:
@@ -279,7 +269,7 @@ def damaged_registry(service_registry: Path, smoke_model, tmp_path: Path) -> tup
     good = smoke_model[1]
     bad: dict[str, str] = {}
     for i, kind in enumerate(("truncated", "garbage", "missing", "misfit")):
-        version = bad[kind] = clone(registry, good, f"20991231-00000{i}-bad00{i}")
+        version = bad[kind] = clone_version(registry, good, f"20991231-00000{i}-bad00{i}")
         weights = registry / version / "model.safetensors"
         if kind == "truncated":  # a copy cut short (disk full, interrupted transfer)
             data = weights.read_bytes()

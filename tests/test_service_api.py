@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from service_fixtures import ROOT, metric
+from service_fixtures import ROOT, clone_version, metric
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -303,15 +303,6 @@ def test_concurrent_requests_share_forward_passes(service, jpeg_file):
 
 
 # -- model switching --------------------------------------------------------------------------
-
-
-def clone_version(registry: Path, version: str, new_id: str) -> str:
-    dest = registry / new_id
-    shutil.copytree(registry / version, dest)
-    meta = json.loads((dest / "metadata.json").read_text())
-    meta["version"] = new_id
-    (dest / "metadata.json").write_text(json.dumps(meta))
-    return new_id
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ class ExplainSettings(BaseSettings):
     explain_default_samples: int = Field(
         5000,
         ge=10,
-        description="Coalitions evaluated by default: the fewest giving a seed-to-seed Spearman rho >= 0.9 at "
+        description="Coalitions evaluated by default: the fewest giving a mean seed-to-seed Spearman rho >= 0.9 at "
         "50 segments (BENCHMARKS.md, Explanations).",
     )
     explain_min_samples: int = 20
