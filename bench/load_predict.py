@@ -388,6 +388,10 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
     proc, url = start_server(args, batching, args.logs / f"server-{args.label}-{name}.log")
     levels = []
     try:
+        import httpx
+
+        runtime = httpx.get(url + "/model", timeout=10).json().get("runtime")
+        print(f"  {name}: server runtime {runtime}", file=sys.stderr, flush=True)
         for concurrency in args.concurrency:
             profile = None
             if args.profile and batching and concurrency == args.profile:
@@ -405,6 +409,7 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
                 load_level(url, proc.pid, body, ctype, concurrency, requests, args.warmup * concurrency)
             )
             level["config"] = name
+            level["server_runtime"] = runtime
             if profile is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)

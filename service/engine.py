@@ -112,25 +112,29 @@ class Forward:
                 logits = core(x)
             return torch.softmax(logits.float(), dim=1).cpu()
 
-    def tune(self, sizes: tuple[int, ...] = TUNE_SIZES, repeats: int = 5) -> dict[int, str]:
-        """Time every variant at each batch size (median of ``repeats``); keep the fastest."""
+    def tune(self, sizes: tuple[int, ...] = TUNE_SIZES, repeats: int = 7) -> dict[int, str]:
+        """Time every variant at each batch size and keep the fastest.
+
+        The variants take turns (one run each per round) and each keeps its best time: a
+        burst of other work on a shared machine then slows every variant alike, or only
+        some rounds, instead of deciding the choice (a median of consecutive runs of one
+        variant once picked a runtime twice as slow at batch 1).
+        """
         if len(self.variants) < 2:
             return {}
         for size in sizes:
             x = torch.zeros(size, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
-            best: tuple[float, str] | None = None
-            for name, core in self.variants.items():
+            best = dict.fromkeys(self.variants, float("inf"))
+            for core in self.variants.values():
                 self.run(core, x)
-                times = []
-                for _ in range(repeats):
+            for _ in range(repeats):
+                for name, core in self.variants.items():
                     start = time.perf_counter()
                     self.run(core, x)
-                    times.append(time.perf_counter() - start)
-                median = sorted(times)[len(times) // 2]
-                if best is None or median < best[0]:
-                    best = (median, name)
-            if best[1] != self.default:
-                self.choice[size] = best[1]
+                    best[name] = min(best[name], time.perf_counter() - start)
+            fastest = min(best, key=best.__getitem__)
+            if fastest != self.default:
+                self.choice[size] = fastest
             else:
                 self.choice.pop(size, None)
         return dict(self.choice)
