@@ -11,7 +11,11 @@ PY=${PYTHON:-.venv/bin/python}
 for b in $BUDGETS; do
   echo "=== cpu profile, budget $b min, $(date -u +%FT%TZ) ==="
   start=$(date +%s)
-  v=$($PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" ${TRAIN_ARGS:-} | tee -a /dev/stderr | tail -1)
+  # the run's output goes to stdout as it comes; its last line is the version id
+  out=$(mktemp)
+  $PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" ${TRAIN_ARGS:-} | tee "$out"
+  v=$(tail -1 "$out")
+  rm -f "$out"
   echo "wall seconds: $(( $(date +%s) - start ))"
   $PY -m training --quiet --registry "$REG" evaluate --version "$v" --data "$DATA" --holdout
 done

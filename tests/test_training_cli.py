@@ -181,3 +181,21 @@ def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> N
     # a resumed run continues where the interrupted one's clock stopped
     resumed = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
     assert resumed.fraction() == pytest.approx(0.6)
+
+
+def test_no_epoch_is_begun_for_a_few_steps_at_the_end_of_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another epoch only when the time left holds real training: not one step followed by a
+    whole validation pass that overruns the budget."""
+    from training import train
+
+    now = [0.0]
+    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    progress = train.BudgetProgress({"train_window_s": 300.0}, elapsed_before=0.0)
+    now[0] = 298.7  # 1.3 s left: one 1.28-s step, then 22 s of validation
+    assert progress.too_little_left(step_s=1.28, val_s=22.0)
+    now[0] = 250.0  # 50 s left: 39 steps, more than the 22-s validation
+    assert not progress.too_little_left(step_s=1.28, val_s=22.0)
+    now[0] = 285.0  # 15 s left: 11 steps, but less than the validation they would cost
+    assert progress.too_little_left(step_s=1.28, val_s=22.0)
+    now[0] = 295.0  # 5 s left, a quick validation: still fewer than MIN_LAST_EPOCH_STEPS steps
+    assert progress.too_little_left(step_s=1.0, val_s=1.0)

@@ -200,6 +200,8 @@ def plan_budget(cfg, budget_s, step_s, eval_rate, n_train, n_val, elapsed_s) -> 
 
 
 SCHEDULE_TICKS = 10_000
+#: A budgeted run starts another epoch only if the time left holds at least this many steps.
+MIN_LAST_EPOCH_STEPS = 10
 
 
 class BudgetProgress:
@@ -222,6 +224,15 @@ class BudgetProgress:
 
     def fraction(self) -> float:
         return min(1.0, self.elapsed() / self.window)
+
+    def too_little_left(self, step_s: float, val_s: float) -> bool:
+        """True when the rest of the window is not worth another epoch: it holds fewer than
+        ``MIN_LAST_EPOCH_STEPS`` steps, or less training than the validation pass that would
+        follow it (a 5-minute run once began a second epoch for one step, then spent 22 s
+        validating it and overran its budget). The schedule is then within a few steps of
+        its end, so stopping loses nothing."""
+        left = distributed.broadcast_floats([self.window - self.elapsed()], self.device)[0]  # rank 0's clock
+        return left < max(MIN_LAST_EPOCH_STEPS * step_s, val_s)
 
     def advance(self, scheduler: Any) -> bool:
         """Step ``scheduler`` (built for SCHEDULE_TICKS) up to the current progress; True when done."""
@@ -401,11 +412,13 @@ def run(
             disable=not progress,
             leave=False,
         )
+        epoch_steps = 0
         for step, (xb, yb) in enumerate(bar):
             if step >= steps_per_epoch:
                 break
             loss, ok = train_step(train_model, aug, optimizer, cfg, autocast, xb, yb)
             global_step += 1
+            epoch_steps += 1
             if budget is not None:
                 time_up = budget.advance(scheduler)
             elif cfg.scheduler == "onecycle":
@@ -423,7 +436,9 @@ def run(
             sums = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(
                 float(seen), dtype=torch.float64, device=dev)]))  # fmt: skip
             loss_sum, correct, seen = sums[0], sums[1], int(sums[2].item())
+        t_val = time.perf_counter()
         val_loss, val_acc = evaluate_loss(model, val_b, autocast, cfg.channels_last, progress)
+        val_s = time.perf_counter() - t_val
         if cfg.scheduler == "plateau":
             scheduler.step(val_loss)
         row = {
@@ -474,6 +489,8 @@ def run(
             say(f"early stop: validation loss has not improved for {bad_epochs} epochs", flush=True)
             stopped_early = True
             break
+        if budget is not None and not time_up and budget.too_little_left(train_s / max(epoch_steps, 1), val_s):
+            time_up = True
         if time_up:
             say(f"time budget spent after {epoch + 1} epoch(s), {global_step} steps", flush=True)
             break
