@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, Info, generate_latest
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 NAMESPACE = "shapserve"
@@ -166,7 +168,7 @@ def route_template(scope: Scope) -> str:
     return _match_template(getattr(app, "routes", ()), scope) or UNMATCHED_ROUTE
 
 
-def _match_template(routes, scope: Scope) -> str | None:
+def _match_template(routes: Iterable[Any], scope: Scope) -> str | None:
     """First route template among ``routes`` matching ``scope``, looking inside included routers.
 
     FastAPI up to 0.11x copies an included router's routes into the app; later versions keep

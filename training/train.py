@@ -229,8 +229,8 @@ class BudgetProgress:
         """True when the rest of the window is not worth another epoch: it holds fewer than
         ``MIN_LAST_EPOCH_STEPS`` steps, or less training than the validation pass that would
         follow it (a 5-minute run once began a second epoch for one step, then spent 22 s
-        validating it and overran its budget). The schedule is then within a few steps of
-        its end, so stopping loses nothing."""
+        validating it and overran its budget). The learning rate is by then near the end of
+        its annealing, and the time goes to the final validation instead."""
         left = distributed.broadcast_floats([self.window - self.elapsed()], self.device)[0]  # rank 0's clock
         return left < max(MIN_LAST_EPOCH_STEPS * step_s, val_s)
 
