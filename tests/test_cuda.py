@@ -51,3 +51,42 @@ def test_service_forward_on_cuda_agrees_with_cpu(smoke_model: tuple[Path, str], 
         assert torch.allclose(got.sum(1), torch.ones(size), atol=1e-4)
         # cuDNN convolutions run in TF32 by default on Ampere and later; bf16 keeps 8 mantissa bits
         assert torch.allclose(got, want[:size], atol=5e-3 if precision == "fp32" else 3e-2)
+
+
+def test_cuda_graph_training_steps_match_eager_steps() -> None:
+    """The graphed forward+backward computes the eager step: same losses, same weights after."""
+    import copy
+
+    from training.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
+    from training.presets import PROFILES, make_optimizer, train_augmentation
+    from training.train import autocast_for, graph_model, prepare_input, train_step
+
+    dev = torch.device("cuda")
+    # no randomness in the step (dropout, augmentation), fp32, and SGD (Adam's first steps move
+    # every weight by about lr whatever the gradient's size): the two paths must agree
+    cfg = PROFILES["smoke"].override(dropout=0.0, amp="off", crop_padding=0, hflip=False, optimizer="sgd", lr=0.01)
+    torch.manual_seed(0)
+    eager = Classifier(build_model(10, dropout=0.0), Preprocess(64, CIFAR10_MEAN, CIFAR10_STD)).to(dev)
+    graphed = copy.deepcopy(eager)
+    aug = train_augmentation(cfg).to(dev)
+    autocast = autocast_for(cfg, dev)
+    batches = [(torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, device=dev),
+                torch.randint(0, 10, (32,), device=dev)) for _ in range(3)]  # fmt: skip
+    assert graph_model(graphed, cfg, autocast, prepare_input(batches[0][0], aug, cfg))
+    for a, b in zip(eager.state_dict().values(), graphed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the capture's warm-up left batch-norm statistics alone
+    opt_e, opt_g = make_optimizer(cfg, eager.net), make_optimizer(cfg, graphed.net)
+    start = [p.detach().clone() for p in eager.net.parameters()]
+    for images, labels in batches:
+        loss_e, _ = train_step(eager, aug, opt_e, cfg, autocast, images, labels)
+        loss_g, _ = train_step(graphed, aug, opt_g, cfg, autocast, images, labels)
+        assert torch.allclose(loss_e, loss_g, rtol=1e-3, atol=1e-3)
+    moved = 0.0
+    for (name, a), b, a0 in zip(eager.net.named_parameters(), graphed.net.parameters(), start, strict=True):
+        assert torch.allclose(a, b, atol=2e-3), name
+        moved = max(moved, (a - a0).abs().max().item())
+    assert moved > 1e-3  # the optimizer did step: the comparison above is not of untouched weights
+    graphed.eval()  # eval mode runs the eager forward of the same weights
+    with torch.inference_mode():
+        x = prepare_input(batches[0][0], aug, cfg)
+        assert torch.allclose(eager.eval()(x), graphed(x), atol=1e-2)

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--label-smoothing", type=_probability)
     t.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA, CPUs with native bf16)")
     t.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="replay forward+backward as CUDA graphs on a single GPU (default: on)",
+    )
+    t.add_argument(
         "--time-budget",
         type=_positive_float,
         metavar="MINUTES",
@@ -106,6 +112,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         dropout=args.dropout,
         label_smoothing=args.label_smoothing,
         amp=args.amp,
+        cuda_graphs=args.cuda_graphs,
     )
     if args.no_time_budget or (args.epochs and not args.time_budget):
         cfg = cfg.override(time_budget_min=0.0)

@@ -46,6 +46,7 @@ class TrainConfig:
     zero_init_residual: bool = False
     amp: str = "auto"  # "auto" | "on" | "off": bf16 autocast on CUDA, and on CPUs with bf16
     channels_last: bool = True
+    cuda_graphs: bool = True  # single-GPU CUDA runs: forward+backward replayed as CUDA graphs
     eval_batch_size: int = 256
     max_train_images: int | None = None
     max_val_images: int | None = None

@@ -47,8 +47,44 @@ def autocast_for(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "off":
         return nullcontext
     if device.type == "cuda" or cfg.amp == "on" or cpu_has_bf16():
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        # No cast cache: each weight is cast once per forward anyway, and CUDA graph capture
+        # needs it off.
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
     return nullcontext
+
+
+def graph_model(model: Classifier, cfg: TrainConfig, autocast, sample: torch.Tensor) -> bool:
+    """Capture the model's training forward and backward as CUDA graphs, in place.
+
+    At the paper's batch of 32 a ResNet-50 step is bound by the CPU launching ~1,000 small
+    kernels one by one, not by the GPU (measured on an H100: 911 img/s, ~28 ms a step, and
+    about the same ~30 ms a step at batch 128 and 32 px). A replayed graph launches them all
+    at once. ``torch.cuda.make_graphed_callables`` patches ``model.forward`` for train mode
+    only (eval mode runs eager); parameters keep their storage, so the optimizer, the
+    checkpoints and ``load_state_dict`` are unaffected. Dropout stays random per step (graph-
+    safe Philox RNG, reseeded by ``torch.manual_seed``). Batch-norm statistics touched by the
+    capture's warm-up passes are put back. Returns False (and the run goes on eagerly) when
+    the capture fails.
+    """
+    model.train()
+    saved = {k: v.clone() for k, v in model.net.named_buffers()}
+    try:
+        with autocast():
+            torch.cuda.make_graphed_callables(model, (sample,))
+    except Exception as exc:  # capture is an optimisation: never worth failing a run for
+        log.warning("CUDA graph capture failed, training eagerly: %s", exc)
+        return False
+    finally:
+        with torch.no_grad():
+            for k, v in model.net.named_buffers():
+                v.copy_(saved[k])
+    return True
+
+
+def prepare_input(images: torch.Tensor, aug: torch.nn.Module, cfg: TrainConfig) -> torch.Tensor:
+    """uint8 batch -> augmented float batch, in the model's memory format."""
+    x = aug(_to_input(images, False))
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
 @dataclass
@@ -92,9 +128,7 @@ def _to_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def train_step(model, aug, optimizer, cfg, autocast, images, labels):
-    x = aug(_to_input(images, False))
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = prepare_input(images, aug, cfg)
     with autocast():
         logits = model(x)
         loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
@@ -348,6 +382,8 @@ def run(
 
         train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     plan = info["plan"] if info else None
     if plan is None and cfg.time_budget_min:
         step_s = measure_step_time(model, aug, cfg, autocast, train_b, dev)
@@ -381,6 +417,11 @@ def run(
         start_epoch = info["epoch"] + 1
         global_step = info["global_step"]
         say(f"resuming {version} after epoch {start_epoch} of {cfg.epochs}", flush=True)
+    graphed = False
+    if cfg.cuda_graphs and dev.type == "cuda" and not dd.enabled and train_b.drop_last:
+        images0, _ = next(train_b.epoch(10**6))
+        graphed = graph_model(model, cfg, autocast, prepare_input(images0, aug, cfg))
+        say(f"CUDA graphs: {'on' if graphed else 'off (capture failed)'}", flush=True)
     data_info = {
         "source": data_src,
         "split": data.split,
@@ -497,14 +538,14 @@ def run(
 
     if dd.main:
         _publish(registry, version, model, run_dir, cfg, data, data_info, plan, history, best, stopped_early,
-                 global_step, background, bg_idx, dev, dd)  # fmt: skip
+                 global_step, background, bg_idx, dev, dd, graphed)  # fmt: skip
     distributed.barrier()
     distributed.cleanup()
     return version
 
 
 def _publish(registry, version, model, run_dir, cfg, data, data_info, plan, history, best, stopped_early,
-             global_step, background, bg_idx, dev, dd) -> None:  # fmt: skip
+             global_step, background, bg_idx, dev, dd, graphed=False) -> None:  # fmt: skip
     """Load the best epoch's weights and write the version (rank 0 only)."""
     model.net.load_state_dict(checkpoint.load_best(run_dir))
     metadata = {
@@ -530,6 +571,7 @@ def _publish(registry, version, model, run_dir, cfg, data, data_info, plan, hist
         "background": {"count": len(background), "indices": bg_idx.tolist()},
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "world_size": dd.world,
+        "cuda_graphs": graphed,
         "train_seconds": sum(r["epoch_seconds"] for r in history),
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
