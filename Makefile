@@ -13,9 +13,11 @@ install: $(VENV)/.installed
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # Redis (unless one answers), a model (trained first if the registry is empty), worker(s), API.

@@ -44,9 +44,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.model import to_source_size  # noqa: E402
-from training.registry import Registry  # noqa: E402
-from worker.config import ExplainSettings  # noqa: E402
+from shapcore.jobs.settings import ExplainSettings  # noqa: E402
+from shapcore.model import to_source_size  # noqa: E402
+from shapcore.registry import Registry  # noqa: E402
 from worker.core import ExplainParams, explain_image, seeded_numpy, summarize_background  # noqa: E402
 from worker.reference import plain_value_function  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
@@ -147,7 +147,7 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
     import signal
     import uuid
 
-    from worker.jobqueue import JobRequest, connect, job_status, submit
+    from shapcore.jobs.queue import JobRequest, connect, job_status, submit
 
     queue = f"explain-bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": registry, "MODEL_VERSION": version,

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from service.engine import build_forward  # noqa: E402
-from training.model import SOURCE_SIZE  # noqa: E402
-from training.registry import Registry  # noqa: E402
+from shapcore.model import SOURCE_SIZE  # noqa: E402
+from shapcore.registry import Registry  # noqa: E402
 
 
 def cpu_model() -> str:

@@ -156,9 +156,10 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     """Forward passes in this process, exactly as the service prepares them."""
     import torch
 
-    from service.engine import build_forward, resolve_device, warm_up
-    from service.images import image_to_tensor
-    from training.registry import Registry
+    from service.engine import build_forward, warm_up
+    from shapcore.images import image_to_tensor
+    from shapcore.inference import resolve_device
+    from shapcore.registry import Registry
 
     # As the service resolves TORCH_THREADS=0.
     threads = args.torch_threads or max(1, (len(os.sched_getaffinity(0)) - 1) // args.inference_workers)

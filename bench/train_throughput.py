@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 
 import torch
 
+from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
 from training.data import load_images
-from training.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
 from training.presets import PROFILES, make_optimizer, train_augmentation
 from training.train import autocast_for, graph_model, prepare_input, train_step
 

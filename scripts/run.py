@@ -87,7 +87,7 @@ def caller_path(value: str) -> str:
 
 
 def registry_versions(root: Path) -> list[str]:
-    """Complete versions in a registry (as training.registry.Registry.versions, without torch)."""
+    """Complete versions in a registry (as shapcore.registry.Registry.versions, without torch)."""
     if not root.is_dir():
         return []
     return sorted(

@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from training.errors import UserError
-    from training.registry import Registry
+    from shapcore.errors import UserError
+    from shapcore.registry import Registry
 
     try:
         Registry(settings.model_registry).resolve(settings.model_version)
-        from service.engine import resolve_device
+        from shapcore.inference import resolve_device
 
         resolve_device(settings.device)
     except UserError as exc:

@@ -271,7 +271,7 @@ class AuthMiddleware:
 
 def require_admin(request: Request) -> None:
     """Route dependency: an admin key when authentication is on (anything goes when it is off)."""
-    from service.errors import ServiceError
+    from shapcore.errors import ShapserveError
 
     keyring: KeyRing | None = getattr(request.app.state, "keyring", None)
     if keyring is None or not keyring.enabled:
@@ -280,7 +280,7 @@ def require_admin(request: Request) -> None:
     if key is None or not key.admin:
         metrics.AUTH_FAILURES.labels("not_admin").inc()
         who = f"key {key.name!r}" if key is not None else "this request"
-        raise ServiceError(
+        raise ShapserveError(
             403, "admin_required", f"{request.method} {request.url.path} needs an admin key; {who} has no admin scope"
         )
 

@@ -16,7 +16,6 @@ import copy
 import logging
 import threading
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,55 +26,15 @@ from torch import nn
 
 from service import metrics
 from service.settings import Settings
-from training.errors import UserError
-from training.model import SOURCE_SIZE, Classifier
-from training.registry import CONFUSION_PNG, LoadedVersion, Registry
+from shapcore.errors import ModelLoadError, UserError
+from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
+from shapcore.model import SOURCE_SIZE, Classifier
+from shapcore.registry import CONFUSION_PNG, LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
 
 #: Longest the warm-up spends on extra batch sizes (sizes 1 and max are always warmed).
 WARMUP_BUDGET_S = 20.0
-
-
-class ModelLoadError(Exception):
-    """A version cannot be served: ``status`` 404 for an unknown version, 422 otherwise."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def resolve_device(preference: str) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("DEVICE=cuda but torch sees no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def fold_batch_norms(net: nn.Module) -> nn.Module:
-    """Fold every BatchNorm2d that directly follows a Conv2d into it (eval mode only).
-
-    Same function, one layer less per block: fewer memory passes on CPU. Works on the
-    torchvision ResNet layout (convN/bnN attributes and ``downsample = Sequential(conv, bn)``).
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for module in list(net.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.BatchNorm2d) and name.startswith("bn"):
-                conv = getattr(module, "conv" + name[2:], None)
-                if isinstance(conv, nn.Conv2d):
-                    setattr(module, "conv" + name[2:], fuse_conv_bn_eval(conv, child))
-                    setattr(module, name, nn.Identity())
-        if isinstance(module, nn.Sequential) and len(module) == 2:
-            conv, bn = module[0], module[1]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                module[0] = fuse_conv_bn_eval(conv, bn)
-                module[1] = nn.Identity()
-    return net
 
 
 class Forward:
@@ -146,22 +105,6 @@ class Forward:
             sizes = sorted(k for k, v in self.choice.items() if v == name)
             text += f" ({name} at batch {', '.join(map(str, sizes))})"
         return text + ("+bf16" if self.autocast else "")
-
-
-def freeze_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
-    """``model`` traced on ``example``, frozen (batch norms folded, weights inlined) and
-    optimised for inference (oneDNN pre-packed convolutions); None where this torch build
-    cannot, and the caller runs the eager model. The trace follows ``example``'s dtype and
-    size, so the module takes inputs of that kind, any batch size."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notices; the tracer's shape note
-            with torch.no_grad():
-                traced = torch.jit.trace(model.eval(), example, check_trace=False)
-                return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
-    except Exception as exc:  # pragma: no cover - depends on the torch build
-        log.warning("TorchScript freezing failed (%s); running the eager model", exc)
-        return None
 
 
 def build_forward(model: Classifier, device: torch.device, *, jit: bool, precision: str) -> Forward:

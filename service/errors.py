@@ -26,10 +26,9 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
-from service.engine import ModelLoadError
-from service.images import InputError
 from service.schemas import ErrorDetail as ErrorDetail  # the error body's models live with the others
 from service.schemas import ErrorResponse
+from shapcore.errors import InputError, ShapserveError
 
 log = logging.getLogger("service.errors")
 
@@ -48,17 +47,6 @@ _HTTP_CODES = {
 }
 
 
-class ServiceError(Exception):
-    """Raise from a route to answer ``status`` with the standard error body."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
-
-
 def error_response(
     status: int, code: str, message: str, *, details: list[Any] | None = None, headers: dict[str, str] | None = None
 ) -> Response:
@@ -74,10 +62,15 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "-"
 
 
-async def _input_error(request: Request, exc: InputError) -> Response:
-    metrics.reject(exc.code)
-    log.warning("rejected %s %s from %s: %s (%s)", request.method, request.url.path, _client(request), exc.code, exc)
-    return error_response(exc.status, exc.code, exc.message)
+async def _shapserve_error(request: Request, exc: ShapserveError) -> Response:
+    """Every room's errors (input refusals, unloadable versions, full queues...) answer the same way."""
+    where = (request.method, request.url.path, _client(request), exc.code, exc)
+    if isinstance(exc, InputError):
+        metrics.reject(exc.code)
+        log.warning("rejected %s %s from %s: %s (%s)", *where)
+    elif exc.status < 500:
+        log.info("refused %s %s from %s: %s (%s)", *where)
+    return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -102,26 +95,15 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
-async def _service_error(request: Request, exc: ServiceError) -> Response:
-    return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
-
-
-async def _model_load_error(request: Request, exc: ModelLoadError) -> Response:
-    log.warning("model load refused: %s", exc.message)
-    return error_response(exc.status, exc.code, exc.message)
-
-
 async def _unhandled(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(InputError, _input_error)
+    app.add_exception_handler(ShapserveError, _shapserve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(ServiceError, _service_error)
-    app.add_exception_handler(ModelLoadError, _model_load_error)
     app.add_exception_handler(Exception, _unhandled)
 
 

@@ -12,16 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def _blank_is_none(value: object) -> object:
-    return None if isinstance(value, str) and not value.strip() else value
-
-
-#: An optional setting that an empty variable (``MODEL_VERSION=``, as compose passes one) unsets.
-BlankIsNone = BeforeValidator(_blank_is_none)
+from shapcore.settings import BlankIsNone
 
 
 class Settings(BaseSettings):

@@ -75,7 +75,7 @@ def smoke_model(small_archive: Path, tmp_path_factory: pytest.TempPathFactory) -
     code = main(["--quiet", "--registry", str(registry), "train", "--data", str(small_archive),
                  "--profile", "smoke", "--promote"])
     assert code == 0
-    from training.registry import Registry
+    from shapcore.registry import Registry
 
     reg = Registry(registry)
     return registry, reg.promoted()

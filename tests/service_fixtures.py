@@ -192,8 +192,8 @@ def service_registry(
     smoke_model: tuple[Path, str], small_test_archive: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """A copy of the smoke registry whose (promoted) version has metrics.json and confusion_matrix.png."""
+    from shapcore.registry import Registry
     from training import evaluate
-    from training.registry import Registry
 
     src, version = smoke_model
     dest = tmp_path_factory.mktemp("service") / "registry"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shapcore.registry import Registry
 from training.cli import main
-from training.registry import Registry
 
 pytestmark = [
     pytest.mark.cuda,
@@ -57,7 +57,7 @@ def test_cuda_graph_training_steps_match_eager_steps() -> None:
     """The graphed forward+backward computes the eager step: same losses, same weights after."""
     import copy
 
-    from training.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
+    from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
     from training.presets import PROFILES, make_optimizer, train_augmentation
     from training.train import autocast_for, graph_model, prepare_input, train_step
 

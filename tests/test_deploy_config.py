@@ -66,7 +66,7 @@ def services(compose: dict) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def settings_defaults() -> dict[str, object]:
     from service.settings import Settings
-    from worker.config import ExplainSettings
+    from shapcore.jobs.settings import ExplainSettings
 
     out: dict[str, object] = {}
     for cls in (ExplainSettings, Settings):
@@ -114,7 +114,8 @@ def metric_names(redis_url: str) -> set[str]:
 
     import service
     import worker
-    from worker.metrics import ExplainCollector, WorkerMetrics
+    from service.explain_metrics import ExplainCollector
+    from worker.metrics import WorkerMetrics
 
     names: set[str] = set()
     for package in (service, worker):
@@ -211,8 +212,8 @@ def test_environment_names_are_read_by_the_code(services: dict[str, dict], env_n
 
 def test_environment_values_fit_the_settings(services: dict[str, dict]) -> None:
     from service.settings import Settings
+    from shapcore.jobs.settings import ExplainSettings
     from training.presets import PROFILES
-    from worker.config import ExplainSettings
 
     for name in ("api", "worker"):
         env = app_environment(services[name])

@@ -99,7 +99,7 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     import shap
     import torch
 
-    from training.registry import Registry
+    from shapcore.registry import Registry
     from worker.core import seeded_numpy, segment, summarize_background
     from worker.reference import plain_value_function
 
@@ -271,8 +271,8 @@ def test_redis_unreachable_is_503_and_predict_keeps_working(start_service, cifar
 def test_failed_job_reports_its_reason(explain_service, api_worker, cifar_jpeg, explain_redis_url):
     """A job that raises (here: a version the registry does not have) fails with the reason;
     its heatmap answers 409 with that reason."""
-    from worker.config import ExplainSettings
-    from worker.jobqueue import JobRequest, connect, submit
+    from shapcore.jobs.queue import JobRequest, connect, submit
+    from shapcore.jobs.settings import ExplainSettings
 
     settings = ExplainSettings(redis_url=explain_redis_url, explain_queue="explain-api", explain_retries=0)
     job, _ = submit(

@@ -26,8 +26,8 @@ from service_fixtures import ROOT, clone_version
 from service_fixtures import image_file as files
 from test_explain_support import alive, wait_for
 
-from worker.config import ExplainSettings
-from worker.jobqueue import JobRequest, connect, job_status, submit
+from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+from shapcore.jobs.settings import ExplainSettings
 
 pytestmark = pytest.mark.timeout(300)
 pytest_plugins = ["test_explain_support", "private_redis"]
@@ -320,7 +320,7 @@ def test_broken_checkpoint_on_reload_is_refused_and_the_old_model_keeps_serving(
             assert version in error["message"] and WHAT[kind] in error["message"], (kind, error)
             assert client.get("/model").json()["version"] == good
         # The promoted pointer moved to a broken version: the watcher's reload fails, the old model stays.
-        from training.registry import Registry
+        from shapcore.registry import Registry
 
         Registry(registry).promote(bad["truncated"])
         wait_for(

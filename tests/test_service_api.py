@@ -382,7 +382,7 @@ def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_m
 def test_promoted_pointer_is_watched(start_service, own_registry, smoke_model, jpeg_file):
     import time
 
-    from training.registry import Registry
+    from shapcore.registry import Registry
 
     old = smoke_model[1]
     new = clone_version(own_registry, old, "20991231-000001-fedcba")

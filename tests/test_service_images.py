@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.images import ALLOWED_FORMATS, BACKGROUND_RGB, InputError, decode_image, image_to_tensor, to_rgb
-from training.model import to_source_size
+from shapcore.errors import InputError
+from shapcore.images import ALLOWED_FORMATS, BACKGROUND_RGB, decode_image, image_to_tensor, to_rgb
+from shapcore.model import to_source_size
 
 LIMIT = 16_777_216
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from shapcore.errors import UserError
+from shapcore.model import CIFAR10_CLASSES
 from training.data import load_images, pick_background, split_train_val
-from training.errors import UserError
-from training.model import CIFAR10_CLASSES
 
 
 def test_archive_source_reads_every_image_in_cifar_order(small_archive: Path) -> None:

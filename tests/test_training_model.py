@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from shapcore.model import Classifier, Preprocess, build_model
+from shapcore.registry import Registry
 from training.evaluate import compute_metrics, format_tables
-from training.model import Classifier, Preprocess, build_model
-from training.registry import Registry
 
 
 def test_head_is_dropout_then_linear_2048_to_10() -> None:
@@ -51,7 +51,7 @@ def test_checkpoint_round_trip_gives_identical_logits(smoke_model: tuple[Path, s
 
 
 def test_publish_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.registry as registry_module
+    import shapcore.registry as registry_module
 
     reg = Registry(tmp_path)
     net = build_model(10)
@@ -110,8 +110,8 @@ class _Payload:
 
 
 def test_a_pickle_payload_as_weights_is_refused_without_running(tmp_path: Path) -> None:
-    from training.errors import UserError
-    from training.model import build_model
+    from shapcore.errors import UserError
+    from shapcore.model import build_model
 
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from test_explain_support import wait_for
 
-from training.model import to_source_size
-from training.registry import Registry
-from worker.config import ExplainSettings
+from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+from shapcore.jobs.settings import ExplainSettings
+from shapcore.model import to_source_size
+from shapcore.registry import Registry
 from worker.core import (
     CoalitionModel,
     ExplainParams,
@@ -26,7 +27,6 @@ from worker.core import (
     segment,
     summarize_background,
 )
-from worker.jobqueue import JobRequest, connect, job_status, submit
 from worker.reference import plain_value_function
 
 pytestmark = pytest.mark.timeout(600)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.registry import write_json_atomic
+from shapcore.registry import write_json_atomic
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"

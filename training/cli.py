@@ -12,9 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from training.errors import UserError
+from shapcore.errors import UserError
+from shapcore.registry import Registry
 from training.presets import PROFILES
-from training.registry import Registry
 
 EXIT_USER_ERROR = 2
 

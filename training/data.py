@@ -12,7 +12,6 @@ source in which nothing decodes, or whose layout is wrong, is refused with a Use
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -22,17 +21,19 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from training.errors import UserError
-from training.model import CIFAR10_CLASSES, SOURCE_SIZE, to_source_size
+from shapcore.errors import InputError, UserError
+from shapcore.images import image_to_tensor
+from shapcore.model import CIFAR10_CLASSES, SOURCE_SIZE
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 CIFAR10_NAME = "cifar10"
+#: A training image is refused above this many pixels (its header says), as the service refuses uploads.
+MAX_IMAGE_PIXELS = 16_777_216
 LAYOUT_HINT = "expected <split>/<class>/<image>, e.g. train/cat/0001.jpg"
 
 
@@ -256,12 +257,11 @@ def _decode_all(
         if cls not in index:
             continue
         try:
-            with Image.open(io.BytesIO(payload)) as im:
-                im.load()
-                images.append(to_source_size(im))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            # The service's own decoder: EXIF rotation, transparency onto white, 16-bit scaling.
+            images.append(image_to_tensor(payload, MAX_IMAGE_PIXELS))
+        except InputError as exc:
             skipped.append(name)
-            log.warning("skipping unreadable image %s: %s", name, exc)
+            log.warning("skipping unreadable image %s: %s", name, exc.message)
             continue
         labels.append(index[cls])
     if skipped:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from training.errors import UserError
+from shapcore.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tqdm import tqdm
 
+from shapcore.errors import UserError
+from shapcore.registry import CONFUSION_PNG, CURVES_PNG, Registry
 from training.data import ImageSet, load_images, split_train_val
-from training.errors import UserError
-from training.registry import CONFUSION_PNG, CURVES_PNG, Registry
 
 EVAL_SPLITS = ["test", "val", "validation", "valid"]
 

@@ -14,7 +14,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
-from training.model import SOURCE_SIZE
+from shapcore.model import SOURCE_SIZE
 
 ONECYCLE_PCT_START = 0.25  # share of the schedule spent raising the LR
 

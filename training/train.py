@@ -23,12 +23,12 @@ import torchvision
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from shapcore.errors import UserError
+from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE, Classifier, Preprocess, build_model
+from shapcore.registry import Registry, new_version_id
 from training import checkpoint, distributed
 from training.data import load_images, pick_background, split_train_val
-from training.errors import UserError
-from training.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE, Classifier, Preprocess, build_model
 from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, make_scheduler, train_augmentation
-from training.registry import Registry, new_version_id
 
 log = logging.getLogger(__name__)
 BUDGET_SAFETY = 0.95  # plan for 95% of the budget: step times drift a little

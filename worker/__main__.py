@@ -1,6 +1,6 @@
 """``python -m worker``: an RQ worker on the ``explain`` queue with the model preloaded.
 
-Configuration comes from the environment (see :mod:`worker.config`): ``REDIS_URL``,
+Configuration comes from the environment (see :mod:`shapcore.jobs.settings`): ``REDIS_URL``,
 ``MODEL_REGISTRY``, ``MODEL_VERSION`` and the ``EXPLAIN_*`` knobs. Run one per core group;
 several workers on one Redis share the queue. SIGTERM/SIGINT: finish the current job, then
 exit (a second one stops at once).
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
 
-    from worker.config import get_explain_settings
+    from shapcore.jobs.settings import get_explain_settings
 
     settings = get_explain_settings()
     level = (args.log_level or settings.explain_log_level).upper()
@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     import shap  # noqa: F401
     import skimage.segmentation  # noqa: F401
 
-    from training.errors import UserError
+    from shapcore.errors import UserError
+    from shapcore.jobs.queue import connect, get_queue, on_work_horse_killed
     from worker import jobs as _jobs  # noqa: F401  (imported before any fork)
-    from worker.jobqueue import connect, get_queue, on_work_horse_killed
     from worker.worker import ExplainWorker
 
     try:

@@ -23,7 +23,7 @@ Segmentation at the upload's own resolution
 SLIC runs on the decoded upload (reduced first only when its longer side is over
 ``slic_max_side``, to keep SLIC fast), not on the 32×32 model input: superpixels follow
 the picture's real edges and the heatmap can be drawn at that resolution. The model sees
-32×32 images (``training.model.to_source_size``), so each superpixel becomes an
+32×32 images (``shapcore.model.to_source_size``), so each superpixel becomes an
 *area-weight map* at 32×32: ``A[j, p]`` = the fraction of model pixel ``p``'s footprint
 covered by superpixel ``j`` (rows of A sum to one per pixel). A coalition's model input is
 ``x ⊙ w + bg ⊙ (1 − w)`` with ``w = z·A``. For a 32×32 upload A is a 0/1 matrix and this is
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from training.model import SOURCE_SIZE
+from shapcore.model import SOURCE_SIZE
 
 #: ``progress(fraction in [0, 1], stage)``
 ProgressFn = Callable[[float, str], None]

@@ -10,10 +10,10 @@ import logging
 import time
 from typing import Any
 
-from worker.config import get_explain_settings
+from shapcore.jobs.queue import JobRequest, artifact_key, pack_artifact
+from shapcore.jobs.settings import get_explain_settings
+from shapcore.jobs.stats import record_finished
 from worker.core import ExplainParams, explain_image
-from worker.jobqueue import JobRequest, artifact_key, pack_artifact
-from worker.metrics import record_finished
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 def explain_job(request: JobRequest) -> dict[str, Any]:
     from rq import get_current_job
 
-    from service.images import decode_image
-    from training.model import to_source_size
+    from shapcore.images import decode_image
+    from shapcore.model import to_source_size
 
     settings = get_explain_settings()
     job = get_current_job()

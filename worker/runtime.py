@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.model import SOURCE_SIZE
-from training.registry import LoadedVersion, Registry
-from worker.config import ExplainSettings
+from shapcore.jobs.settings import ExplainSettings
+from shapcore.model import SOURCE_SIZE
+from shapcore.registry import LoadedVersion, Registry
 from worker.core import BackgroundSet, summarize_background
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> LoadedVersion:
     thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's
     profiling runs (two batches at roughly eager speed) on their first job.
     """
-    from service.engine import fold_batch_norms, freeze_for_inference
+    from shapcore.inference import fold_batch_norms, freeze_for_inference
 
     loaded.model.net = fold_batch_norms(loaded.model.net)
     loaded.model.eval().to(memory_format=torch.channels_last)
@@ -115,7 +115,7 @@ _runtime: Runtime | None = None
 def get_runtime(settings: ExplainSettings | None = None) -> Runtime:
     global _runtime
     if _runtime is None:
-        from worker.config import get_explain_settings
+        from shapcore.jobs.settings import get_explain_settings
 
         _runtime = Runtime(settings or get_explain_settings())
     return _runtime

@@ -30,7 +30,7 @@ Killed workers
   ``EXPLAIN_MAINTENANCE_INTERVAL_S``) or the next ``GET /explain/{id}`` retries the job or
   fails it with "the worker running this job died". With the defaults the job is back in the
   queue at most 5 + 20 + 15 = 40 s after the kill (monitor + grace + the maintenance period of
-  an idle worker: :meth:`worker.config.ExplainSettings.abandoned_job_bound_s`), not RQ's ten
+  an idle worker: :meth:`shapcore.jobs.settings.ExplainSettings.abandoned_job_bound_s`), not RQ's ten
   minutes.
 
 Redis outages (a restart, a failover, a network blip)

@@ -24,13 +24,13 @@ from fastapi.responses import Response
 from prometheus_client import REGISTRY, Counter
 
 from service import auth, metrics
-from service.errors import ServiceError, error_responses
+from service.errors import error_responses
 from service.explain_form import read_explain_upload
-from service.images import decode_image
-from worker.config import ExplainSettings, get_explain_settings
-from worker.jobqueue import (
+from service.explain_metrics import ExplainCollector
+from shapcore.errors import QueueFull, ShapserveError, TooManyJobs
+from shapcore.images import decode_image
+from shapcore.jobs.queue import (
     JobRequest,
-    QueueFull,
     artifact_key,
     connect,
     job_status,
@@ -40,8 +40,7 @@ from worker.jobqueue import (
     unpack_artifact,
     valid_job_id,
 )
-from worker.metrics import ExplainCollector
-from worker.quota import TooManyJobs
+from shapcore.jobs.settings import ExplainSettings, get_explain_settings
 
 router = APIRouter(tags=["explain"])
 
@@ -114,7 +113,7 @@ async def _redis_call(ctx: _Context, fn, *args):
     try:
         return await asyncio.to_thread(fn, *args)
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ServiceError(
+        raise ShapserveError(
             503,
             "queue_unavailable",
             f"explanations are unavailable: the job queue (Redis at {_redact(ctx.settings.redis_url)}) cannot be "
@@ -126,10 +125,10 @@ async def _redis_call(ctx: _Context, fn, *args):
 # -- parameters --------------------------------------------------------------------------------
 
 
-def _invalid(message: str) -> ServiceError:
+def _invalid(message: str) -> ShapserveError:
     metrics.reject("invalid_parameter")
     REQUESTS.labels("rejected").inc()
-    return ServiceError(422, "invalid_parameter", message)
+    return ShapserveError(422, "invalid_parameter", message)
 
 
 #: A decimal integer in ASCII digits: int() alone also takes "1_000", "+5" and other scripts' digits.
@@ -209,15 +208,15 @@ def _model_identity(request: Request, ctx: _Context) -> tuple[str, list[str]]:
     served = state.engine.current if state is not None else None
     if served is not None:
         return served.version, list(served.class_names)
-    from training.errors import UserError
-    from training.registry import Registry
+    from shapcore.errors import UserError
+    from shapcore.registry import Registry
 
     try:
         registry = Registry(ctx.settings.model_registry)
         version = registry.resolve(ctx.settings.model_version)
         return version, list(registry.metadata(version)["class_names"])
     except UserError as exc:
-        raise ServiceError(
+        raise ShapserveError(
             503, "model_not_ready", f"no model to explain: {exc}", headers={"Retry-After": "5"}
         ) from None
 
@@ -331,13 +330,13 @@ async def post_explain(
         job, created = await _redis_call(
             ctx, submit, ctx.redis, settings, job_request, auth.owner_of(request), auth.principal(request.scope)
         )
-    except QueueFull as exc:
+    except QueueFull:
         REQUESTS.labels("queue_full").inc()
-        raise ServiceError(429, "queue_full", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    except TooManyJobs as exc:
+        raise
+    except TooManyJobs:
         REQUESTS.labels("too_many_jobs").inc()
-        raise ServiceError(429, "too_many_jobs", str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
-    except ServiceError:
+        raise
+    except ShapserveError:
         REQUESTS.labels("redis_unavailable").inc()
         raise
     REQUESTS.labels("accepted" if created else "deduplicated").inc()
@@ -362,8 +361,8 @@ async def post_explain(
     )
 
 
-def _unknown(job_id: str) -> ServiceError:
-    return ServiceError(404, "not_found", f"no explanation job {job_id!r} (unknown, or its result expired)")
+def _unknown(job_id: str) -> ShapserveError:
+    return ShapserveError(404, "not_found", f"no explanation job {job_id!r} (unknown, or its result expired)")
 
 
 async def _status(request: Request, job_id: str) -> tuple[_Context, dict[str, Any]]:
@@ -411,7 +410,7 @@ def _heatmap_classes(raw: str, result: dict[str, Any]) -> tuple[str, list[int]]:
             picked.append([lbl.lower() for lbl in labels].index(part))
         else:
             metrics.reject("invalid_parameter")
-            raise ServiceError(
+            raise ShapserveError(
                 422,
                 "invalid_parameter",
                 f"classes must be 'target', 'all' or a comma-separated list of labels ({', '.join(labels)}) "
@@ -438,14 +437,14 @@ async def get_heatmap(
 ) -> Response:
     ctx, doc = await _status(request, job_id)
     if doc["status"] == "failed":
-        raise ServiceError(409, "explanation_failed", f"the explanation failed: {doc['error']}")
+        raise ShapserveError(409, "explanation_failed", f"the explanation failed: {doc['error']}")
     if doc["status"] != "finished":
         where = (
             f"queued (position {doc['queue_position']})"
             if doc["status"] == "queued"
             else f"running ({math.floor(100 * doc['progress'])}%)"
         )
-        raise ServiceError(
+        raise ShapserveError(
             409,
             "not_ready",
             f"the explanation is not finished yet: {where}",

@@ -9,9 +9,10 @@ from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import FileResponse
 
 from service.auth import require_admin
-from service.errors import ServiceError, error_responses
+from service.errors import error_responses
 from service.schemas import ModelInfo, ReloadRequest, ReloadResponse
 from service.state import ServiceState
+from shapcore.errors import ShapserveError
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/model", tags=["model"])
 def _state(request: Request) -> ServiceState:
     state: ServiceState = request.app.state.service
     if state.engine.current is None:
-        raise ServiceError(503, "model_not_ready", state.load_error or "the model is still loading")
+        raise ShapserveError(503, "model_not_ready", state.load_error or "the model is still loading")
     return state
 
 
@@ -56,7 +57,7 @@ async def confusion_matrix(request: Request) -> FileResponse:
     served = _state(request).engine.current
     path = served.confusion_png
     if not path.is_file():
-        raise ServiceError(
+        raise ShapserveError(
             404,
             "not_found",
             f"version {served.version} has no confusion matrix yet: "

@@ -12,11 +12,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from service import metrics
-from service.errors import ServiceError, error_responses
-from service.images import InputError, Upload, image_to_tensor
+from service.errors import error_responses
+from service.images import Upload
 from service.schemas import PredictResponse
 from service.settings import get_settings
 from service.state import ServiceState
+from shapcore.errors import InputError, ShapserveError
+from shapcore.images import image_to_tensor
 
 router = APIRouter(tags=["predict"])
 
@@ -91,7 +93,7 @@ async def predict(
     start = time.perf_counter()
     state: ServiceState = request.app.state.service
     if state.engine.current is None:
-        raise ServiceError(503, "model_not_ready", "the model is still loading", headers={"Retry-After": "1"})
+        raise ShapserveError(503, "model_not_ready", "the model is still loading", headers={"Retry-After": "1"})
     uploads = await state.read_uploads(request)
     with state.batcher.expect(len(uploads)):
         images = await _decode_all(state, uploads)

@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from worker.config import ExplainSettings
-from worker.metrics import read_metrics, record_failure
+from shapcore.errors import QueueFull, TooManyJobs
+from shapcore.jobs.settings import ExplainSettings
+from shapcore.jobs.stats import read_metrics, record_failure
 
 PREFIX = "shapserve:explain:"
 JOB_FUNC = "worker.jobs.explain_job"
@@ -41,14 +42,6 @@ STATUS_MAP = {
     "stopped": "failed",
     "canceled": "failed",
 }
-
-
-class QueueFull(Exception):
-    def __init__(self, depth: int, limit: int, retry_after: int) -> None:
-        super().__init__(f"the explanation queue holds {depth} jobs (limit {limit}); retry in {retry_after} s")
-        self.depth = depth
-        self.limit = limit
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -153,14 +146,14 @@ def submit(
     An identical request (same image bytes, version, parameters and ``owner``, the API key's
     name) whose job is queued, running or finished (and not expired) gets that job back. A
     failed one is replaced. Raises :class:`QueueFull` when a *new* job would go over
-    ``EXPLAIN_MAX_QUEUE_DEPTH``, :class:`worker.quota.TooManyJobs` when ``principal`` (whom the
+    ``EXPLAIN_MAX_QUEUE_DEPTH``, :class:`shapcore.jobs.quota.TooManyJobs` when ``principal`` (whom the
     per-key cap counts) has ``EXPLAIN_MAX_JOBS_PER_KEY`` jobs in flight.
     """
     from rq import Callback, Retry
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    from worker import quota
+    from shapcore.jobs import quota
 
     queue = get_queue(connection, settings)
     key = dedup_key(request, owner)
@@ -186,7 +179,7 @@ def submit(
             held = quota.reserve(connection, queue.name, principal, job_id, settings.explain_max_jobs_per_key,
                                  dedup_ttl(settings))  # fmt: skip
             if held < 0:
-                raise quota.TooManyJobs(-held, settings.explain_max_jobs_per_key,
+                raise TooManyJobs(-held, settings.explain_max_jobs_per_key,
                                         retry_after_estimate(connection, queue, 1))  # fmt: skip
         if not connection.set(key, job_id, nx=True, ex=dedup_ttl(settings)):
             if capped:
@@ -206,7 +199,7 @@ def submit(
                 result_ttl=settings.explain_result_ttl_s,
                 failure_ttl=settings.explain_failure_ttl_s,
                 retry=retry,
-                on_failure=Callback("worker.jobqueue.on_job_failure"),
+                on_failure=Callback("shapcore.jobs.queue.on_job_failure"),
                 meta={
                     "progress": 0.0,
                     "stage": "queued",

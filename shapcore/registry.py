@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.errors import UserError
-from training.model import Classifier, Preprocess, build_model
+from shapcore.errors import UserError
+from shapcore.model import Classifier, Preprocess, build_model
 
 WEIGHTS = "model.safetensors"
 METADATA = "metadata.json"

@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from training.errors import UserError
+from shapcore.errors import UserError
 
 #: CIFAR-10 class names in label order (also the alphabetical folder order).
 CIFAR10_CLASSES: tuple[str, ...] = (

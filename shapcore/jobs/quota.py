@@ -41,19 +41,6 @@ return live + 1
 """
 
 
-class TooManyJobs(Exception):
-    """A principal has ``limit`` jobs in flight already."""
-
-    def __init__(self, in_flight: int, limit: int, retry_after: int) -> None:
-        super().__init__(
-            f"this key has {in_flight} explanation jobs queued or running (limit {limit}); "
-            f"retry in {retry_after} s, when one has finished"
-        )
-        self.in_flight = in_flight
-        self.limit = limit
-        self.retry_after = retry_after
-
-
 def inflight_key(queue_name: str, principal: str) -> str:
     return f"{PREFIX}{queue_name}:{principal}"
 

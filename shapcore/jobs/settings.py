@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.settings import BlankIsNone
+from shapcore.settings import BlankIsNone
 
 #: Background images stored with every registry version (the study's explainer background).
 STORED_BACKGROUND = 100
