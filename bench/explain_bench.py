@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 from shapcore.jobs.settings import ExplainSettings  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
-from worker.core import ExplainParams, explain_image, seeded_numpy, summarize_background  # noqa: E402
+from worker.background import summarize_background  # noqa: E402
+from worker.core import ExplainParams, explain_image, seeded_numpy  # noqa: E402
 from worker.reference import plain_value_function  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 

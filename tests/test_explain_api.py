@@ -100,7 +100,8 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     import torch
 
     from shapcore.registry import Registry
-    from worker.core import seeded_numpy, segment, summarize_background
+    from worker.background import summarize_background
+    from worker.core import seeded_numpy, segment
     from worker.reference import plain_value_function
 
     client = explain_service.client

@@ -17,6 +17,7 @@ from shapcore.jobs.queue import JobRequest, connect, job_status, submit
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
+from worker.background import summarize_background
 from worker.core import (
     CoalitionModel,
     ExplainParams,
@@ -25,7 +26,6 @@ from worker.core import (
     kernel_shap,
     seeded_numpy,
     segment,
-    summarize_background,
 )
 from worker.reference import plain_value_function
 

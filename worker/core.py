@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from shapcore.model import SOURCE_SIZE
+from worker.background import BackgroundSet
 
 #: ``progress(fraction in [0, 1], stage)``
 ProgressFn = Callable[[float, str], None]
@@ -128,69 +129,6 @@ def area_weights(labels: np.ndarray, size: int = SOURCE_SIZE) -> np.ndarray:
         hist[np.arange(size * size), nearest] = 1.0
         totals = hist.sum(axis=1, keepdims=True)
     return np.ascontiguousarray((hist / totals).T, dtype=np.float32)
-
-
-# -- background -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BackgroundSet:
-    """``images``: float32 (B, 3, 32, 32) in [0, 1]; ``weights``: float32 (B,) summing to one."""
-
-    images: torch.Tensor
-    weights: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-def summarize_background(stored: torch.Tensor, count: int, *, seed: int = 0) -> BackgroundSet:
-    """The version's stored training images (uint8 (N, 3, 32, 32)) as ``count`` weighted images.
-
-    ``count == N``: the images themselves, equally weighted (the study's 100). ``count == 1``:
-    their mean image. In between: k-means centroids weighted by cluster size (the idea of
-    ``shap.kmeans``, without rounding pixels to observed values). Deterministic. NumPy only,
-    no OpenMP: this may run in the worker's parent process before it forks.
-    """
-    n = int(stored.shape[0])
-    if not 1 <= count <= n:
-        raise ValueError(f"background must be between 1 and {n}, got {count}")
-    data = stored.reshape(n, -1).numpy().astype(np.float64) / 255.0
-    if count == n:
-        centres, weights = data, np.full(n, 1.0 / n)
-    elif count == 1:
-        centres, weights = data.mean(axis=0, keepdims=True), np.ones(1)
-    else:
-        centres, weights = _kmeans(data, count, seed=seed)
-    images = torch.from_numpy(centres.astype(np.float32)).reshape(count, *stored.shape[1:])
-    return BackgroundSet(images=images.contiguous(), weights=torch.from_numpy(weights.astype(np.float32)))
-
-
-def _kmeans(data: np.ndarray, k: int, *, seed: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ seeding; returns (centres, cluster-size weights)."""
-    rng = np.random.default_rng(seed)
-    sq = (data**2).sum(axis=1)
-    centres = [data[rng.integers(len(data))]]
-    for _ in range(1, k):
-        d2 = np.min(sq[:, None] - 2 * data @ np.array(centres).T + (np.array(centres) ** 2).sum(1)[None], axis=1)
-        d2 = np.maximum(d2, 0)
-        probs = d2 / d2.sum() if d2.sum() > 0 else np.full(len(data), 1 / len(data))
-        centres.append(data[rng.choice(len(data), p=probs)])
-    c = np.array(centres)
-    assign = np.zeros(len(data), dtype=np.int64)
-    for _ in range(iterations):
-        d2 = sq[:, None] - 2 * data @ c.T + (c**2).sum(1)[None]
-        new_assign = d2.argmin(axis=1)
-        for j in range(k):
-            members = data[new_assign == j]
-            if len(members):
-                c[j] = members.mean(axis=0)
-        if np.array_equal(new_assign, assign):
-            break
-        assign = new_assign
-    counts = np.bincount(assign, minlength=k).astype(np.float64)
-    keep = counts > 0
-    return c[keep], counts[keep] / counts[keep].sum()
 
 
 # -- the value function -------------------------------------------------------------------------
@@ -351,13 +289,35 @@ def explain_image(
     if progress:
         progress(0.02, "evaluating")
     shap_out = kernel_shap(f, m, params.samples, params.seed)
-    phi, base, fx = shap_out["phi"], shap_out["base"], shap_out["fx"]
     finished = time.perf_counter()
 
+    timings = {
+        "segmentation": segmented - started,
+        "model_forward": f.forward_seconds,
+        "other": max(0.0, finished - segmented - f.forward_seconds),
+    }
+    result = _result(shap_out, seg, params, class_names, len(background), f.evaluations, finished - started, timings)
+    if progress:
+        progress(1.0, "finished")
+    return result, seg
+
+
+def _result(
+    shap_out: dict[str, Any],
+    seg: Segmentation,
+    params: ExplainParams,
+    class_names: list[str],
+    background: int,
+    evaluations: int,
+    duration: float,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON-ready result of :func:`explain_image`: the target class first, then every class."""
+    phi, base, fx = shap_out["phi"], shap_out["base"], shap_out["fx"]
+    m = seg.count
     predicted = int(np.argmax(fx))
     target = predicted if params.target is None else int(params.target)
     residuals = np.abs(base + phi.sum(axis=0) - fx)
-    duration = finished - started
     classes = [
         {
             "index": c,
@@ -384,18 +344,12 @@ def explain_image(
         },
         "samples": shap_out["coalitions"],
         "samples_requested": params.samples,
-        "background": len(background),
+        "background": background,
         "seed": params.seed,
-        "model_evaluations": f.evaluations,
+        "model_evaluations": evaluations,
         "duration_s": duration,
-        "timings_s": {
-            "segmentation": segmented - started,
-            "model_forward": f.forward_seconds,
-            "other": max(0.0, finished - segmented - f.forward_seconds),
-        },
-        "evaluations_per_second": f.evaluations / duration if duration > 0 else math.nan,
+        "timings_s": timings,
+        "evaluations_per_second": evaluations / duration if duration > 0 else math.nan,
         "classes": classes,
     }
-    if progress:
-        progress(1.0, "finished")
-    return result, seg
+    return result

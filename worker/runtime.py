@@ -23,7 +23,7 @@ import torch
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
 from shapcore.registry import LoadedVersion, Registry
-from worker.core import BackgroundSet, summarize_background
+from worker.background import BackgroundSet, summarize_background
 
 log = logging.getLogger(__name__)
 
