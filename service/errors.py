@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import metrics
 from service.schemas import ErrorDetail as ErrorDetail  # the error body's models live with the others
 from service.schemas import ErrorResponse
-from shapcore.errors import InputError, ShapserveError
+from shapcore.errors import InputError, ModelLoadError, ShapserveError
 
 log = logging.getLogger("service.errors")
 
@@ -68,6 +68,8 @@ async def _shapserve_error(request: Request, exc: ShapserveError) -> Response:
     if isinstance(exc, InputError):
         metrics.reject(exc.code)
         log.warning("rejected %s %s from %s: %s (%s)", *where)
+    elif isinstance(exc, ModelLoadError):
+        log.warning("model load refused: %s", exc.message)
     elif exc.status < 500:
         log.info("refused %s %s from %s: %s (%s)", *where)
     return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
