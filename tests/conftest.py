@@ -7,9 +7,13 @@ once per session so that tests stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
 import tarfile
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -22,10 +26,78 @@ PER_CLASS = 30
 TEST_REDIS_URL = os.environ.get("SHAPSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
+#: Inherited by every process the session starts (services and workers copy os.environ), so
+#: that one re-parented to init when its parent died is still recognised as this session's.
+SESSION_MARKER = "SHAPSERVE_TEST_SESSION"
+#: How long processes still exiting at the session's end (a worker's horse) may take to go.
+LEAK_GRACE_S = 10.0
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Keep the dataset cache of the test session out of the user's home.
     cache = Path(config.rootpath) / ".pytest_cache" / "shapserve-cache"
     os.environ.setdefault("SHAPSERVE_CACHE", str(cache))
+    os.environ[SESSION_MARKER] = uuid.uuid4().hex
+
+
+def _stat(pid: str) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _carries_marker(pid: str, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def leftover_processes() -> dict[int, str]:
+    """Live (not zombie) descendants of this pytest process, and any process carrying this
+    session's marker (an orphan): {pid: command line}."""
+    me = os.getpid()
+    marker = f"{SESSION_MARKER}={os.environ.get(SESSION_MARKER, '')}".encode()
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (st := _stat(entry.name)) and st[0] != "Z":
+            parents[int(entry.name)] = st[1]
+    out: dict[int, str] = {}
+    for pid, ppid in parents.items():
+        chain, seen = ppid, set()
+        while chain not in (0, 1, me) and chain in parents and chain not in seen:
+            seen.add(chain)
+            chain = parents[chain]
+        if pid != me and (chain == me or _carries_marker(str(pid), marker)):
+            try:
+                out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return out
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process started by a test or fixture outlives the session (every
+    fixture must stop what it starts); the leftovers are listed, then killed."""
+    deadline = time.monotonic() + LEAK_GRACE_S
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)  # polls for processes still on their way out
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"  pid {pid}: {cmd[:200]}" for pid, cmd in sorted(left.items())]
+    message = "processes left running after the test session (a fixture does not stop them):\n" + "\n".join(lines)
+    if reporter is not None:
+        reporter.write_line(message, red=True)
+    else:
+        print(message)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def cut_archive(src: Path, dest: Path, per_class: int, split: str = "train") -> Path:
@@ -106,4 +178,10 @@ def redis_url() -> str:
 
 
 # The running-service fixtures (`python -m service` in a subprocess): see tests/service_fixtures.py.
-from service_fixtures import odd_images, service, service_registry, start_service  # noqa: E402, F401
+from service_fixtures import (  # noqa: E402, F401
+    odd_images,
+    own_service,
+    service,
+    service_registry,
+    start_service,
+)

@@ -11,6 +11,9 @@ Loaded by tests/conftest.py, so every test module can use them:
                       until /healthz answers; ``wait=None``: not at all) and returns a
                       :class:`RunningService`. Every service started is stopped when the
                       session ends (or earlier with ``.stop()``).
+``own_service``       (function) the same factory for one test: what it starts is stopped
+                      when the test ends (use it, or a fixture of the test's scope that
+                      stops what it starts, for every service a single test needs).
 ``service``           (session) one shared instance over ``service_registry`` with default
                       settings. Don't switch its model; start your own for that.
 ``odd_images``        (session) {name: (filename, bytes, mime type)}: the real CIFAR JPEG as
@@ -49,15 +52,32 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = float(os.environ.get("SHAPSERVE_TEST_STARTUP_TIMEOUT", "180"))
 
 
+class MissingSample(LookupError):
+    """A sample a check reads is not in the exposition at all (renamed, unregistered, never set)."""
+
+
 def metric(text: str, sample_name: str, /, **labels: str) -> float:
-    """Value of one sample in a Prometheus exposition (0.0 if absent)."""
+    """Value of one sample in a Prometheus exposition; :class:`MissingSample` if it is absent.
+
+    Absence is an error, never a zero: a check such as ``>= 0`` or ``== 0.0`` must not pass
+    because the metric vanished. Where a sample may legitimately not exist yet (a labelled
+    counter before its first increment), use :func:`metric_or`.
+    """
+    value = metric_or(text, sample_name, None, **labels)
+    if value is None:
+        raise MissingSample(f"no sample {sample_name}{labels or ''} in the exposition")
+    return value
+
+
+def metric_or(text: str, sample_name: str, default: float | None, /, **labels: str) -> float | None:
+    """Value of one sample in a Prometheus exposition, or ``default`` if it is absent."""
     from prometheus_client.parser import text_string_to_metric_families
 
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == sample_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
-    return 0.0
+    return default
 
 
 def image_file(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> dict:
@@ -65,14 +85,51 @@ def image_file(data: bytes, name: str = "cat.jpg", mime: str = "image/jpeg") -> 
     return {"file": (name, data, mime)}
 
 
-def clone_version(registry: Path, version: str, new_id: str) -> str:
-    """Copy a version's folder under another id (a second servable version, or one to damage)."""
+def clone_version(registry: Path, version: str, new_id: str, *, swap_classes: tuple[int, int] | None = None) -> str:
+    """Copy a version's folder under another id (a second servable version, or one to damage).
+
+    ``swap_classes=(i, j)``: the copy gets *different weights*: rows ``i`` and ``j`` of the last
+    Linear layer (weight and bias) are exchanged, so for every image the copy's probability of
+    class ``i`` is the original's of class ``j`` and vice versa (see :func:`swapped`). A swap
+    that relabels but keeps serving the old weights is then visible in the probabilities.
+    """
     dest = registry / new_id
     shutil.copytree(registry / version, dest)
     meta = json.loads((dest / "metadata.json").read_text())
     meta["version"] = new_id
     (dest / "metadata.json").write_text(json.dumps(meta))
+    if swap_classes is not None:
+        from safetensors.torch import load_file, save_file
+
+        weights = dest / "model.safetensors"
+        state = load_file(str(weights))
+        i, j = swap_classes
+        for key in (f"{LAST_LINEAR}.weight", f"{LAST_LINEAR}.bias"):
+            tensor = state[key].clone()
+            tensor[[i, j]] = tensor[[j, i]]
+            state[key] = tensor.contiguous()
+        save_file(state, str(weights))
     return new_id
+
+
+#: The state-dict prefix of the classifier's last Linear layer (``fc`` = Dropout + Linear).
+LAST_LINEAR = "fc.1"
+
+
+def swapped(probabilities: list[float], swap_classes: tuple[int, int]) -> list[float]:
+    """The per-class probabilities a :func:`clone_version` copy with ``swap_classes`` gives."""
+    i, j = swap_classes
+    out = list(probabilities)
+    out[i], out[j] = probabilities[j], probabilities[i]
+    return out
+
+
+def class_probabilities(body: dict, num_classes: int = 10) -> list[float]:
+    """A /predict answer asked with ``top_k=num_classes`` as probabilities indexed by class."""
+    out = [float("nan")] * num_classes
+    for p in body["predictions"]:
+        out[p["index"]] = p["probability"]
+    return out
 
 
 def free_port() -> int:
@@ -235,6 +292,21 @@ def start_service(
         started.append(svc)
         if wait:
             svc.wait(wait)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.stop()
+
+
+@pytest.fixture
+def own_service(start_service: Callable[..., RunningService]) -> Iterator[Callable[..., RunningService]]:
+    """``start_service`` for one test: every service it starts is stopped when the test ends."""
+    started: list[RunningService] = []
+
+    def start(*args, **kwargs) -> RunningService:
+        svc = start_service(*args, **kwargs)
+        started.append(svc)
         return svc
 
     yield start

@@ -31,12 +31,16 @@ def wait_finished(client: httpx.Client, status_url: str, timeout: float = 180) -
 @pytest.fixture(scope="module")
 def explain_service(start_service, explain_redis_url, service_registry):
     """The service on the explanation tests' Redis database, with a worker on its queue."""
-    return start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": "explain-api"})
+    svc = start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": "explain-api"})
+    yield svc
+    svc.stop()
 
 
 @pytest.fixture(scope="module")
 def api_worker(start_worker, service_registry, explain_service):
-    return start_worker(service_registry, env={"EXPLAIN_QUEUE": "explain-api"})
+    worker = start_worker(service_registry, env={"EXPLAIN_QUEUE": "explain-api"})
+    yield worker
+    worker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +152,9 @@ def test_duplicate_submission_reuses_its_job(explain_service, finished, cifar_jp
     assert first["job_id"] in ids
 
 
-def test_duplicate_of_a_queued_job_is_the_same_job(start_service, explain_redis_url, cifar_jpeg):
+def test_duplicate_of_a_queued_job_is_the_same_job(own_service, explain_redis_url, cifar_jpeg):
     """No worker listens on this queue: jobs stay queued; a duplicate gets the queued one."""
-    svc = start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": f"explain-idle-{uuid.uuid4().hex[:6]}",
+    svc = own_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": f"explain-idle-{uuid.uuid4().hex[:6]}",
                              "EXPLAIN_MAX_QUEUE_DEPTH": "2"})  # fmt: skip
     client = svc.client
     a = client.post("/explain", files=files(cifar_jpeg), data=SMALL)
@@ -248,9 +252,9 @@ def test_unknown_job_is_404(explain_service):
 # -- faults --------------------------------------------------------------------------------------------
 
 
-def test_redis_unreachable_is_503_and_predict_keeps_working(start_service, cifar_jpeg):
+def test_redis_unreachable_is_503_and_predict_keeps_working(own_service, cifar_jpeg):
     dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    svc = start_service(env={"REDIS_URL": dead})
+    svc = own_service(env={"REDIS_URL": dead})
     client = svc.client
     r = client.post("/explain", files=files(cifar_jpeg), data=SMALL)
     assert r.status_code == 503, r.text

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_fixtures import ROOT, clone_version
+from service_fixtures import ROOT, class_probabilities, clone_version
 from service_fixtures import image_file as files
 from test_explain_support import alive, wait_for
 
@@ -299,15 +299,21 @@ def test_broken_checkpoint_on_reload_is_refused_and_the_old_model_keeps_serving(
     svc = start_service(registry=registry, env={**QUICK_API, "MODEL_WATCH_INTERVAL_S": "0.5"})
     client = svc.client
     assert client.get("/model").json()["version"] == good
+    # The good weights' answer: a refused load that left some of its weights in place (a partial
+    # state dict, a half-read file) would change it while the label stays the same.
+    reference = class_probabilities(client.post("/predict", params={"top_k": 10}, files=files(cifar_jpeg)).json())
 
     stop = threading.Event()
     answers: list[tuple[int, str | None]] = []
+    probabilities: list[list[float]] = []
 
     def keep_predicting() -> None:
         with httpx.Client(base_url=svc.url, timeout=30) as c:
             while not stop.is_set():
-                r = c.post("/predict", files=files(cifar_jpeg))
+                r = c.post("/predict", params={"top_k": 10}, files=files(cifar_jpeg))
                 answers.append((r.status_code, r.json().get("model", {}).get("version")))
+                if r.status_code == 200:
+                    probabilities.append(class_probabilities(r.json()))
 
     thread = threading.Thread(target=keep_predicting, daemon=True)
     thread.start()
@@ -334,6 +340,10 @@ def test_broken_checkpoint_on_reload_is_refused_and_the_old_model_keeps_serving(
         stop.set()
         thread.join(timeout=30)
     assert answers and all(a == (200, good) for a in answers), [a for a in answers if a != (200, good)][:5]
+    for probs in probabilities:  # the old model's own probabilities, not only its label
+        assert probs == pytest.approx(reference, abs=1e-4), (probs, reference)
+    after = class_probabilities(client.post("/predict", params={"top_k": 10}, files=files(cifar_jpeg)).json())
+    assert after == pytest.approx(reference, abs=1e-4)
     log = svc.log_tail(200_000)
     for version in bad.values():
         assert f"model load refused: version {version}" in log

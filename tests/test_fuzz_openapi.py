@@ -27,12 +27,16 @@ What JSON Schema cannot say, and what this test does about it (no check is disab
 * samples x background must stay within EXPLAIN_MAX_EVALUATIONS: the service under test
   allows the product of both maxima, so that this joint limit never binds.
 
-One kind of report is dropped, each one counted and printed: "negative data accepted" for a
-request of an image operation that, as sent, satisfies every constraint the schema declares
+One kind of report is dropped, each one counted and printed, at most :data:`MAX_DROPPED`:
+"negative data accepted" for a request of an image operation that, as sent, satisfies every
+constraint the schema declares and carries nothing the schema does not declare
 (:func:`sent_as_valid`). Schemathesis marks some generated cases negative that carry no
 violation (their phase data reads "Positive test case" or "Valid object" and lists no
 mutation), and integers sent as query or form text look the same whichever type they were
-generated as; the service is right to accept those.
+generated as; the service is right to accept those. A case with an undeclared query
+parameter or form field is never dropped: the schema promises nothing about it, so its
+acceptance is reported. Over the cap, the test fails: more such reports mean the generation
+or the schema changed and the drop must be looked at again.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ IMAGE_OPERATIONS = ("POST /predict", "POST /explain")
 EXPLAIN_PARAMS = ("target", "segments", "samples", "background", "seed")
 #: "Negative data accepted" reports dropped because the request was valid as sent (see filter_failure).
 DROPPED: list[str] = []
+#: At most this many may be dropped: with the fixed seed and deterministic generation a run drops
+#: 27 (measured 2026-11-29: 8 on /predict, 19 on /explain, all valid as sent, none with an
+#: undeclared field); the margin is for a schemathesis release that labels a few cases differently.
+MAX_DROPPED = 30
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +199,9 @@ def sent_as_valid(case: Any, spec: dict[str, Any]) -> bool:
     """Whether the request of an image operation, as sent, satisfies every declared constraint."""
     operation = spec["paths"][case.path][case.method.lower()]
     query = case.query or {}
+    declared = {parameter["name"] for parameter in operation.get("parameters", []) if parameter["in"] == "query"}
+    if set(query) - declared:
+        return False  # an undeclared parameter: nothing in the schema says it is harmless
     for parameter in operation.get("parameters", []):
         if parameter["in"] != "query":
             continue
@@ -202,11 +213,9 @@ def sent_as_valid(case: Any, spec: dict[str, Any]) -> bool:
     schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     if not isinstance(case.body, dict) or any(name not in case.body for name in schema.get("required", [])):
         return False
-    return all(
-        _value_is_valid(value, schema["properties"][name])
-        for name, value in case.body.items()
-        if name in schema["properties"]
-    )
+    if set(case.body) - set(schema["properties"]):
+        return False  # an undeclared form field: a negative case that only adds one is not dropped
+    return all(_value_is_valid(value, schema["properties"][name]) for name, value in case.body.items())
 
 
 def load_schema(svc: RunningService, images: list[bytes], class_names: list[str]):
@@ -285,4 +294,5 @@ def test_every_operation_survives_fuzzing(fuzz_service, real_images, class_names
     print(f"\nschemathesis: {len(operations)} operations, {dict(counts)}; {len(DROPPED)} 'negative data accepted' "
           f"reports of requests valid as sent dropped: {DROPPED}")  # fmt: skip
     assert counts["cases"] > 10 * len(operations), counts
+    assert len(DROPPED) <= MAX_DROPPED, f"{len(DROPPED)} 'negative data accepted' reports dropped: {DROPPED}"
     assert not failures, f"{len(failures)} failures:\n\n" + "\n\n".join(dict.fromkeys(failures))

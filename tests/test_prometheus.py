@@ -68,7 +68,9 @@ def test_promtool_checks_the_shipped_config_and_rules() -> None:
 @pytest.fixture(scope="module")
 def api(start_service, explain_redis_url):
     """The API on the explanation tests' Redis database, with a queue of this module's own."""
-    return start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": QUEUE})
+    svc = start_service(env={"REDIS_URL": explain_redis_url, "EXPLAIN_QUEUE": QUEUE})
+    yield svc
+    svc.stop()
 
 
 WORKER_METRICS_PORT = free_port()
@@ -76,7 +78,7 @@ WORKER_METRICS_PORT = free_port()
 
 @pytest.fixture(scope="module")
 def worker(start_worker, service_registry, api):
-    return start_worker(
+    started = start_worker(
         service_registry,
         env={
             "EXPLAIN_QUEUE": QUEUE,
@@ -84,6 +86,8 @@ def worker(start_worker, service_registry, api):
             "EXPLAIN_METRICS_HOST": "127.0.0.1",
         },
     )
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import redis
-from service_fixtures import ROOT, RunningService, metric
+from service_fixtures import ROOT, RunningService, metric, metric_or
 from service_fixtures import image_file as image
 
 SECURITY_REDIS_URL = os.environ.get("SHAPSERVE_TEST_SECURITY_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -365,7 +365,8 @@ def test_auth_failures_are_counted(secured, keys):
 
     def refused(status: str) -> float:
         text = api.client.get("/metrics").text
-        return metric(text, "shapserve_http_requests_total", route="/model", method="GET", status=status)
+        # A labelled counter appears at its first increment: absent before the first refusal.
+        return metric_or(text, "shapserve_http_requests_total", 0.0, route="/model", method="GET", status=status)
 
     before = counts()
     before_401, before_403 = refused("401"), refused("403")

@@ -9,12 +9,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from service_fixtures import ROOT, clone_version, metric
+from service_fixtures import ROOT, class_probabilities, clone_version, metric, metric_or, swapped
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -227,15 +228,64 @@ def test_top_k_out_of_range_or_not_a_number(service, jpeg_file, value):
     assert error["code"] == "invalid_parameter" and "top_k" in error["message"]
 
 
-def test_memory_stays_bounded_after_bad_inputs(service, jpeg_file):
-    before = service.memory_kib()
+#: Growth of the service's peak RSS (VmHWM) over the big bad inputs, measured on a fresh
+#: process after warm-up: decoding the 12000x12000 bomb takes 144 MB (432 MB as RGB), holding
+#: a 50 MB body 50 MB+, the 64 MiB chunked one 64 MB; refused as they must be, they hold at
+#: most the 10 MB the limit lets through.
+BIG_INPUT_PEAK_BOUND_KIB = 32 * 1024
+
+
+def chunked_64mib() -> dict:
+    """A multipart body of 64 MiB sent without Content-Length (counted while it streams)."""
+
+    def body() -> Iterator[bytes]:
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        for _ in range(64):
+            yield b"\xff" * (1024 * 1024)
+        yield b"\r\n--x--\r\n"
+
+    return {"content": body(), "headers": MULTIPART_X}
+
+
+def test_memory_stays_bounded_after_bad_inputs(own_service, jpeg_file):
+    """A fresh process (VmHWM never falls: a shared one has already seen big inputs): its peak
+    after warm-up, then after the bomb and the oversized bodies, must not grow by what
+    decoding or buffering any of them would take."""
+    svc = own_service()
+    for _ in range(3):  # warm-up: the model's first passes, the decoder, the multipart parser, the error path
+        assert svc.client.post("/predict", files=as_files(jpeg_file)).status_code == 200
+        assert svc.client.post("/predict", **BAD_REQUESTS["not_an_image"][0]()).status_code == 415
+    before = svc.memory_kib()
+    fifty_mb = as_files(("big.jpg", b"\xff\xd8\xff\xe0" + bytes(50 * 1024 * 1024), "image/jpeg"))
     for _ in range(3):
-        assert service.client.post("/predict", **BAD_REQUESTS["decompression_bomb"][0]()).status_code == 413
-        assert service.client.post("/predict", **BAD_REQUESTS["upload_too_large"][0]()).status_code == 413
-    after = service.memory_kib()
-    # Decoding the bomb would take 144 MB (432 MB as RGB); the uploads are 10 MB each.
-    assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)
-    assert service.client.post("/predict", files=as_files(jpeg_file)).status_code == 200
+        assert svc.client.post("/predict", **BAD_REQUESTS["decompression_bomb"][0]()).status_code == 413
+        assert svc.client.post("/predict", files=fifty_mb).status_code == 413
+        assert svc.client.post("/predict", **chunked_64mib()).status_code == 413
+    after = svc.memory_kib()
+    assert after["VmHWM"] - before["VmHWM"] < BIG_INPUT_PEAK_BOUND_KIB, (before, after)
+    assert svc.client.post("/predict", files=as_files(jpeg_file)).status_code == 200
+
+
+def test_declared_oversized_upload_is_answered_without_reading_the_rest(service):
+    """A raw client declares a body over MAX_UPLOAD_BYTES and sends only its first part: the
+    service answers 413 and closes the connection without waiting for (or reading) the rest."""
+    head = b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+    declared = 50 * 1024 * 1024
+    host, port = service.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+            + head
+            + b"\xff" * (64 * 1024)
+        )
+        received = b""
+        while chunk := sock.recv(65536):  # the service closes: recv returns b"" (a timeout fails the test)
+            received += chunk
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413"), received[:500]
+    head_block, _, body = rest.partition(b"\r\n\r\n")
+    assert json.loads(body)["error"]["code"] == "upload_too_large", (head_block, body[:500])
 
 
 # -- /model and /metrics ----------------------------------------------------------------------
@@ -312,34 +362,65 @@ def own_registry(service_registry: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_model, jpeg_file):
+def probabilities_of(client: httpx.Client, image: tuple[str, bytes, str]) -> list[float]:
+    r = client.post("/predict", params={"top_k": 10}, files=as_files(image))
+    assert r.status_code == 200, r.text
+    return class_probabilities(r.json())
+
+
+def swap_for(reference: list[float]) -> tuple[int, int]:
+    """The classes to exchange in the new version: the top class of ``reference`` and its least
+    likely one, so the top class changes and every answer tells which weights computed it."""
+    top = max(range(len(reference)), key=reference.__getitem__)
+    bottom = min(range(len(reference)), key=reference.__getitem__)
+    assert reference[top] - reference[bottom] > 1e-3, reference  # the two versions are told apart
+    return top, bottom
+
+
+def check_version_probabilities(
+    answers: list[tuple[int, str | None, list[float] | None]], expected: dict[str, list[float]]
+) -> None:
+    """Every 200 tagged with a version carries that version's probabilities (batched passes
+    differ from single ones by float rounding only)."""
+    for status, version, probs in answers:
+        assert status == 200 and version in expected, (status, version)
+        assert probs == pytest.approx(expected[version], abs=1e-4), (version, probs, expected)
+
+
+def test_model_switch_under_concurrent_load(own_service, own_registry, smoke_model, jpeg_file):
     import asyncio
 
     from service.auth import mint
 
     old = smoke_model[1]
-    new = clone_version(own_registry, old, "20991231-000000-abcdef")
     user, user_entry = mint("load")
     admin, admin_entry = mint("ops", admin=True)
     keys = f"{user_entry.entry()},{admin_entry.entry()}"
-    svc = start_service(registry=own_registry, env={"API_KEYS": keys, "BATCH_MAX_SIZE": "8"})
+    svc = own_service(registry=own_registry, env={"API_KEYS": keys, "BATCH_MAX_SIZE": "8"})
     svc.client.headers["X-API-Key"] = user
+    ref_old = probabilities_of(svc.client, jpeg_file)
+    swap = swap_for(ref_old)
+    # Different weights: the new version's top class for the picture is the old one's least likely.
+    new = clone_version(own_registry, old, "20991231-000000-abcdef", swap_classes=swap)
+    expected = {old: ref_old, new: swapped(ref_old, swap)}
     assert svc.client.get("/model").json()["version"] == old  # promoted, though not the newest
     assert svc.client.post("/model/reload", json={"version": new}).status_code == 403  # not an admin key
     assert svc.client.get("/model").json()["version"] == old
 
-    async def run() -> tuple[list[tuple[int, str | None]], httpx.Response]:
-        results: list[tuple[int, str | None]] = []
+    async def run() -> tuple[list[tuple[int, str | None, list[float] | None]], httpx.Response]:
+        results: list[tuple[int, str | None, list[float] | None]] = []
         stop = asyncio.Event()
         async with httpx.AsyncClient(base_url=svc.url, timeout=60, headers={"X-API-Key": user}) as client:
 
             async def load() -> None:
                 while not stop.is_set():
                     try:
-                        r = await client.post("/predict", files=as_files(jpeg_file))
-                        results.append((r.status_code, r.json().get("model", {}).get("version")))
+                        r = await client.post("/predict", params={"top_k": 10}, files=as_files(jpeg_file))
+                        ok = r.status_code == 200
+                        results.append((r.status_code, r.json().get("model", {}).get("version"),
+                                        class_probabilities(r.json()) if ok else None))  # fmt: skip
                     except httpx.HTTPError as exc:
-                        results.append((0, repr(exc)))
+                        results.append((0, repr(exc), None))
 
             workers = [asyncio.create_task(load()) for _ in range(8)]
             while len(results) < 20:
@@ -359,12 +440,16 @@ def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_m
     assert reload.json()["previous"] == old and reload.json()["current"] == new and reload.json()["changed"]
     failures = [r for r in results if r[0] != 200]
     assert failures == []
-    versions = [v for _, v in results]
+    versions = [v for _, v, _ in results]
     assert versions[0] == old and versions[-1] == new and set(versions) == {old, new}
+    check_version_probabilities(results, expected)  # no answer of the old weights tagged new, nor the reverse
     assert svc.client.get("/model").json()["version"] == new
+    after = probabilities_of(svc.client, jpeg_file)
+    assert after == pytest.approx(expected[new], abs=1e-4)
+    assert after != pytest.approx(ref_old, abs=1e-4)  # the new weights serve, not the old ones relabelled
     text = svc.client.get("/metrics").text
     assert metric(text, "shapserve_model_info", version=new) == 1
-    assert metric(text, "shapserve_model_info", version=old) == 0
+    assert metric_or(text, "shapserve_model_info", 0.0, version=old) == 0  # gone or zeroed: both say "not served"
     assert metric(text, "shapserve_model_reloads_total", result="success") == 1
 
     # An admin key is required (none: 401, a user key: 403); unknown versions are refused and the
@@ -377,30 +462,34 @@ def test_model_switch_under_concurrent_load(start_service, own_registry, smoke_m
     r = svc.client.post("/model/reload", json={"version": new}, headers=admin_key)
     assert r.status_code == 200 and r.json()["changed"] is False
     assert svc.client.get("/model").json()["version"] == new
+    assert probabilities_of(svc.client, jpeg_file) == pytest.approx(expected[new], abs=1e-4)
 
 
-def test_promoted_pointer_is_watched(start_service, own_registry, smoke_model, jpeg_file):
+def test_promoted_pointer_is_watched(own_service, own_registry, smoke_model, jpeg_file):
     import time
 
     from shapcore.registry import Registry
 
     old = smoke_model[1]
-    new = clone_version(own_registry, old, "20991231-000001-fedcba")
-    svc = start_service(registry=own_registry, env={"MODEL_WATCH_INTERVAL_S": "0.3"})
+    svc = own_service(registry=own_registry, env={"MODEL_WATCH_INTERVAL_S": "0.3"})
     assert svc.client.get("/model").json()["version"] == old
+    ref_old = probabilities_of(svc.client, jpeg_file)
+    swap = swap_for(ref_old)
+    new = clone_version(own_registry, old, "20991231-000001-fedcba", swap_classes=swap)
     Registry(own_registry).promote(new)
     deadline = time.monotonic() + 120
     while svc.client.get("/model").json()["version"] != new:
         assert time.monotonic() < deadline, svc.log_tail()
         time.sleep(0.2)
-    r = svc.client.post("/predict", files=as_files(jpeg_file))
+    r = svc.client.post("/predict", params={"top_k": 10}, files=as_files(jpeg_file))
     assert r.json()["model"]["version"] == new
+    assert class_probabilities(r.json()) == pytest.approx(swapped(ref_old, swap), abs=1e-4)
 
 
-def test_unloadable_model_is_alive_but_not_ready(start_service, own_registry, smoke_model):
+def test_unloadable_model_is_alive_but_not_ready(own_service, own_registry, smoke_model):
     version = smoke_model[1]
     (own_registry / version / "model.safetensors").write_bytes(b"corrupt")
-    svc = start_service(registry=own_registry, wait="alive")
+    svc = own_service(registry=own_registry, wait="alive")
     import time
 
     deadline = time.monotonic() + 120
@@ -424,11 +513,11 @@ def test_empty_registry_fails_fast_with_one_line(tmp_path):
     assert proc.stderr.startswith("error: registry") and proc.stderr.count("\n") == 1
 
 
-def test_port_in_use_is_reported(start_service):
+def test_port_in_use_is_reported(own_service):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        svc = start_service(env={"PORT": str(port)}, wait=None)
+        svc = own_service(env={"PORT": str(port)}, wait=None)
         assert svc.proc.wait(timeout=120) != 0
         assert "address already in use" in svc.log_tail().lower()

@@ -1,6 +1,8 @@
 """The soak, short (~60 s): ``bench/soak.py`` attached to a real API and worker at a modest
-rate of /predict and /explain together. Correctness goals only, never speed: no 5xx other than
-refusals, no transport error, every accepted job finished, RSS growth under 10 %.
+rate of /predict and /explain together. Correctness goals only, never speed: goodput (the
+rates are well within capacity, so nearly every request must be served, not refused or shed),
+no 5xx other than refusals, no transport error, every accepted job accounted for and
+finished, RSS growth under 10 %.
 
 The 10-minute run at twice the measured capacity is not part of the suite (see
 ``bench/soak.py --help`` and BENCHMARKS.md).
@@ -21,6 +23,11 @@ pytest_plugins = ["test_explain_support", "private_redis"]
 
 SOAK_S = 45
 WARMUP_S = 8
+#: Share of the requests offered (sent or shed by the client) that must be served 2xx, per
+#: endpoint. 20 /predict/s and one /explain every 2 s are a fraction of what one API and one
+#: worker answer on the smallest machine (BENCHMARKS.md); a few refusals may come from a
+#: neighbour's burst of CPU on a shared machine, a service refusing much is broken.
+GOODPUT = 0.95
 
 
 def test_short_soak_meets_the_correctness_goals(
@@ -45,14 +52,13 @@ def test_short_soak_meets_the_correctness_goals(
     print(proc.stdout, proc.stderr[-3000:])
     paths = list(out.glob("soak-ci-short-*.json"))
     assert len(paths) == 1, (proc.returncode, proc.stderr[-3000:])
-    summary = json.loads(paths[0].read_text())["summary"]
-
-    assert summary["sent"] > 0 and summary["served_2xx"] > 0, summary
+    result = json.loads(paths[0].read_text())
+    summary = result["summary"]
+    check_goodput(summary)
     assert summary["other_5xx"] == 0, summary["by_endpoint"]
+    assert summary["other_4xx"] == 0, summary["by_endpoint"]  # every request sent is valid
     assert summary["transport_errors"] == 0, summary["by_endpoint"]
-    jobs = summary["explain_jobs"]
-    assert jobs["accepted"] > 0 and jobs.get("lost", 0) == 0, jobs
-    assert jobs.get("finished", 0) == jobs["accepted"], jobs  # none failed, none left pending
+    check_jobs_accounted_for(result)
     memory = summary["memory"]
     assert {"api", "worker"} <= set(memory), memory
     # The long-lived processes must not grow. Work horses are forked anew for every job, so
@@ -67,3 +73,24 @@ def test_short_soak_meets_the_correctness_goals(
     goals = {name: ok for name, ok in summary["goals"].items() if name != "rss_growth_under_10pct"}
     assert goals and all(goals.values()), (summary["goals"], proc.stdout)
     assert api.proc.poll() is None and worker.proc.poll() is None
+
+
+def check_goodput(summary: dict) -> None:
+    """Per endpoint: 2xx over everything offered in the soak (answered or shed by the client)."""
+    for endpoint in ("predict", "explain"):
+        answers = summary["by_endpoint"].get(endpoint, {})
+        offered = sum(answers.values()) + summary["shed_by_client"].get(endpoint, 0)
+        served = sum(n for status, n in answers.items() if status.startswith("2"))
+        assert offered > 0 and served >= GOODPUT * offered, (endpoint, served, offered, summary["by_endpoint"],
+                                                            summary["refusals"], summary["shed_by_client"])  # fmt: skip
+
+
+def check_jobs_accounted_for(result: dict) -> None:
+    """Every 202 of the warm-up and the soak is one job, followed to its end, and finished."""
+    summary = result["summary"]
+    jobs = summary["explain_jobs"]
+    accepted_202 = summary["by_endpoint"]["explain"].get("202", 0) + result["warmup_answers"].get("explain 202", 0)
+    assert jobs["accepted"] == accepted_202 > 0, (jobs, accepted_202)  # each accepted request has its job
+    assert jobs["accepted_in_soak"] == summary["by_endpoint"]["explain"].get("202", 0), jobs
+    assert jobs.get("lost", 0) == 0, jobs
+    assert jobs.get("finished", 0) == jobs["accepted"], jobs  # none failed, none left pending
