@@ -361,6 +361,34 @@ def copied_sources() -> list[str]:
     return sources
 
 
+def installed_packages() -> list[str]:
+    """``<package>/__init__.py`` of every package pyproject.toml's setuptools section includes."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    names = [pattern.rstrip("*") for pattern in include]
+    assert all((ROOT / name / "__init__.py").is_file() for name in names), names
+    return [f"{name}/__init__.py" for name in names]
+
+
+def script_closure(script: str) -> list[str]:
+    """``script`` and the modules of scripts/ it imports, transitively."""
+    import ast
+
+    seen: list[str] = []
+    todo = [script]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.append(current)
+        for node in ast.walk(ast.parse((ROOT / current).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])  # fmt: skip
+            todo += [f"scripts/{n}.py" for n in names if (ROOT / "scripts" / f"{n}.py").is_file()]
+    return seen
+
+
 def test_copied_files_exist_and_reach_the_build_context() -> None:
     included = build_context_files()
     for src in copied_sources():
@@ -370,9 +398,10 @@ def test_copied_files_exist_and_reach_the_build_context() -> None:
             assert src in included, f"COPY {src}: excluded by .dockerignore"
         else:
             assert any(f.startswith(src.rstrip("/") + "/") for f in included), f"COPY {src}: excluded"
-    # What the image needs at run time is in it.
-    for needed in ("service/__main__.py", "worker/__main__.py", "training/__main__.py", "scripts/run.py",
-                   "scripts/healthcheck.py", "pyproject.toml"):  # fmt: skip
+    # What the image needs at run time is in it: every package pyproject.toml installs, the
+    # scripts the image runs and the script modules they import.
+    needed_files = (*installed_packages(), "scripts/healthcheck.py", *script_closure("scripts/run.py"), "pyproject.toml")
+    for needed in needed_files:
         copied = any(needed == s or needed.startswith(s.rstrip("/") + "/") for s in copied_sources())
         assert needed in included and copied, f"{needed} does not reach the image"
 
