@@ -104,7 +104,8 @@ def routes() -> set[str]:
 @pytest.fixture(scope="module")
 def metric_names(redis_url: str) -> set[str]:
     """Names of every sample the code can expose: the module-level metrics of the service and
-    worker packages, and the families the explanation collector builds from Redis."""
+    worker packages, a worker's own families, and the queue-state gauges the explanation
+    collector reads from Redis."""
     import pkgutil
 
     import redis
@@ -556,7 +557,8 @@ def test_grafana_provisioning(services: dict[str, dict]) -> None:
     exprs = " ".join(promql_documents()["shapserve.json"])
     for needed in ("shapserve_http_request_duration_seconds_bucket", "shapserve_http_requests_total",
                    "shapserve_batch_size_bucket", "shapserve_explain_queue_depth",
-                   "shapserve_explain_job_duration_seconds_bucket", "shapserve_model_info",
+                   "shapserve_worker_job_duration_seconds_bucket", "shapserve_worker_jobs_total",
+                   "shapserve_worker_model_evaluations_total", "shapserve_model_info",
                    "shapserve_model_accuracy"):  # fmt: skip
         assert needed in exprs, f"the dashboard shows nothing of {needed}"
     assert "histogram_quantile(0.99" in exprs and "histogram_quantile(0.5" in exprs

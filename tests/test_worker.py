@@ -1,19 +1,31 @@
 """The explanation worker: the batched KernelSHAP against the plain shap pattern, segmentation
 and background helpers, and real ``python -m worker`` subprocesses on the real Redis that
-get SIGKILLed in the middle of a job."""
+get SIGKILLed in the middle of a job, or count the jobs they run on their own metrics port."""
 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from service_fixtures import free_port
 from test_explain_support import wait_for
 
-from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+from shapcore.jobs.queue import (
+    DEFAULT_JOB_SECONDS,
+    JobRequest,
+    connect,
+    get_queue,
+    job_status,
+    retry_after_estimate,
+    submit,
+)
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
@@ -253,3 +265,73 @@ def test_sigkill_of_the_work_horse_is_seen_at_once(smoke_model, loaded, cifar_jp
         lambda: (d := job_status(conn, settings, small.id))["status"] == "finished" and d, 120, "the next job"
     )
     assert doc["result"]["samples"] == 50
+
+
+# -- one count per job, on the worker's own endpoint ---------------------------------------------------
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """The worker's /metrics: {(sample name, sorted labels): value}."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _jobs(samples: dict, status: str) -> float:
+    return samples[("shapserve_worker_jobs_total", (("status", status),))]
+
+
+def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
+    smoke_model, loaded, cifar_jpeg, start_worker, explain_redis_url
+):
+    """N finished jobs and one failed job through a real worker: its own counters rise by exactly
+    N and 1 (the one source of job counts); Retry-After follows those jobs' real durations."""
+    from rq.job import Job
+
+    registry: Path = smoke_model[0]
+    queue_name = "explain-test-counted-once"
+    settings = _settings(explain_redis_url, queue_name, explain_retries=0)
+    conn = connect(explain_redis_url, 2.0)
+    queue = get_queue(conn, settings)
+    port = free_port()
+    start_worker(registry, env={"EXPLAIN_QUEUE": queue_name, "EXPLAIN_METRICS_PORT": str(port),
+                                "EXPLAIN_METRICS_HOST": "127.0.0.1"})  # fmt: skip
+    # No job has finished on this queue: the estimate assumes the default per job (one worker).
+    assert retry_after_estimate(conn, queue, 3) == math.ceil(3 * DEFAULT_JOB_SECONDS)
+    before = _scrape(port)
+
+    n = 3
+    finished = [submit(conn, settings, _request(loaded, cifar_jpeg, samples=50, seed=30 + i))[0] for i in range(n)]
+    unknown = JobRequest(cifar_jpeg, "20000101-000000-000000", segments=10, samples=30, background=1, seed=0,
+                         target=None)  # fmt: skip
+    failed, _ = submit(conn, settings, unknown)  # last in the queue: one worker runs the jobs in order
+
+    def failure_counted() -> dict | None:
+        samples = _scrape(port)
+        return samples if _jobs(samples, "failed") > _jobs(before, "failed") else None
+
+    after = wait_for(failure_counted, 300, "the worker to count the failed job", interval=0.5)
+    results = [job_status(conn, settings, job.id) for job in finished]
+    assert [r["status"] for r in results] == ["finished"] * n, results
+    assert job_status(conn, settings, failed.id)["status"] == "failed"
+
+    def rise(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before[(name, labels)]
+
+    assert _jobs(after, "finished") - _jobs(before, "finished") == n
+    assert _jobs(after, "failed") - _jobs(before, "failed") == 1
+    assert _jobs(after, "retried") - _jobs(before, "retried") == 0
+    assert rise("shapserve_worker_job_duration_seconds_count") == n + 1
+    evaluations = sum(r["result"]["model_evaluations"] for r in results)
+    assert evaluations > 0 and rise("shapserve_worker_model_evaluations_total") == evaluations
+    forward = sum(r["result"]["timings_s"]["model_forward"] for r in results)
+    assert forward > 0 and rise("shapserve_worker_model_forward_seconds_total") == pytest.approx(forward)
+
+    # Retry-After: depth × the mean compute time of the finished jobs (RQ's timestamps) / 1 worker.
+    jobs = Job.fetch_many([job.id for job in finished], connection=conn)
+    mean = sum((j.ended_at - j.started_at).total_seconds() for j in jobs) / n
+    depth = 40
+    assert retry_after_estimate(conn, queue, depth) == min(3600, max(1, math.ceil(depth * mean)))

@@ -12,7 +12,6 @@ from typing import Any
 
 from shapcore.jobs.queue import JobRequest, artifact_key, pack_artifact
 from shapcore.jobs.settings import get_explain_settings
-from shapcore.jobs.stats import record_finished
 from worker.core import ExplainParams, explain_image
 from worker.runtime import get_runtime
 
@@ -77,10 +76,6 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         conn = job.connection
         result["job_id"] = job.id
         conn.set(artifact_key(job.id), pack_artifact(seg.image, seg.labels), ex=settings.explain_result_ttl_s)
-        try:
-            record_finished(conn, result)
-        except Exception:
-            log.warning("could not record metrics of job %s", job.id, exc_info=True)
     log.info(
         "explained with %d segments, %d samples, %d background: %.2f s, %d evaluations, residual %.2e",
         result["segments"]["count"],

@@ -1,33 +1,25 @@
-"""Explanation metrics, published through Redis so that every process can see them.
+"""Each explanation worker's own Prometheus metrics: the one source of job counts and durations.
 
-Work horses live for one job and the parent that would hold in-process counters may be
-killed, so workers do not keep metrics in memory: each finished job adds to one Redis
-hash (``HINCRBY``/``HINCRBYFLOAT``, atomic across workers), and the API's ``/metrics``
-turns that hash and the queue's own Redis structures into Prometheus families at scrape
-time (:class:`ExplainCollector`). Names:
-
-- ``shapserve_explain_queue_depth``                 gauge: jobs waiting in the queue
-- ``shapserve_explain_jobs_running``                gauge: jobs a worker is executing
-- ``shapserve_explain_workers``                     gauge: live workers on the queue
-- ``shapserve_explain_jobs_total{status}``          counter: finished | failed | retried
-- ``shapserve_explain_job_duration_seconds``        histogram: compute time of finished jobs
-- ``shapserve_explain_model_evaluations_total``     counter: images through the model
-- ``shapserve_explain_model_forward_seconds_total`` counter: time spent in the forward passes
-- ``shapserve_explain_model_evaluations_per_second`` gauge: throughput of the last finished job
-  (``rate(shapserve_explain_model_evaluations_total[5m])`` gives the fleet's)
-- ``shapserve_explain_redis_up``                    gauge: 1 when the scrape could read Redis
-
-Every worker also serves its *own* figures on ``EXPLAIN_METRICS_PORT`` (:class:`WorkerMetrics`,
-kept in the long-lived parent process, which sees every job its horses run), so that
-Prometheus can scrape each worker and tell a slow or failing one from the fleet:
+Every worker started with ``EXPLAIN_METRICS_PORT`` serves them (:class:`WorkerMetrics`, kept in
+the long-lived parent process, which sees every job its work horses run: a horse lives for one
+job and may be killed, so it keeps no counters). Prometheus scrapes each worker and sums the
+fleet, e.g. ``sum by (status) (rate(shapserve_worker_jobs_total[5m]))`` (recording rules in
+``deploy/prometheus/alerts.yml``), and can still tell a slow or failing worker from the rest:
 
 - ``shapserve_worker_jobs_total{status}``            counter: finished | failed | retried here
 - ``shapserve_worker_job_duration_seconds``          histogram: wall time of a job, fork included
 - ``shapserve_worker_model_evaluations_total``       counter: images this worker put through the model
+- ``shapserve_worker_model_forward_seconds_total``   counter: seconds of those forward passes
+  (``rate(..._model_evaluations_total[5m]) / rate(..._model_forward_seconds_total[5m])``: the
+  model's images per second; over ``..._job_duration_seconds_sum``: the jobs' throughput)
 - ``shapserve_worker_busy``                          gauge: 1 while a job runs
 - ``shapserve_worker_last_job_timestamp_seconds``    gauge: when the last job ended
 - ``shapserve_worker_info{name, queue, model_version}`` the worker and its preloaded version
 - ``process_*`` (resident memory, CPU seconds, open fds) of the worker's parent process
+
+Nothing else counts jobs: the API's ``/metrics`` carries only the queue's *state*, read from
+Redis at scrape time (``shapserve_explain_queue_depth``, ``..._jobs_running``, ``..._workers``,
+``..._redis_up``: :mod:`service.explain_metrics`), which no worker can report.
 """
 
 from __future__ import annotations
@@ -36,10 +28,12 @@ import logging
 import time
 from typing import Any
 
-from shapcore.jobs.stats import DURATION_BUCKETS, STATUSES
-
 log = logging.getLogger(__name__)
 
+#: Job-duration histogram buckets, in seconds: up to 20 minutes.
+DURATION_BUCKETS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+#: Outcomes of an attempt (retried: it failed and RQ queued it again).
+STATUSES = ("finished", "failed", "retried")
 
 
 class WorkerMetrics:
@@ -64,6 +58,11 @@ class WorkerMetrics:
         self.evaluations = Counter(
             "shapserve_worker_model_evaluations", "Images this worker evaluated with the model", registry=registry
         )
+        self.forward_seconds = Counter(
+            "shapserve_worker_model_forward_seconds",
+            "Seconds this worker spent in model forward passes (finished jobs)",
+            registry=registry,
+        )
         self.busy = Gauge("shapserve_worker_busy", "1 while this worker runs a job", registry=registry)
         self.last_job = Gauge(
             "shapserve_worker_last_job_timestamp_seconds", "Unix time the last job ended", registry=registry
@@ -85,6 +84,7 @@ class WorkerMetrics:
         self.duration.observe(seconds)
         if outcome == "finished" and isinstance(result, dict):
             self.evaluations.inc(int(result.get("model_evaluations", 0)))
+            self.forward_seconds.inc(float(result.get("timings_s", {}).get("model_forward", 0.0)))
         self.last_job.set(time.time())
 
 

@@ -6,8 +6,12 @@ Redis layout (all keys under ``shapserve:explain:``):
 - ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (image bytes, model version,
   normalised parameters), kept as long as the job's result can be;
 - ``artifact:<job id>`` -> npz (segmented image + superpixel labels) for the heatmap;
-- ``png:<job id>:<variant>`` -> a rendered heatmap, cached;
-- ``metrics`` -> see :mod:`worker.metrics`.
+- ``png:<job id>:<variant>`` -> a rendered heatmap, cached.
+
+Nothing here counts jobs: job counts and durations are the workers' own Prometheus series
+(:mod:`worker.metrics`). The Retry-After of a full queue reads the durations of recently
+finished jobs from RQ's own finished-job registry and job timestamps
+(:func:`recent_job_seconds`).
 
 Job ids are random UUIDs (``uuid4``). No torch here: the API imports this module.
 """
@@ -26,9 +30,12 @@ import numpy as np
 
 from shapcore.errors import QueueFull, TooManyJobs
 from shapcore.jobs.settings import ExplainSettings
-from shapcore.jobs.stats import read_metrics, record_failure
 
 PREFIX = "shapserve:explain:"
+#: How many of the last finished jobs the Retry-After estimate averages.
+RECENT_JOBS = 20
+#: Seconds per job the Retry-After estimate assumes before any job has finished.
+DEFAULT_JOB_SECONDS = 10.0
 JOB_FUNC = "worker.jobs.explain_job"
 #: RQ statuses as the API reports them.
 STATUS_MAP = {
@@ -121,16 +128,34 @@ def dedup_ttl(settings: ExplainSettings) -> int:
     return settings.explain_result_ttl_s + attempts * (settings.explain_job_timeout_s + 60) + 3600
 
 
+def recent_job_seconds(queue: Any, limit: int = RECENT_JOBS) -> list[float]:
+    """Compute time (``ended_at - started_at`` of the last attempt) of the ``limit`` jobs that
+    finished last on ``queue``, newest first, read from RQ's finished-job registry.
+
+    Every job of the queue is enqueued with the same ``result_ttl``, so the registry's score
+    (end time + ttl) orders the jobs by end time. Jobs whose hash expired are skipped.
+    """
+    from rq.job import Job
+
+    ids = queue.finished_job_registry.get_job_ids(0, limit - 1, desc=True, cleanup=False)
+    seconds = []
+    for job in Job.fetch_many(ids, connection=queue.connection):
+        if job is not None and job.started_at is not None and job.ended_at is not None:
+            seconds.append(max(0.0, (job.ended_at - job.started_at).total_seconds()))
+    return seconds
+
+
 def retry_after_estimate(connection: Any, queue: Any, depth: int) -> int:
-    """Seconds until the queue has likely drained by one place: depth × mean job time / workers."""
+    """Seconds until the queue has likely drained by ``depth`` places: depth × the mean compute
+    time of the recently finished jobs (:func:`recent_job_seconds`) / the live workers."""
     from rq import Worker
 
     try:
-        values = read_metrics(connection)
-        mean = values.get("duration_sum", 0.0) / values["duration_count"] if values.get("duration_count") else 10.0
+        recent = recent_job_seconds(queue)
+        mean = sum(recent) / len(recent) if recent else DEFAULT_JOB_SECONDS
         workers = max(1, Worker.count(connection=connection, queue=queue))
     except Exception:
-        mean, workers = 10.0, 1
+        mean, workers = DEFAULT_JOB_SECONDS, 1
     return int(min(3600, max(1, math.ceil(depth * mean / workers))))
 
 
@@ -232,7 +257,7 @@ def _compare_and_delete(connection: Any, key: str, value: str) -> None:
 def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
     """RQ failure callback (a raised error, a timeout, or an abandoned job found by cleanup)."""
     reason = describe_exception(exc_type, exc_value)
-    _note_failure(job, connection, reason)
+    _note_failure(job, reason)
 
 
 def on_work_horse_killed(job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
@@ -241,18 +266,17 @@ def on_work_horse_killed(job: Any, retpid: Any, ret_val: Any, rusage: Any) -> No
 
     sig = os.WTERMSIG(ret_val) if ret_val and os.WIFSIGNALED(ret_val) else None
     reason = f"the work horse died (signal {sig})" if sig else f"the work horse exited with status {ret_val}"
-    _note_failure(job, job.connection, reason)
+    _note_failure(job, reason)
 
 
-def _note_failure(job: Any, connection: Any, reason: str) -> None:
-    retried = bool(job.retries_left and job.retries_left > 0)
+def _note_failure(job: Any, reason: str) -> None:
+    """Keep the reason and the attempt count in the job's meta (the worker counts the outcome)."""
     try:
         job.meta["last_failure"] = reason
         job.meta["failures"] = int(job.meta.get("failures", 0)) + 1
         job.save_meta()
     except Exception:
         pass
-    record_failure(connection, retried=retried)
 
 
 def describe_exception(exc_type: Any, exc_value: Any) -> str:
