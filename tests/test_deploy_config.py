@@ -401,7 +401,8 @@ def test_copied_files_exist_and_reach_the_build_context() -> None:
             assert any(f.startswith(src.rstrip("/") + "/") for f in included), f"COPY {src}: excluded"
     # What the image needs at run time is in it: every package pyproject.toml installs, the
     # scripts the image runs and the script modules they import.
-    needed_files = (*installed_packages(), "scripts/healthcheck.py", *script_closure("scripts/run.py"), "pyproject.toml")
+    scripts = (*script_closure("scripts/run.py"), "scripts/healthcheck.py")
+    needed_files = (*installed_packages(), *scripts, "pyproject.toml")
     for needed in needed_files:
         copied = any(needed == s or needed.startswith(s.rstrip("/") + "/") for s in copied_sources())
         assert needed in included and copied, f"{needed} does not reach the image"
