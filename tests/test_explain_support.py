@@ -145,3 +145,19 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def assert_nontrivial(values: object, atol: float, margin: float = 100.0) -> None:
+    """SHAP values that an agreement check at ``atol`` can tell apart from zero and from each other.
+
+    A one-epoch smoke model can give values that are all (nearly) zero, or all equal: two such
+    arrays agree at any tolerance however wrong either computation is. So the largest value must
+    stand ``margin`` times above ``atol``, and the values must spread by as much.
+    """
+    import numpy as np
+
+    arr = np.asarray(values, dtype=np.float64)
+    assert np.isfinite(arr).all(), "SHAP values are not all finite"
+    biggest, spread = float(np.abs(arr).max()), float(np.ptp(arr))
+    assert biggest >= margin * atol, f"max |SHAP value| {biggest:.3g} is too close to the tolerance {atol:g}"
+    assert spread >= margin * atol, f"SHAP values spread by only {spread:.3g}: near-equal values agree trivially"

@@ -30,6 +30,7 @@ import pytest
 import redis
 from service_fixtures import ROOT, RunningService, metric, metric_or
 from service_fixtures import image_file as image
+from test_explain_support import wait_for
 
 SECURITY_REDIS_URL = os.environ.get("SHAPSERVE_TEST_SECURITY_REDIS_URL", "redis://127.0.0.1:6379/11")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once
@@ -37,6 +38,8 @@ SMALL = {"segments": "12", "samples": "60"}
 FAST_START = {"JIT": "false", "WARMUP": "false"}
 OPEN_TIMEOUT_S = 5
 OPEN_CONCURRENCY = 6
+#: Only guards against a hang (a loaded machine may be slow); no test here claims a speed.
+HANG_GUARD_S = 60
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -128,11 +131,10 @@ def test_keys_cli_mints_a_key_once_and_startup_refuses_bad_key_setups(tmp_path):
     assert secret not in again.stdout and again.stdout.count(":admin") == 0
     assert run_service_cli("keys", "new", "bad name").returncode == 2
 
-    start = time.monotonic()
+    # The registry is empty: had the model been loaded first, that would have failed instead.
     required = run_service_cli(env={"REQUIRE_API_KEYS": "true", "MODEL_REGISTRY": str(tmp_path)})
     assert required.returncode == 2
     assert "REQUIRE_API_KEYS is true but no API key is configured" in required.stderr
-    assert time.monotonic() - start < 30  # refused before the model (or torch) is loaded
     missing = run_service_cli(env={"API_KEYS_FILE": str(tmp_path / "nope")})
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     raw = run_service_cli(env={"API_KEYS": f"ops:{secret}"})
@@ -452,7 +454,7 @@ def test_a_trickling_upload_is_cut_off_after_the_request_timeout(open_service):
     start = time.monotonic()
     try:
         sock.settimeout(0.5)
-        while time.monotonic() - start < OPEN_TIMEOUT_S + 10:
+        while time.monotonic() - start < OPEN_TIMEOUT_S + HANG_GUARD_S:
             try:
                 sock.recv(1, socket.MSG_PEEK)
                 break  # the answer (or the end) is there: stop sending
@@ -466,14 +468,17 @@ def test_a_trickling_upload_is_cut_off_after_the_request_timeout(open_service):
     assert status == 503
     assert json.loads(body)["error"]["code"] == "request_timeout"
     assert headers["connection"] == "close"
-    assert OPEN_TIMEOUT_S - 0.5 <= elapsed <= OPEN_TIMEOUT_S + 5
+    assert elapsed >= OPEN_TIMEOUT_S - 0.5  # cut off by the request timeout, not before it
     assert metric(open_service.client.get("/metrics").text, "shapserve_request_timeouts_total") >= 1
 
 
 def test_a_flood_beyond_the_concurrency_limit_is_refused_fast(open_service):
     holders = [slow_upload(open_service.url) for _ in range(OPEN_CONCURRENCY - 1)]
-    held_at = time.monotonic()
-    time.sleep(0.3)
+
+    def holders_in() -> bool:  # with every holder counted, one more connection reaches the limit
+        return open_service.client.get("/model").status_code == 503
+
+    wait_for(holders_in, HANG_GUARD_S, "the held uploads to fill the service", interval=0.05)
 
     async def flood(n: int) -> list[tuple[int, float, str]]:
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
@@ -482,25 +487,22 @@ def test_a_flood_beyond_the_concurrency_limit_is_refused_fast(open_service):
             async def one() -> tuple[int, float, str]:
                 # uvicorn refuses before routing, so the route does not matter; a GET sends no body
                 # that could still be arriving when the refused connection is closed (a TCP reset).
-                t0 = time.monotonic()
                 try:
                     r = await client.get("/model")
-                    return r.status_code, time.monotonic() - t0, r.text
+                    return r.status_code, r.text
                 except httpx.HTTPError as exc:
-                    return 0, time.monotonic() - t0, repr(exc)
+                    return 0, repr(exc)
 
             return await asyncio.gather(*(one() for _ in range(n)))
 
     try:
-        start = time.monotonic()
         results = asyncio.run(flood(40))
-        flood_s = time.monotonic() - start
-        assert time.monotonic() - held_at < OPEN_TIMEOUT_S, "the flood outlasted the holders: too slow a machine?"
-        assert [s for s, _, _ in results] == [503] * 40, results[:3]
-        assert max(t for _, t, _ in results) < 2.0 and flood_s < 3.0, (flood_s, sorted(t for _, t, _ in results))
+        # Refused, not queued: a request that waited for a holder's slot would get /model's 200.
+        # (How fast the refusals come is a speed, not asserted here.)
+        assert [s for s, _ in results] == [503] * 40, results[:3]
         # the held requests are still there, and are answered (timed out) in time
         for sock in holders:
-            sock.settimeout(OPEN_TIMEOUT_S + 10)
+            sock.settimeout(OPEN_TIMEOUT_S + HANG_GUARD_S)
             status, _, body = read_response(sock)
             assert status == 503 and json.loads(body)["error"]["code"] == "request_timeout"
     finally:
@@ -514,13 +516,8 @@ def test_a_flood_beyond_the_concurrency_limit_is_refused_fast(open_service):
 
 def test_rate_limits_fall_back_to_memory_without_redis(open_service, cifar_jpeg):
     client = open_service.client
-    timings, statuses = [], []
-    for _ in range(5):
-        t0 = time.monotonic()
-        statuses.append(client.post("/predict", files=image(cifar_jpeg)).status_code)
-        timings.append(time.monotonic() - t0)
+    statuses = [client.post("/predict", files=image(cifar_jpeg)).status_code for _ in range(5)]
     assert statuses == [200, 200, 200, 200, 429]  # 4/minute for 127.0.0.1, counted in memory
-    assert max(timings) < 2.0, timings  # Redis being away costs /predict nothing
     r = client.post("/predict", files=image(cifar_jpeg))
     assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
     assert r.json()["error"]["code"] == "rate_limited"

@@ -1,4 +1,8 @@
-"""The dynamic batcher in-process, with a fake forward pass that records its batches."""
+"""The dynamic batcher in-process, with a fake forward pass that records its batches.
+
+No test waits a fixed time for something to happen: each polls the batcher's state (see
+:func:`until`), so a loaded machine makes them slower, never red.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +53,21 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
 
 
+async def until(predicate, what: str, guard_s: float = 20.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds; ``guard_s`` only guards against a hang."""
+    try:
+        async with asyncio.timeout(guard_s):
+            while not predicate():
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise AssertionError(f"not seen within the {guard_s:.0f} s guard: {what}") from None
+
+
+def taken(batcher: Batcher) -> bool:
+    """The consumer has taken every queued request into the batch it is forming."""
+    return not batcher._queue
+
+
 def test_an_idle_batcher_runs_at_once_even_with_a_long_max_wait(executor):
     async def main():
         model = FakeModel()
@@ -70,8 +89,7 @@ def test_requests_queued_during_a_forward_pass_share_the_next(executor):
         first = asyncio.create_task(batcher.submit(images(1)))
         await asyncio.to_thread(model.entered.wait, 10)
         rest = [asyncio.create_task(batcher.submit(images(v))) for v in range(2, 7)]
-        await asyncio.sleep(0.05)
-        assert batcher.queued_images == 5
+        await until(lambda: batcher.queued_images == 5, "five requests queued behind the running pass")
         model.gate.set()
         results = await asyncio.gather(first, *rest)
         await batcher.stop()
@@ -92,7 +110,7 @@ def test_max_size_and_requests_are_never_split(executor):
         a = asyncio.create_task(batcher.submit(images(1, 2, 3)))
         b = asyncio.create_task(batcher.submit(images(4, 5)))  # does not fit beside a: next batch
         c = asyncio.create_task(batcher.submit(images(6, 7, 8, 9, 10, 11)))  # larger than max: alone
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued_images == 11, "a, b and c queued behind the running pass")
         model.gate.set()
         results = await asyncio.gather(first, a, b, c)
         await batcher.stop()
@@ -126,9 +144,11 @@ def test_announced_requests_are_waited_for(executor):
         batcher = Batcher(model, executor, max_size=8, max_wait_s=5.0)
         batcher.start()
 
+        decoded = asyncio.Event()
+
         async def slow_decode(value: int):
             with batcher.expect():
-                await asyncio.sleep(0.05)
+                await decoded.wait()  # still decoding until the test says otherwise
                 img = images(value)
             return await batcher.submit(img)
 
@@ -140,6 +160,12 @@ def test_announced_requests_are_waited_for(executor):
             await asyncio.sleep(0)
             other = asyncio.create_task(slow_decode(2))
             await asyncio.sleep(0)
+        # The first request is in a forming batch, held open for the one still decoding.
+        await until(lambda: taken(batcher), "the first request taken into a batch")
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert batcher.queued_images == 1 and not model.entered.is_set(), "the batch did not wait"
+        decoded.set()
         results = await asyncio.gather(pending, other)
         await batcher.stop()
         return results, model.batches
@@ -174,7 +200,7 @@ def test_stop_fails_waiting_requests(executor):
         first = asyncio.create_task(batcher.submit(images(1)))
         await asyncio.to_thread(model.entered.wait, 10)
         queued = asyncio.create_task(batcher.submit(images(2)))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued_images == 1, "the second request queued")
         await batcher.stop()
         model.gate.set()
         for task in (first, queued):
@@ -205,19 +231,30 @@ def test_several_workers_run_batches_side_by_side():
         pool.shutdown(wait=True)
 
 
-def test_after_a_burst_batches_wait_briefly_for_the_recent_peak(executor):
+def test_after_a_burst_batches_wait_for_the_recent_peak(executor, monkeypatch):
+    """After a burst of 3, a lone request waits for company until its batch holds 3 again.
+
+    The remembered peak decays with time (PEAK_HALF_LIFE_S); a long half-life here keeps it
+    from decaying while a slow machine runs the test, and max_wait_s is only a guard: the
+    batch closes because it reaches the peak, not because time runs out."""
+    monkeypatch.setattr("service.batcher.PEAK_HALF_LIFE_S", 3600.0)
+
     async def main():
         model = FakeModel()
-        batcher = Batcher(model, executor, max_size=8, max_wait_s=0.5)
+        batcher = Batcher(model, executor, max_size=8, max_wait_s=25.0)
         batcher.start()
         await asyncio.gather(*(batcher.submit(images(v)) for v in range(3)))  # peak demand: 3
         first = asyncio.create_task(batcher.submit(images(7)))
-        await asyncio.sleep(0.05)  # well inside max_wait: the batch is still open
+        await until(lambda: taken(batcher), "the lone request taken into a batch")
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert model.batches == [3], "the lone request ran without waiting for the recent peak"
         second = asyncio.create_task(batcher.submit(images(8)))
-        results = await asyncio.gather(first, second)
+        third = asyncio.create_task(batcher.submit(images(9)))
+        results = await asyncio.gather(first, second, third)
         await batcher.stop()
         return results, model.batches
 
     results, batches = run(main())
-    assert batches == [3, 2]
-    assert [rows for _, rows in results] == [[7], [8]]
+    assert batches == [3, 3]
+    assert [rows for _, rows in results] == [[7], [8], [9]]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port
-from test_explain_support import wait_for
+from test_explain_support import assert_nontrivial, wait_for
 
 from shapcore.jobs.queue import (
     DEFAULT_JOB_SECONDS,
@@ -77,6 +77,8 @@ def test_batched_values_agree_with_the_plain_kernel_explainer(loaded, cat, backg
         plain = np.asarray(explainer.shap_values(np.ones((1, m)), nsamples=80, l1_reg=False, silent=True))[0]
     ours = np.array([c["shap_values"] for c in result["classes"]]).T  # (M, classes)
     assert ours.shape == plain.shape == (m, len(loaded.class_names))
+    assert_nontrivial(plain, atol=1e-5)
+    assert_nontrivial(ours, atol=1e-5)
     np.testing.assert_allclose(ours, plain, atol=1e-5)
     np.testing.assert_allclose(
         [c["base_value"] for c in result["classes"]], np.asarray(explainer.expected_value), atol=1e-6
@@ -104,6 +106,7 @@ def test_the_frozen_worker_model_explains_as_the_eager_one(smoke_model, loaded, 
     params = ExplainParams(segments=10, samples=80, background=2, seed=3)
     ours, _ = explain_image(frozen, cat, to_source_size(cat), bg, loaded.class_names, params)
     ref, _ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    assert_nontrivial([c["shap_values"] for c in ref["classes"]], atol=1e-5)
     np.testing.assert_allclose(
         [c["shap_values"] for c in ours["classes"]], [c["shap_values"] for c in ref["classes"]], atol=1e-5
     )
@@ -135,6 +138,7 @@ def test_exhaustive_small_case_is_exact_shapley(loaded, cat):
             w = factorial(size) * factorial(m - size - 1) / factorial(m)
             for s in combinations(others, size):
                 exact[j] += w * (v((*s, j)) - v(s))
+    assert_nontrivial(exact, atol=1e-5)
     np.testing.assert_allclose(out["phi"][:, target], exact, atol=1e-5)
 
 
