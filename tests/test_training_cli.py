@@ -139,8 +139,8 @@ def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
 
 
 def test_time_budget_plan_fits_the_budget() -> None:
+    from training.budget import plan_budget
     from training.presets import PROFILES
-    from training.train import plan_budget
 
     cfg = PROFILES["cpu"]
     full = 40_000 // cfg.batch_size
@@ -161,15 +161,15 @@ def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> N
     """The OneCycle schedule of a budgeted run is driven by elapsed time, not by step count."""
     import torch
 
-    from training import train
+    from training import budget
     from training.presets import PROFILES, make_scheduler
 
     now = [1000.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
     cfg = PROFILES["cpu"]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_scheduler(cfg, opt, total_steps=train.SCHEDULE_TICKS)
-    progress = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=0.0)
+    sched = make_scheduler(cfg, opt, total_steps=budget.SCHEDULE_TICKS)
+    progress = budget.BudgetProgress({"train_window_s": 100.0}, elapsed_before=0.0)
     lrs = []
     for t in (0, 25, 50, 99, 100):
         now[0] = 1000.0 + t
@@ -179,18 +179,18 @@ def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> N
     assert lrs[1] == pytest.approx(cfg.lr, rel=0.01)  # the peak at 25% of the time
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1] and lrs[-1] < cfg.lr / 1000
     # a resumed run continues where the interrupted one's clock stopped
-    resumed = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
+    resumed = budget.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
     assert resumed.fraction() == pytest.approx(0.6)
 
 
 def test_no_epoch_is_begun_for_a_few_steps_at_the_end_of_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another epoch only when the time left holds real training: not one step followed by a
     whole validation pass that overruns the budget."""
-    from training import train
+    from training import budget
 
     now = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
-    progress = train.BudgetProgress({"train_window_s": 300.0}, elapsed_before=0.0)
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+    progress = budget.BudgetProgress({"train_window_s": 300.0}, elapsed_before=0.0)
     now[0] = 298.7  # 1.3 s left: one 1.28-s step, then 22 s of validation
     assert progress.too_little_left(step_s=1.28, val_s=22.0)
     now[0] = 250.0  # 50 s left: 39 steps, more than the 22-s validation
