@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, registry: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "training", "--quiet"]
+def cli(
+    *args: str, registry: Path | None = None, check: bool = False, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    cmd = [*prefix, sys.executable, "-m", "training", "--quiet"]
     if registry is not None:
         cmd += ["--registry", str(registry)]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -114,17 +118,29 @@ def test_unknown_version(smoke_model: tuple[Path, str], small_test_archive: Path
                       "unknown version")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the read-only mount below covers it")
 def test_registry_not_writable_chmod(small_archive: Path, tmp_path: Path) -> None:
+    """A registry directory without write permission (EACCES) is refused before training.
+
+    Root writes through any mode bits (CAP_DAC_OVERRIDE), so as root the CLI runs without
+    the capabilities that bypass file permissions, as an ordinary user would.
+    """
     reg = tmp_path / "ro"
     reg.mkdir()
     reg.chmod(0o500)
-    assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg),
-                      "not writable")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and util-linux's setpriv is missing: cannot drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    proc = cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg, prefix=prefix)
+    assert_user_error(proc, "not writable")
+    assert "Permission denied" in proc.stderr
+    assert not proc.stdout.startswith("run "), "refused only after a run had begun"
 
 
 def test_registry_not_writable(small_archive: Path, tmp_path: Path) -> None:
-    # A registry path below a regular file can never be created, even by root.
+    # A registry path below a regular file can never be created, even by root (ENOTDIR).
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke",
