@@ -100,15 +100,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def cut_archive(src: Path, dest: Path, per_class: int, split: str = "train") -> Path:
-    """Copy the first ``per_class`` images of each class from ``src`` into a new archive."""
+def cut_archive(src: Path, dest: Path, per_class: int, split: str = "train", skip: int = 0) -> Path:
+    """Copy ``per_class`` images of each class from ``src`` into a new archive, after its first ``skip``."""
     counts: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     with tarfile.open(src, "r|*") as tin, tarfile.open(dest, "w:gz") as tout:
         for member in tin:
             parts = Path(member.name).parts
             if not member.isfile() or len(parts) != 3:
                 continue
             cls = parts[1]
+            if skipped.get(cls, 0) < skip:
+                skipped[cls] = skipped.get(cls, 0) + 1
+                continue
             if counts.get(cls, 0) >= per_class:
                 continue
             data = tin.extractfile(member).read()
@@ -134,8 +138,10 @@ def small_archive(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture(scope="session")
 def small_test_archive(shared_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same images laid out as test/<class>/<image>, as a held-out split would be."""
-    return cut_archive(shared_archive, tmp_path_factory.mktemp("data") / "test.tar.gz", 10, split="test")
+    """test/<class>/<image>: 10 real CIFAR-10 JPEGs per class that ``small_archive`` does not hold
+    (the ones after its first PER_CLASS), so that evaluation sees held-out images."""
+    dest = tmp_path_factory.mktemp("data") / "test.tar.gz"
+    return cut_archive(shared_archive, dest, 10, split="test", skip=PER_CLASS)
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, registry: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "training", "--quiet"]
+def cli(
+    *args: str, registry: Path | None = None, check: bool = False, prefix: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    cmd = [*prefix, sys.executable, "-m", "training", "--quiet"]
     if registry is not None:
         cmd += ["--registry", str(registry)]
     proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -114,17 +118,29 @@ def test_unknown_version(smoke_model: tuple[Path, str], small_test_archive: Path
                       "unknown version")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the read-only mount below covers it")
 def test_registry_not_writable_chmod(small_archive: Path, tmp_path: Path) -> None:
+    """A registry directory without write permission (EACCES) is refused before training.
+
+    Root writes through any mode bits (CAP_DAC_OVERRIDE), so as root the CLI runs without
+    the capabilities that bypass file permissions, as an ordinary user would.
+    """
     reg = tmp_path / "ro"
     reg.mkdir()
     reg.chmod(0o500)
-    assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg),
-                      "not writable")
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and util-linux's setpriv is missing: cannot drop CAP_DAC_OVERRIDE")
+        prefix = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    proc = cli("train", "--data", str(small_archive), "--profile", "smoke", registry=reg, prefix=prefix)
+    assert_user_error(proc, "not writable")
+    assert "Permission denied" in proc.stderr
+    assert not proc.stdout.startswith("run "), "refused only after a run had begun"
 
 
 def test_registry_not_writable(small_archive: Path, tmp_path: Path) -> None:
-    # A registry path below a regular file can never be created, even by root.
+    # A registry path below a regular file can never be created, even by root (ENOTDIR).
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert_user_error(cli("train", "--data", str(small_archive), "--profile", "smoke",
@@ -139,8 +155,8 @@ def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
 
 
 def test_time_budget_plan_fits_the_budget() -> None:
+    from training.budget import plan_budget
     from training.presets import PROFILES
-    from training.train import plan_budget
 
     cfg = PROFILES["cpu"]
     full = 40_000 // cfg.batch_size
@@ -161,15 +177,15 @@ def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> N
     """The OneCycle schedule of a budgeted run is driven by elapsed time, not by step count."""
     import torch
 
-    from training import train
+    from training import budget
     from training.presets import PROFILES, make_scheduler
 
     now = [1000.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
     cfg = PROFILES["cpu"]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = make_scheduler(cfg, opt, total_steps=train.SCHEDULE_TICKS)
-    progress = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=0.0)
+    sched = make_scheduler(cfg, opt, total_steps=budget.SCHEDULE_TICKS)
+    progress = budget.BudgetProgress({"train_window_s": 100.0}, elapsed_before=0.0)
     lrs = []
     for t in (0, 25, 50, 99, 100):
         now[0] = 1000.0 + t
@@ -179,18 +195,18 @@ def test_budget_schedule_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> N
     assert lrs[1] == pytest.approx(cfg.lr, rel=0.01)  # the peak at 25% of the time
     assert lrs[0] < lrs[1] and lrs[2] < lrs[1] and lrs[-1] < cfg.lr / 1000
     # a resumed run continues where the interrupted one's clock stopped
-    resumed = train.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
+    resumed = budget.BudgetProgress({"train_window_s": 100.0}, elapsed_before=60.0)
     assert resumed.fraction() == pytest.approx(0.6)
 
 
 def test_no_epoch_is_begun_for_a_few_steps_at_the_end_of_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another epoch only when the time left holds real training: not one step followed by a
     whole validation pass that overruns the budget."""
-    from training import train
+    from training import budget
 
     now = [0.0]
-    monkeypatch.setattr(train.time, "perf_counter", lambda: now[0])
-    progress = train.BudgetProgress({"train_window_s": 300.0}, elapsed_before=0.0)
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+    progress = budget.BudgetProgress({"train_window_s": 300.0}, elapsed_before=0.0)
     now[0] = 298.7  # 1.3 s left: one 1.28-s step, then 22 s of validation
     assert progress.too_little_left(step_s=1.28, val_s=22.0)
     now[0] = 250.0  # 50 s left: 39 steps, more than the 22-s validation

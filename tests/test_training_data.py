@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -113,3 +114,17 @@ def test_eval_classes_must_be_known(tmp_path: Path) -> None:
     files = {f"test/{c}/0.jpg": _jpeg((0, 0, 0)) for c in ("cat", "unicorn")}
     with pytest.raises(UserError, match="unicorn"):
         load_images(str(_tar(tmp_path / "d.tar.gz", files)), class_names=CIFAR10_CLASSES, progress=False)
+
+
+def _content_hashes(archive: Path) -> list[str]:
+    with tarfile.open(archive) as tar:
+        return [hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar if m.isfile()]
+
+
+def test_the_test_split_is_held_out_of_the_training_archive(small_archive: Path, small_test_archive: Path) -> None:
+    """Evaluation must score images the model never trained on: no test image is a training image."""
+    train = _content_hashes(small_archive)
+    test = _content_hashes(small_test_archive)
+    assert (len(train), len(test)) == (300, 100)
+    assert len(set(test)) == 100  # a CIFAR-10 image is not stored twice
+    assert set(train).isdisjoint(test)

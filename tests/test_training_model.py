@@ -32,14 +32,41 @@ def test_preprocess_upsamples_and_normalises() -> None:
     assert torch.allclose(out, torch.full_like(out, 2.0))
 
 
-def test_checkpoint_round_trip_gives_identical_logits(smoke_model: tuple[Path, str]) -> None:
+def test_checkpoint_round_trip_gives_the_saved_model(smoke_model: tuple[Path, str], tmp_path: Path) -> None:
+    """What a registry load returns is the in-memory model that was published: every tensor
+    of its state (weights and batch-norm statistics) and its logits on real images."""
     root, version = smoke_model
-    reg = Registry(root)
-    a = reg.load(version)
-    b = reg.load(version)
-    images = a.background()[:8]
+    trained = Registry(root).load(version)
+    meta = trained.metadata
+    images = trained.background()[:8]
+    # The trained model, changed in memory so that no file holds it yet: nudged weights and
+    # batch-norm statistics updated by a training-mode pass over real images.
+    torch.manual_seed(0)
+    net = build_model(len(meta["class_names"]))
+    net.load_state_dict(trained.model.net.state_dict())
+    saved = Classifier(net, trained.model.preprocess)
+    with torch.no_grad():
+        for param in net.parameters():
+            param.add_(torch.randn_like(param), alpha=1e-2)
+        saved.train()(images)
+    saved.eval()
+
+    out = Registry(tmp_path)
+    out.publish("20260101-000000-abcdef", net, {**meta, "version": "20260101-000000-abcdef"}, images, [])
+    loaded = out.load("20260101-000000-abcdef")
+    expected, got = net.state_dict(), loaded.model.net.state_dict()
+    assert expected.keys() == got.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), key
+    assert not torch.equal(got["fc.1.weight"], trained.model.net.state_dict()["fc.1.weight"])
     with torch.inference_mode():
-        assert torch.equal(a.model(images), b.model(images))
+        assert torch.equal(loaded.model(images), saved(images))
+    assert torch.equal(loaded.background(), images)
+
+
+def test_published_version_metadata(smoke_model: tuple[Path, str]) -> None:
+    root, version = smoke_model
+    a = Registry(root).load(version)
     meta = a.metadata
     for key in ("architecture", "class_names", "input_size", "normalization", "profile", "hyperparameters",
                 "data", "epochs_run", "best_val_loss", "best_val_accuracy", "torch_version",

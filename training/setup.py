@@ -1,0 +1,169 @@
+"""Setting a training run up: resume state, data on the device, model, time-budget plan.
+
+What :func:`training.train.run` fixes before its first epoch, gathered in a :class:`RunSetup`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shapcore.errors import UserError
+from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
+from shapcore.registry import Registry
+from training import checkpoint, distributed
+from training.budget import measure_eval_rate, measure_step_time, plan_budget
+from training.data import ImageSet, load_images, pick_background, split_train_val
+from training.distributed import Dist
+from training.engine import Batches, autocast_for
+from training.presets import TrainConfig, train_augmentation
+
+
+@dataclass
+class RunData:
+    """The images a run reads: its train/validation batches and the explainer's background."""
+
+    images: ImageSet
+    train: Batches
+    val: Batches
+    background: torch.Tensor
+    background_idx: torch.Tensor
+    info: dict[str, Any]  # the ``data`` block of the metadata and of the resumable state
+
+
+@dataclass
+class RunSetup:
+    """Everything fixed before the first epoch."""
+
+    cfg: TrainConfig
+    version: str
+    run_dir: Path
+    dd: Dist
+    dev: torch.device
+    data: RunData
+    model: Classifier  # the model that is saved and published
+    train_model: torch.nn.Module  # ``model``, or its DistributedDataParallel wrapper
+    aug: torch.nn.Module
+    autocast: Any
+    plan: dict[str, Any] | None
+    progress: bool
+
+    def say(self, text: str) -> None:
+        if self.dd.main:
+            print(text, flush=True)
+
+
+# -- setup --------------------------------------------------------------------------------
+def resume_info(registry: Registry, version: str) -> dict[str, Any]:
+    run_dir = registry.runs_dir() / version
+    if not (run_dir / checkpoint.STATE_JSON).is_file():
+        raise UserError(f"no interrupted run {version!r} under {registry.runs_dir()}")
+    return checkpoint.read_run_info(run_dir)
+
+
+def set_up(
+    cfg: TrainConfig,
+    data_src: str,
+    registry: Registry,
+    info: dict[str, Any] | None,
+    version: str,
+    device: str,
+    progress: bool,
+) -> RunSetup:
+    dd, dev = distributed.setup(device)
+    version = distributed.broadcast_str(version, dev)
+    progress = progress and dd.main
+    if not info and dd.main:
+        print(f"run {version} (if interrupted: train --resume {version})", flush=True)
+    torch.manual_seed(cfg.seed)
+    data = _load_data(cfg, data_src, info, dd, dev, progress)
+    model, train_model = _build_model(cfg, len(data.images.class_names), dd, dev, fresh=info is None)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    return RunSetup(
+        cfg=cfg,
+        version=version,
+        run_dir=registry.runs_dir() / version,
+        dd=dd,
+        dev=dev,
+        data=data,
+        model=model,
+        train_model=train_model,
+        aug=train_augmentation(cfg).to(dev),
+        autocast=autocast_for(cfg, dev),
+        plan=info["plan"] if info else None,
+        progress=progress,
+    )
+
+
+def _load_data(
+    cfg: TrainConfig, data_src: str, info: dict[str, Any] | None, dd: Dist, dev: torch.device, progress: bool
+) -> RunData:
+    """Decode the source, split it, pick the background and put the batches on the device."""
+    data = load_images(data_src, split=["train"], progress=progress)
+    if info and data.sha256 != info["data"]["sha256"]:
+        raise UserError(f"{data_src} changed since the run started (sha256 differs); cannot resume")
+    if len(data.class_names) < 2:
+        raise UserError("training needs at least two classes")
+    train_idx, val_idx = split_train_val(len(data), cfg.val_fraction, cfg.seed)
+    if cfg.max_train_images:
+        train_idx = train_idx[: cfg.max_train_images]
+    if cfg.max_val_images:
+        val_idx = val_idx[: cfg.max_val_images]
+    bg_idx = train_idx[pick_background(data.labels[train_idx], cfg.background_count, cfg.seed, len(data.class_names))]
+
+    images, labels = data.images.to(dev), data.labels.to(dev)
+    train_idx, val_idx = train_idx.to(dev), val_idx.to(dev)
+    rank_batch = max(1, cfg.batch_size // dd.world)  # cfg.batch_size stays the global batch
+    drop_last = len(train_idx) // dd.world >= 2 * rank_batch
+    train_b = Batches(images[train_idx], labels[train_idx], rank_batch, True, cfg.seed, drop_last=drop_last,
+                      rank=dd.rank, world=dd.world)  # fmt: skip
+    val_b = Batches(images[val_idx], labels[val_idx], cfg.eval_batch_size, False, rank=dd.rank, world=dd.world)
+    data_info = {
+        "source": data_src,
+        "split": data.split,
+        "sha256": data.sha256,
+        "images": len(data),
+        "skipped_images": len(data.skipped),
+        "train_size": len(train_b.labels),
+        "val_size": len(val_b.labels),
+    }
+    return RunData(data, train_b, val_b, data.images[bg_idx], bg_idx, data_info)
+
+
+def _build_model(
+    cfg: TrainConfig, num_classes: int, dd: Dist, dev: torch.device, *, fresh: bool
+) -> tuple[Classifier, torch.nn.Module]:
+    """The model to save, and the one to step (DDP-wrapped under torchrun). A resumed run
+    loads its own weights later, so it skips ``cfg.weights``."""
+    weights = cfg.weights if fresh else None
+    net = build_model(num_classes, dropout=cfg.dropout, weights=weights, zero_init_residual=cfg.zero_init_residual)
+    model = Classifier(net, Preprocess(cfg.image_size, CIFAR10_MEAN, CIFAR10_STD)).to(dev)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not dd.enabled:
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model, DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def fit_budget(setup: RunSetup, t_start: float) -> None:
+    """Measure a step and a validation pass, then plan the epochs into ``setup`` (rank 0 decides)."""
+    cfg, data, dev = setup.cfg, setup.data, setup.dev
+    step_s = measure_step_time(setup.model, setup.aug, cfg, setup.autocast, data.train, dev)
+    eval_rate = measure_eval_rate(setup.model, cfg, setup.autocast, data.val, dev) * setup.dd.world
+    step_s, eval_rate, elapsed = distributed.broadcast_floats([step_s, eval_rate, time.perf_counter() - t_start], dev)
+    plan = plan_budget(cfg, cfg.time_budget_min * 60, step_s, eval_rate, len(data.train.labels),
+                       len(data.val.labels), elapsed)  # fmt: skip
+    setup.plan = plan
+    setup.cfg = cfg.override(epochs=plan["epochs"])
+    setup.say(
+        f"budget {cfg.time_budget_min:g} min: {step_s * 1000:.0f} ms/step "
+        f"({cfg.batch_size / step_s:.0f} img/s) -> {plan['epochs']} epoch(s) of "
+        f"{plan['steps_per_epoch']} steps, about {plan['planned_s'] / 60:.1f} min"
+    )
