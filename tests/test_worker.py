@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_explain_support import wait_for
+from test_explain_support import job_image, wait_for
 
 from shapcore.jobs.queue import JobRequest, connect, job_status, submit
 from shapcore.jobs.settings import ExplainSettings
@@ -166,7 +166,7 @@ def test_background_summaries(loaded):
 
 def _request(loaded, image: bytes, samples: int, seed: int = 0) -> JobRequest:
     return JobRequest(
-        image=image, model_version=loaded.version, segments=50, samples=samples, background=1, seed=seed, target=None
+        image=job_image(image), model_version=loaded.version, segments=50, samples=samples, background=1, seed=seed, target=None
     )
 
 
