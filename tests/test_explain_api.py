@@ -283,7 +283,9 @@ def test_failed_job_reports_its_reason(explain_service, api_worker, cifar_jpeg, 
     job, _ = submit(
         connect(explain_redis_url, 2.0),
         settings,
-        JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0, target=None),
+        JobRequest(
+            job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0, target=None
+        ),
     )
     client = explain_service.client
     doc = wait_finished(client, f"/explain/{job.id}")

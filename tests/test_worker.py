@@ -166,7 +166,13 @@ def test_background_summaries(loaded):
 
 def _request(loaded, image: bytes, samples: int, seed: int = 0) -> JobRequest:
     return JobRequest(
-        image=job_image(image), model_version=loaded.version, segments=50, samples=samples, background=1, seed=seed, target=None
+        image=job_image(image),
+        model_version=loaded.version,
+        segments=50,
+        samples=samples,
+        background=1,
+        seed=seed,
+        target=None,
     )
 
 

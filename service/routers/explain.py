@@ -36,7 +36,7 @@ from service.explain_params import (
     heatmap_classes,
     resolve_target,
 )
-from service.images import UploadRoute, read_upload, too_many_files
+from service.images import BINARY, UploadRoute, read_upload, too_many_files
 from service.settings import redact_url
 from service.state import ServiceState
 from shapcore.errors import InputError, QueueFull, ShapserveError, TooManyJobs, UserError
@@ -106,7 +106,10 @@ def _model_identity(state: ServiceState, settings: ExplainSettings) -> tuple[str
         ) from None
 
 
-async def _one_image(request: Request, file: Annotated[UploadFile, File(description="One image, as for /predict.")]):
+async def _one_image(
+    request: Request,
+    file: Annotated[UploadFile, File(description="One image, as for /predict.", json_schema_extra=BINARY)],
+):
     if len((await request.form()).getlist("file")) > 1:
         raise too_many_files(1)
     return await read_upload(file)
@@ -152,7 +155,7 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         settings: ExplainSettingsDep,
         redis: RedisDep,
         upload: Annotated[Any, Depends(_one_image)],
-        target: Annotated[str | None, Form(description=TARGET_DESCRIPTION)] = None,
+        target: Annotated[str, Form(description=TARGET_DESCRIPTION)] = "",  # blank: the top-1 prediction
         segments: bounded("segments", ranges["segments"], text["segments"]) = s.explain_default_segments,
         samples: bounded("samples", ranges["samples"], text["samples"]) = s.explain_default_samples,
         background: bounded("background", ranges["background"], text["background"]) = s.explain_default_background,

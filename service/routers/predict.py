@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from service import metrics
 from service.deps import StateDep
 from service.errors import error_responses
-from service.images import Upload, UploadRoute, read_upload
+from service.images import BINARY_ITEMS, Upload, UploadRoute, read_upload
 from service.schemas import PredictResponse
 from service.settings import Settings
 from service.state import ServiceState
@@ -58,6 +58,7 @@ def build_router(settings: Settings) -> APIRouter:
     files = File(
         min_length=1,
         max_length=settings.max_files_per_request,
+        json_schema_extra=BINARY_ITEMS,
         description="One image (PNG, JPEG, WebP, GIF, BMP or TIFF) per `file` field; repeat the field for several.",
     )
 
