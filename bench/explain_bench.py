@@ -148,6 +148,8 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
     import signal
     import uuid
 
+    from shapcore.images import explanation_input
+    from shapcore.jobs.image import JobImage
     from shapcore.jobs.queue import JobRequest, connect, job_status, submit
 
     queue = f"explain-bench-{uuid.uuid4().hex[:8]}"
@@ -167,11 +169,14 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
             time.sleep(0.2)
         settings = ExplainSettings(redis_url=redis_url, explain_queue=queue)
         conn = connect(redis_url, 2.0)
+        decoded = JobImage.from_arrays(  # what POST /explain hands the worker
+            *explanation_input(image, settings.max_image_pixels, settings.explain_slic_max_side)
+        )
         walls, computes = [], []
         seed_base = uuid.uuid4().int % 2**31
         for seed in range(count):
             request = JobRequest(
-                image=image,
+                image=decoded,
                 model_version=version,
                 segments=settings.explain_default_segments,
                 samples=settings.explain_default_samples,

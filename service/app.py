@@ -9,30 +9,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI
+from prometheus_client import REGISTRY
 
 from service import __version__
 from service.auth import PUBLIC_PATHS, AuthMiddleware, KeyRing
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import install_error_handlers
+from service.explain_metrics import ExplainCollector
 from service.metrics import HTTPMetricsMiddleware
 from service.openapi import install_openapi
 from service.ratelimit import RateLimiter, RateLimitMiddleware
-from service.routers import health, model, predict
+from service.routers import explain, health, model, predict
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 from service.timeout import TimeoutMiddleware
+from shapcore.jobs.queue import connect
+from shapcore.jobs.settings import ExplainSettings, get_explain_settings
 
 log = logging.getLogger("service")
-
-#: Routers included when their module exists (developed separately: the explanation endpoints).
-OPTIONAL_ROUTERS = ("service.routers.explain",)
 
 DESCRIPTION = """\
 Image classification (ResNet-50 trained on CIFAR-10) over HTTP.
@@ -82,6 +82,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     decode_executor = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="decode")
     state = ServiceState(settings=settings, engine=engine, batcher=batcher, decode_executor=decode_executor)
     app.state.service = state
+    # The explanation queue's figures join /metrics while this app runs (read from Redis at scrape time).
+    collector = ExplainCollector(lambda: (app.state.explain_redis, app.state.explain_settings.explain_queue))
+    REGISTRY.register(collector)
     batcher.start()
     state.tasks.append(asyncio.create_task(_load_model(state), name="load-model"))
     try:
@@ -94,9 +97,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await task
         await batcher.stop()
         await state.close()
+        REGISTRY.unregister(collector)
+        app.state.explain_redis.close()
         await app.state.rate_limiter.aclose()
         decode_executor.shutdown(wait=False, cancel_futures=True)
         engine.shutdown()
+
+
+def explain_settings(settings: Settings) -> ExplainSettings:
+    """EXPLAIN_* from the environment, with the connection, registry and limits of ``settings``."""
+    return get_explain_settings().model_copy(
+        update={
+            "redis_url": settings.redis_url,
+            "model_registry": settings.model_registry,
+            "model_version": settings.model_version,
+            "max_image_pixels": settings.max_image_pixels,
+        }
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -110,6 +127,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.explain_settings = explain_settings(settings)
+    app.state.explain_redis = connect(
+        app.state.explain_settings.redis_url, app.state.explain_settings.explain_redis_timeout_s
+    )
     install_error_handlers(app)
     # Outermost first: metrics -> timeout -> API key -> rate limit -> routes. (add_middleware
     # wraps what is there, so they are added innermost first.)
@@ -124,17 +145,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuthMiddleware, keyring=keyring)
     app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)
     app.add_middleware(HTTPMetricsMiddleware)
-    app.include_router(predict.router)
+    app.include_router(predict.build_router(settings))
+    app.include_router(explain.build_router(app.state.explain_settings))
     app.include_router(model.router)
     app.include_router(health.router)
-    for name in OPTIONAL_ROUTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        app.include_router(module.router)
     install_openapi(
         app,
         auth=keyring.enabled,

@@ -1,14 +1,15 @@
-"""Image uploads: streaming multipart reading with a byte limit, format sniffing, a pixel
-limit checked from the header before decoding, and decoding to the model's input.
+"""Image uploads: the multipart body checked and parsed before a route's ``File`` parameters.
 
-Shared by the prediction service and the explanation endpoints. Every refusal is an
-:class:`InputError` carrying an HTTP status, a stable machine-readable ``code`` (also the
-``reason`` label of ``shapserve_rejected_inputs_total``) and a human message::
+Routes declare their upload with FastAPI's ``File``/``Form`` (so OpenAPI is generated) on a
+router whose ``route_class`` is :class:`UploadRoute`. Before FastAPI reads those parameters,
+:func:`read_form` checks the headers, counts the body's bytes as they stream in (over
+MAX_UPLOAD_BYTES: 413 before the rest is read; a declared Content-Length over it: 413 before
+anything is read) and parses it with Starlette's ``Request.form`` (python-multipart); FastAPI
+then reuses that parsed form. Decoding is :mod:`shapcore.images` (``image_to_tensor`` and
+``decode_image`` block on Pillow: run them off the event loop).
 
-    uploads = await read_image_uploads(request, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_request)
-    tensor = await asyncio.to_thread(image_to_tensor, uploads[0].data, s.max_image_pixels)  # uint8 (3, 32, 32)
-
-``image_to_tensor`` (and ``decode_image``) block on Pillow: run them off the event loop.
+Every refusal is an :class:`InputError` carrying an HTTP status, a stable machine-readable
+``code`` (also the ``reason`` label of ``shapserve_rejected_inputs_total``) and a human message.
 
 Codes and statuses:
 
@@ -20,6 +21,7 @@ malformed_multipart    400     not parseable as multipart/form-data (no boundary
 unsupported_media_type 415     the request is not multipart/form-data
 missing_file           422     no multipart field named ``file``
 empty_file             422     a ``file`` field holds zero bytes
+                               (missing_file also: a ``file`` part sent as text, without a filename)
 too_many_files         422     more ``file`` fields than MAX_FILES_PER_REQUEST
 upload_too_large       413     the body is over MAX_UPLOAD_BYTES (refused while streaming)
 not_an_image           415     the bytes are not a PNG, JPEG, WebP, GIF, BMP or TIFF image
@@ -31,123 +33,99 @@ image_too_large        413     width x height over MAX_IMAGE_PIXELS (read from t
 
 from __future__ import annotations
 
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
+
+from fastapi import params
+from fastapi.routing import APIRoute
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import Message, Receive
 
 from shapcore.errors import InputError
 
-if TYPE_CHECKING:
-    from starlette.requests import Request
+#: The multipart field that holds the image(s).
+FIELD = "file"
 
 
 @dataclass(frozen=True)
 class Upload:
-    """One multipart file field."""
+    """One multipart file field, read."""
 
     filename: str | None
     content_type: str | None
     data: bytes
 
 
-# -- reading the request ------------------------------------------------------------------
+async def read_upload(file: UploadFile) -> Upload:
+    return Upload(filename=file.filename, content_type=file.content_type, data=await file.read())
 
 
-class _PartCollector:
-    """python-multipart callbacks that keep the parts named ``field`` in memory, bounded."""
-
-    def __init__(self, field: str, max_files: int) -> None:
-        self.field = field
-        self.max_files = max_files
-        self.uploads: list[Upload] = []
-        self.other_fields: list[str] = []
-        self.ended = False
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-        self._headers: dict[bytes, bytes] = {}
-        self._keep = False
-        self._name = ""
-        self._filename: str | None = None
-        self._data = bytearray()
-        self._open = False
-
-    def callbacks(self) -> dict:
-        return {
-            "on_part_begin": self.on_part_begin,
-            "on_header_field": self.on_header_field,
-            "on_header_value": self.on_header_value,
-            "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished,
-            "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end,
-            "on_end": self.on_end,
-        }
-
-    def on_part_begin(self) -> None:
-        self._headers = {}
-        self._data = bytearray()
-        self._keep = False
-        self._open = True
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def on_header_end(self) -> None:
-        self._headers[bytes(self._header_name).strip().lower()] = bytes(self._header_value).strip()
-        self._header_name = bytearray()
-        self._header_value = bytearray()
-
-    def on_headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        if b"name" not in options:
-            raise InputError(400, "malformed_multipart", 'a multipart part has no Content-Disposition "name"')
-        self._name = options[b"name"].decode("utf-8", "replace")
-        filename = options.get(b"filename")
-        self._filename = filename.decode("utf-8", "replace") if filename is not None else None
-        self._keep = self._name == self.field
-        if self._keep and len(self.uploads) >= self.max_files:
-            raise InputError(
-                422, "too_many_files", f"at most {self.max_files} '{self.field}' fields are accepted per request"
-            )
-        if not self._keep and len(self.other_fields) < 20:
-            self.other_fields.append(self._name)
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        if self._keep:
-            self._data += data[start:end]
-
-    def on_part_end(self) -> None:
-        if self._keep:
-            content_type = self._headers.get(b"content-type")
-            self.uploads.append(
-                Upload(
-                    filename=self._filename,
-                    content_type=content_type.decode("latin-1") if content_type else None,
-                    data=bytes(self._data),
-                )
-            )
-        self._data = bytearray()
-        self._open = False
-
-    def on_end(self) -> None:
-        self.ended = True
+#: For ``File(json_schema_extra=...)``: FastAPI's OpenAPI 3.1 marks uploads with ``contentMediaType``
+#: only; ``format: binary`` as well tells generated clients and fuzzers to send bytes, not text.
+BINARY = {"format": "binary"}
+BINARY_ITEMS = {"items": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}}
 
 
-async def read_image_uploads(request: Request, *, max_bytes: int, max_files: int, field: str = "file") -> list[Upload]:
-    """The ``field`` parts of a multipart/form-data request, in order, each non-empty.
+def too_many_files(limit: int) -> InputError:
+    return InputError(422, "too_many_files", f"at most {limit} '{FIELD}' fields are accepted per request")
 
-    The body is parsed as it streams in and never held beyond ``max_bytes``: a declared
-    Content-Length over the limit is refused before reading anything, and an undeclared
-    (chunked) body as soon as the running count passes the limit.
+
+class UploadRoute(APIRoute):
+    """An APIRoute that runs :func:`read_form` before FastAPI reads its ``File``/``Form`` parameters.
+
+    Routes without a form body (GET routes of the same router) are left as they are.
     """
-    from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import MultipartParser, parse_options_header
 
-    no_body = f"the request has no body: send an image in a multipart field '{field}'"
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None or not isinstance(self.body_field.field_info, params.Form):
+            return handler
+
+        async def parse_first(request: Request) -> Response:
+            settings = request.app.state.settings
+            parsed = await read_form(
+                request, max_bytes=settings.max_upload_bytes, max_files=settings.max_files_per_request
+            )
+            return await handler(parsed)
+
+        return parse_first
+
+
+class _BodyGuard:
+    """``receive`` that counts the body's bytes (413 past ``max_bytes``) and watches for the closing boundary."""
+
+    def __init__(self, receive: Receive, max_bytes: int, boundary: bytes) -> None:
+        self._receive = receive
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.closed = False
+        self._closing = b"--" + boundary + b"--"
+        self._tail = b""
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            chunk = message.get("body", b"")
+            self.received += len(chunk)
+            if self.received > self.max_bytes:
+                raise InputError(413, "upload_too_large", f"the upload is over the limit of {self.max_bytes} bytes")
+            if not self.closed and chunk:
+                window = self._tail + chunk
+                self.closed = self._closing in window
+                self._tail = window[-(len(self._closing) - 1) :]
+        return message
+
+
+def _check_headers(request: Request, max_bytes: int) -> bytes:
+    """Refusals decided from the headers alone, before any byte of the body is read; the boundary."""
+    from python_multipart.multipart import parse_options_header
+
+    no_body = f"the request has no body: send an image in a multipart field '{FIELD}'"
     length_header = request.headers.get("content-length")
     if length_header is None and "transfer-encoding" not in request.headers:
         raise InputError(400, "empty_body", no_body)  # HTTP/1.1: no length, not chunked -> no body
@@ -160,55 +138,72 @@ async def read_image_uploads(request: Request, *, max_bytes: int, max_files: int
             raise InputError(400, "empty_body", no_body)
         if declared > max_bytes:
             raise InputError(413, "upload_too_large", f"the upload is {declared} bytes; the limit is {max_bytes} bytes")
-
     content_type = request.headers.get("content-type", "")
-    media_type, params = parse_options_header(content_type)
+    media_type, options = parse_options_header(content_type)
     if media_type != b"multipart/form-data":
         raise InputError(
             415,
             "unsupported_media_type",
-            f"expected multipart/form-data with the image in a field named '{field}', "
+            f"expected multipart/form-data with the image in a field named '{FIELD}', "
             f"got {f'Content-Type {content_type!r}' if content_type else 'no Content-Type'}",
         )
-    boundary = params.get(b"boundary")
+    boundary = options.get(b"boundary")
     if not boundary:
         raise InputError(400, "malformed_multipart", "the multipart Content-Type has no boundary")
+    return boundary
 
-    collector = _PartCollector(field, max_files)
-    try:
-        parser = MultipartParser(boundary, collector.callbacks())
-    except FormParserError as exc:
-        raise InputError(400, "malformed_multipart", f"bad multipart boundary: {exc}") from None
-    from starlette.requests import ClientDisconnect
 
-    received = 0
+def _parse_error(exc: BaseException, max_files: int) -> InputError:
+    """Starlette's refusal of a body (a 400 wrapping python-multipart's reason) as an InputError."""
+    detail = str(getattr(exc, "detail", "") or exc)
+    if detail.startswith("Too many files"):
+        return too_many_files(max_files)
+    cause = exc.__context__ if isinstance(exc, HTTPException) else exc
+    reason = getattr(cause, "__cause__", None)  # python-multipart's own message, when it has one
+    return InputError(400, "malformed_multipart", f"the multipart body cannot be parsed: {reason or detail}")
+
+
+async def read_form(request: Request, *, max_bytes: int, max_files: int) -> Request:
+    """Check and parse a multipart upload; returns the request to hand on (its form parsed).
+
+    Other form fields are kept (routes read their ``Form`` parameters from them), however
+    many, as long as the whole body is under ``max_bytes``. At least one ``file`` part must
+    be present, each a non-empty file; more than ``max_files`` file parts: 422.
+    """
+    boundary = _check_headers(request, max_bytes)
+    guard = _BodyGuard(request.receive, max_bytes, boundary)
+    guarded = Request(request.scope, guard.receive)
     try:
-        async for chunk in request.stream():
-            if not chunk:
-                continue
-            received += len(chunk)
-            if received > max_bytes:
-                raise InputError(413, "upload_too_large", f"the upload is over the limit of {max_bytes} bytes")
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError as exc:
-        raise InputError(400, "malformed_multipart", f"the multipart body cannot be parsed: {exc}") from None
+        form = await guarded.form(max_files=max_files, max_fields=math.inf, max_part_size=max_bytes)
+    except HTTPException as exc:  # Starlette's MultiPartException, raised as a 400 inside an app
+        raise _parse_error(exc, max_files) from None
     except ClientDisconnect:
         raise InputError(400, "malformed_multipart", "the client went away before the upload was complete") from None
+    try:
+        _check_files(form, guard)
+    except InputError:
+        await form.close()
+        raise
+    return guarded
 
-    if received == 0:
-        raise InputError(400, "empty_body", no_body)
-    if not collector.ended:
+
+def _check_files(form: FormData, guard: _BodyGuard) -> None:
+    if guard.received == 0:
+        raise InputError(400, "empty_body", f"the request has no body: send an image in a multipart field '{FIELD}'")
+    if not guard.closed:
         raise InputError(400, "malformed_multipart", "the multipart body ends before its closing boundary")
-    if not collector.uploads:
-        got = ", ".join(repr(name) for name in collector.other_fields) or "none"
-        raise InputError(422, "missing_file", f"no multipart field named '{field}' (fields received: {got})")
-    for i, upload in enumerate(collector.uploads):
-        if not upload.data:
-            raise InputError(422, "empty_file", f"{_describe(i, upload, len(collector.uploads))} is empty")
-    return collector.uploads
-
-
-def _describe(index: int, upload: Upload, count: int) -> str:
-    name = f" ({upload.filename!r})" if upload.filename else ""
-    return f"file #{index + 1}{name}" if count > 1 else f"the file{name}"
+    files: list[Any] = form.getlist(FIELD)
+    if not files:
+        got = ", ".join(repr(name) for name in list(dict.fromkeys(form.keys()))[:20]) or "none"
+        raise InputError(422, "missing_file", f"no multipart field named '{FIELD}' (fields received: {got})")
+    for i, file in enumerate(files):
+        if isinstance(file, str):
+            raise InputError(
+                422,
+                "missing_file",
+                f"the multipart field '{FIELD}' holds text, not a file: send the image as a file part "
+                "(with a filename, as curl -F file=@cat.jpg does)",
+            )
+        if not file.size:
+            name = f" ({file.filename!r})" if file.filename else ""
+            raise InputError(422, "empty_file", f"{f'file #{i + 1}' if len(files) > 1 else 'the file'}{name} is empty")

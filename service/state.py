@@ -7,15 +7,11 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from service.batcher import Batcher
 from service.engine import Engine, ServedModel
-from service.images import Upload, read_image_uploads
 from service.settings import Settings
-
-if TYPE_CHECKING:
-    from starlette.requests import Request
 
 #: How long a Redis health answer is reused (the readiness probe may be called often).
 REDIS_CHECK_TTL_S = 5.0
@@ -31,10 +27,6 @@ class ServiceState:
     tasks: list[asyncio.Task] = field(default_factory=list)
     _redis: Any = None
     _redis_checked: tuple[float, bool, str | None] | None = None
-
-    async def read_uploads(self, request: Request) -> list[Upload]:
-        s = self.settings
-        return await read_image_uploads(request, max_bytes=s.max_upload_bytes, max_files=s.max_files_per_request)
 
     async def redis_health(self) -> tuple[bool, str | None]:
         """Ping Redis (cached for a few seconds, 0.5 s timeout). Never raises."""

@@ -182,6 +182,32 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, P, CMYK (Adobe-inverted CMYK is undone on load), YCbCr, LAB, HSV
 
 
+def fit_within(image: Image.Image, max_side: int) -> Image.Image:
+    """``image`` reduced (bicubic, no reducing gap) until its longer side is at most ``max_side``.
+
+    The one reduction before SLIC: the API applies it to the upload it validated, and
+    ``worker.core.segment`` to whatever it is given, so both produce the same pixels.
+    """
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+
+
+def explanation_input(data: bytes, max_pixels: int, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes of one upload -> what an explanation job needs, decoded once (by the API).
+
+    Returns the upright RGB pixels reduced by :func:`fit_within` (uint8, H x W x 3: what SLIC
+    segments and the heatmap shows) and the model input made from the *full-size* picture
+    (uint8, 3 x 32 x 32: what /predict would feed the model), so the worker explains exactly
+    what a decode of the original bytes would have given it.
+    """
+    image = decode_image(data, max_pixels)
+    model_input = to_source_size(image).numpy()
+    return np.asarray(fit_within(image, max_side), dtype=np.uint8), model_input
+
+
 def image_to_tensor(data: bytes, max_pixels: int) -> torch.Tensor:
     """Bytes of one image -> uint8 tensor (3, SOURCE_SIZE, SOURCE_SIZE), as the model was trained on."""
     image = decode_image(data, max_pixels)

@@ -31,7 +31,8 @@ Decisions that are not obvious, recorded here so that the tests hold the service
 * Form fields other than ``file`` are ignored by /predict, however large or many, as long as
   the whole body is under MAX_UPLOAD_BYTES; over it, 413 while streaming.
 * Explanation parameters exactly at their bounds are accepted (202); one step beyond is 422
-  with a message naming the allowed range.
+  with a message naming the allowed range. They are form fields: given in the query string
+  (where they would be silently ignored) they are refused with 422.
 """
 
 from __future__ import annotations
@@ -484,7 +485,7 @@ def _cases() -> list[BadInput]:
         "ends before its closing boundary")
     add("part_without_name", "malformed multipart",
         lambda s: multipart_request(multipart(part(None, s, "a.jpg"))), 400, "malformed_multipart",
-        'no Content-Disposition "name"')
+        'Content-Disposition header field "name"')
     add("empty_multipart", "malformed multipart",
         lambda s: multipart_request(f"--{BOUNDARY}--\r\n".encode()), 422, "missing_file", "fields received: none")
     add("empty_body", "empty body", lambda s: raw(b"", f"multipart/form-data; boundary={BOUNDARY}"), 400,
@@ -519,7 +520,8 @@ def _cases() -> list[BadInput]:
     for name, values in at_bound.items():
         for value in values:
             add(f"explain_{name}={value}", "explain parameter at its bound", explain(fields={name: value}), 202)
-    add("explain_segments=2_in_query", "explain parameter at its bound", explain(params={"segments": "2"}), 202)
+    add("explain_segments=2_in_query", "explain parameter in the query string", explain(params={"segments": "2"}),
+        422, "invalid_parameter", "segments in the query string: send the explanation parameters as multipart")
     beyond = {
         "segments": (("1", "201"), "segments must be from 2 to 200"),
         "samples": (("19", "20001"), "samples must be from 20 to 20000"),
@@ -541,17 +543,17 @@ def _cases() -> list[BadInput]:
     # int() and str.isdigit() alone take these; "²".isdigit() is True but int("²") raises (was a 500).
     for value in ("1_0", "+5", "\u0663", "\u00b2", "9" * 5000):
         add(f"explain_segments={value[:12]!r}", "explain parameter in an odd notation",
-            explain(params={"segments": value}), 422, "invalid_parameter", "segments must be")
+            explain(fields={"segments": value}), 422, "invalid_parameter", "segments must be")
     for value in ("\u00b2", "--5", "9" * 5000):
         add(f"explain_target={value[:12]!r}", "explain parameter in an odd notation",
-            explain(params={"target": value}), 422, "invalid_parameter", "unknown target class")
-    add("explain_samples_in_query=abc", "explain parameter not a number", explain(params={"samples": "abc"}), 422,
+            explain(fields={"target": value}), 422, "invalid_parameter", "unknown target class")
+    add("explain_samples=abc", "explain parameter not a number", explain(fields={"samples": "abc"}), 422,
         "invalid_parameter", "samples must be an integer from 20 to 20000")
     add("explain_evaluations_over_limit", "explain parameters over their joint limit",
         explain(fields={"samples": "20000", "background": "26"}), 422, "invalid_parameter",
         "20000 x 26 = 520000 model evaluations, over the limit of 500000")
-    add("explain_query_and_form_disagree", "explain parameter given twice",
-        explain(fields={"seed": "1"}, params={"seed": "2"}), 422, "invalid_parameter", "given twice")
+    add("explain_query_and_form_disagree", "explain parameter in the query string",
+        explain(fields={"seed": "1"}, params={"seed": "2"}), 422, "invalid_parameter", "seed in the query string")
     add("explain_not_an_image", "SVG disguised as PNG", lambda s: upload(SVG, "x.png", path="/explain"), 415,
         *not_image)
     add("explain_png_bomb", "decompression bomb", lambda s: upload(png_bomb(), "bomb.png", path="/explain"), 413,

@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port, metric
 from service_fixtures import image_file as files
-from test_explain_support import assert_nontrivial, wait_for
+from test_explain_support import assert_nontrivial, job_image, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 pytest_plugins = ["test_explain_support"]
@@ -111,8 +111,8 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     from worker.reference import plain_value_function
 
     client = explain_service.client
-    r = client.post("/explain", files=files(cifar_jpeg), params={"segments": "8", "samples": "40", "background": "3",
-                                                                 "seed": "21"})  # fmt: skip
+    r = client.post("/explain", files=files(cifar_jpeg), data={"segments": "8", "samples": "40", "background": "3",
+                                                               "seed": "21"})  # fmt: skip
     assert r.status_code == 202, r.text
     doc = wait_finished(client, r.headers["location"])
     assert doc["status"] == "finished", doc
@@ -142,9 +142,12 @@ def test_duplicate_submission_reuses_its_job(explain_service, finished, cifar_jp
     again = client.post("/explain", files=files(cifar_jpeg), data={"segments": "12", "samples": "60", "seed": "3"})
     assert again.status_code == 200  # already finished: answered at once, nothing recomputed
     assert again.json()["job_id"] == first["job_id"] and again.json()["deduplicated"] is True
-    # the same parameters as query fields instead of form fields are the same request
-    as_query = client.post("/explain", files=files(cifar_jpeg), params={"segments": "12", "samples": "60", "seed": "3"})
-    assert as_query.json()["job_id"] == first["job_id"]
+    # the same picture in another encoding (lossless PNG of the decoded JPEG) is the same request
+    png = io.BytesIO()
+    Image.open(io.BytesIO(cifar_jpeg)).convert("RGB").save(png, "PNG")
+    as_png = client.post("/explain", files={"file": ("a.png", png.getvalue(), "image/png")},
+                         data={"segments": "12", "samples": "60", "seed": "3"})  # fmt: skip
+    assert as_png.json()["job_id"] == first["job_id"]
     other_seed = client.post("/explain", files=files(cifar_jpeg), data={"segments": "12", "samples": "60", "seed": "4"})
     assert other_seed.status_code == 202 and other_seed.json()["job_id"] != first["job_id"]
 
@@ -220,10 +223,12 @@ def test_target_by_label_or_index(explain_service, api_worker, cifar_jpeg):
     assert doc["result"]["target"]["label"] == "dog"
 
 
-def test_conflicting_query_and_form_values(explain_service, cifar_jpeg):
+def test_parameters_in_the_query_string_are_refused(explain_service, cifar_jpeg):
+    """They are form fields: a query-string value would otherwise be silently ignored."""
     r = explain_service.client.post("/explain", files=files(cifar_jpeg), data={"segments": "10"},
                                     params={"segments": "20"})  # fmt: skip
-    assert r.status_code == 422 and "given twice" in r.json()["error"]["message"]
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+    assert "segments in the query string" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -322,7 +327,9 @@ def test_failed_job_reports_its_reason(explain_service, api_worker, cifar_jpeg, 
     job, _ = submit(
         connect(explain_redis_url, 2.0),
         settings,
-        JobRequest(cifar_jpeg, "20000101-000000-000000", segments=10, samples=30, background=1, seed=0, target=None),
+        JobRequest(
+            job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0, target=None
+        ),
     )
     client = explain_service.client
     doc = wait_finished(client, f"/explain/{job.id}")

@@ -2,6 +2,7 @@
 
 ``explain_redis_url``  (session) redis://127.0.0.1:6379/14, flushed once: the explanation
                        tests' own database (the service tests use 13).
+``job_image(data)``    an upload's bytes as the decoded picture a job carries (as the API makes it).
 ``start_worker``       (session) factory: ``start_worker(registry, env=None)`` runs
                        ``python -m worker`` in a subprocess, waits until it listens and
                        returns a :class:`RunningWorker`; every worker is stopped at the end.
@@ -32,6 +33,14 @@ FAST_WORKER_ENV = {
     "EXPLAIN_MAINTENANCE_INTERVAL_S": "2",
     "EXPLAIN_WORKER_TTL_S": "20",
 }
+
+
+def job_image(data: bytes, max_pixels: int = 16_777_216, max_side: int = 512):
+    """What POST /explain hands the worker for ``data`` (tests that submit jobs directly)."""
+    from shapcore.images import explanation_input
+    from shapcore.jobs.image import JobImage
+
+    return JobImage.from_arrays(*explanation_input(data, max_pixels, max_side))
 
 
 def children(pid: int) -> list[int]:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 from service_fixtures import ROOT, class_probabilities, clone_version
 from service_fixtures import image_file as files
-from test_explain_support import alive, wait_for
+from test_explain_support import alive, job_image, wait_for
 
 from shapcore.jobs.queue import JobRequest, connect, job_status, submit
 from shapcore.jobs.settings import ExplainSettings
@@ -106,7 +106,7 @@ def test_sigkill_of_a_worker_mid_job_is_retried_on_another_within_a_minute(
     settings = ExplainSettings(_env_file=None, redis_url=redis_url, explain_queue=queue, explain_retries=1)
     conn = connect(redis_url, 2.0)
     request = JobRequest(
-        cifar_jpeg, smoke_model[1], segments=50, samples=KILL_SAMPLES, background=1, seed=6101, target=None
+        job_image(cifar_jpeg), smoke_model[1], segments=50, samples=KILL_SAMPLES, background=1, seed=6101, target=None
     )
     job, created = submit(conn, settings, request)
     assert created

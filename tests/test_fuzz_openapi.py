@@ -162,11 +162,20 @@ def make_semantically_valid(
     case.body = body
 
 
+def form_schema(spec: dict[str, Any], operation: dict[str, Any]) -> dict[str, Any]:
+    """An operation's multipart body schema, its ``$ref`` (FastAPI puts it in components) resolved."""
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    while "$ref" in schema:
+        node: Any = spec
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
 def explain_ranges(spec: dict[str, Any]) -> dict[str, tuple[int, int] | None]:
     """The explanation parameters' ranges as the service's schema declares them (None: a string)."""
-    properties = spec["paths"]["/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"][
-        "properties"
-    ]
+    properties = form_schema(spec, spec["paths"]["/explain"]["post"])["properties"]
     return {
         name: (properties[name]["minimum"], properties[name]["maximum"]) if "minimum" in properties[name] else None
         for name in EXPLAIN_PARAMS
@@ -182,7 +191,7 @@ def _value_is_valid(value: object, schema: dict[str, Any]) -> bool:
             return False
         number = int(text)
         return schema.get("minimum", number) <= number <= schema.get("maximum", number)
-    if kind == "string" and schema.get("format") == "binary":
+    if kind == "string" and (schema.get("format") == "binary" or "contentMediaType" in schema):
         return isinstance(getattr(value, "data", value), bytes)
     if kind == "string":
         return isinstance(value, str) and not hasattr(value, "data")
@@ -210,7 +219,7 @@ def sent_as_valid(case: Any, spec: dict[str, Any]) -> bool:
                 return False
         elif not _value_is_valid(query[parameter["name"]], parameter["schema"]):
             return False
-    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    schema = form_schema(spec, operation)
     if not isinstance(case.body, dict) or any(name not in case.body for name in schema.get("required", [])):
         return False
     if set(case.body) - set(schema["properties"]):

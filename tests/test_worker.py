@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port
-from test_explain_support import assert_nontrivial, wait_for
+from test_explain_support import assert_nontrivial, job_image, wait_for
 
 from shapcore.jobs.queue import (
     DEFAULT_JOB_SECONDS,
@@ -182,7 +182,13 @@ def test_background_summaries(loaded):
 
 def _request(loaded, image: bytes, samples: int, seed: int = 0) -> JobRequest:
     return JobRequest(
-        image=image, model_version=loaded.version, segments=50, samples=samples, background=1, seed=seed, target=None
+        image=job_image(image),
+        model_version=loaded.version,
+        segments=50,
+        samples=samples,
+        background=1,
+        seed=seed,
+        target=None,
     )
 
 
@@ -309,7 +315,7 @@ def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
 
     n = 3
     finished = [submit(conn, settings, _request(loaded, cifar_jpeg, samples=50, seed=30 + i))[0] for i in range(n)]
-    unknown = JobRequest(cifar_jpeg, "20000101-000000-000000", segments=10, samples=30, background=1, seed=0,
+    unknown = JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0,
                          target=None)  # fmt: skip
     failed, _ = submit(conn, settings, unknown)  # last in the queue: one worker runs the jobs in order
 

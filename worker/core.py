@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shapcore.images import fit_within
 from shapcore.model import SOURCE_SIZE
 from worker.background import BackgroundSet
 
@@ -75,11 +76,7 @@ def segment(image: Image.Image, n_segments: int, *, max_side: int = 512, compact
     """SLIC (scikit-image) on the image at its own resolution (reduced to ``max_side`` if larger)."""
     from skimage.segmentation import slic
 
-    rgb = image.convert("RGB")
-    if max(rgb.size) > max_side:
-        scale = max_side / max(rgb.size)
-        size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+    rgb = fit_within(image.convert("RGB"), max_side)
     pixels = np.asarray(rgb, dtype=np.uint8)
     best: np.ndarray | None = None
     # SLIC's count is approximate (its grid, then merging of tiny regions): on a 32x32

@@ -1,7 +1,8 @@
-"""The RQ job: decode the upload, explain it with the preloaded model, store the heatmap data.
+"""The RQ job: explain the picture the API decoded with the preloaded model, store the heatmap data.
 
 Runs in a work horse forked from ``python -m worker``, which already holds the model and
-its background set (see :mod:`worker.runtime`).
+its background set (see :mod:`worker.runtime`). No uploaded bytes reach it: the job holds the
+pixels the API decoded and checked (:class:`shapcore.jobs.image.JobImage`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def explain_job(request: JobRequest) -> dict[str, Any]:
+    import torch
+    from PIL import Image
     from rq import get_current_job
-
-    from shapcore.images import decode_image
-    from shapcore.model import to_source_size
 
     settings = get_explain_settings()
     job = get_current_job()
@@ -48,8 +48,8 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
                             type(exc).__name__, exc)  # fmt: skip
 
     rt = get_runtime().load(request.model_version)
-    image = decode_image(request.image, settings.max_image_pixels)
-    model_input = to_source_size(image)
+    pixels, model_input = request.image.arrays()
+    image = Image.fromarray(pixels, "RGB")
     params = ExplainParams(
         segments=request.segments,
         samples=request.samples,
@@ -62,7 +62,7 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
     result, seg = explain_image(
         rt.model,
         image,
-        model_input,
+        torch.from_numpy(model_input),
         rt.background(request.background),
         rt.class_names,
         params,

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from service import metrics
+from service.deps import StateDep
 from service.schemas import Health, Readiness
-from service.state import ServiceState
+from service.settings import redact_url
 
 router = APIRouter(tags=["operations"])
-
-
-def redact_url(url: str) -> str:
-    """redis://user:secret@host:6379/0 -> redis://user:***@host:6379/0"""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
@@ -37,10 +25,9 @@ async def healthz() -> Health:
     summary="Readiness",
     responses={503: {"model": Readiness, "description": "the model is not loaded"}},
 )
-async def readyz(request: Request) -> JSONResponse:
+async def readyz(state: StateDep) -> JSONResponse:
     """200 once the model is loaded and warmed up, else 503. Redis is checked and reported but
     does not affect readiness: /predict never needs it."""
-    state: ServiceState = request.app.state.service
     ok, error = await state.redis_health()
     redis = {"ok": ok, "url": redact_url(state.settings.redis_url), "error": error}
     served = state.engine.current

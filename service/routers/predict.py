@@ -1,6 +1,8 @@
-"""POST /predict: classify one or several uploaded images."""
+"""POST /predict: classify one or several uploaded images.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the route is declared inside
+:func:`build_router` and FastAPI reads its parameter annotations as objects.
+"""
 
 import asyncio
 import json
@@ -8,43 +10,18 @@ import time
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, File, Query, UploadFile
 from fastapi.responses import Response
 
 from service import metrics
+from service.deps import StateDep
 from service.errors import error_responses
-from service.images import Upload
+from service.images import BINARY_ITEMS, Upload, UploadRoute, read_upload
 from service.schemas import PredictResponse
-from service.settings import get_settings
+from service.settings import Settings
 from service.state import ServiceState
 from shapcore.errors import InputError, ShapserveError
 from shapcore.images import image_to_tensor
-
-router = APIRouter(tags=["predict"])
-
-_MULTIPART_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "minItems": 1,
-                            "maxItems": get_settings().max_files_per_request,
-                            "description": "One image (PNG, JPEG, WebP, GIF, BMP or TIFF) per `file` field; "
-                            "repeat the field for several images.",
-                        }
-                    },
-                }
-            }
-        },
-    }
-}
 
 
 def _decode(data: bytes, max_pixels: int) -> torch.Tensor:
@@ -75,26 +52,41 @@ async def _decode_all(state: ServiceState, uploads: list[Upload]) -> torch.Tenso
     return await loop.run_in_executor(state.decode_executor, torch.cat, results)
 
 
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    response_model_exclude_none=True,
-    summary="Classify images",
-    description="Multipart field `file` holding one image (repeat the field for several). Answers the `top_k` "
-    "most probable classes. Greyscale, palette, RGBA, 16-bit, CMYK, animated (first frame) and EXIF-rotated "
-    "images are converted to upright RGB and reduced to CIFAR's 32x32, as the training images were.",
-    openapi_extra=_MULTIPART_BODY,
-    responses=error_responses(400, 413, 415, 422, 503),
-)
-async def predict(
-    request: Request,
-    top_k: Annotated[int, Query(ge=1, le=10, description="How many classes to return, most probable first.")] = 3,
-) -> Response:
+def build_router(settings: Settings) -> APIRouter:
+    """The /predict router; the file count's bound in its OpenAPI is ``settings``'."""
+    router = APIRouter(tags=["predict"], route_class=UploadRoute)
+    files = File(
+        min_length=1,
+        max_length=settings.max_files_per_request,
+        json_schema_extra=BINARY_ITEMS,
+        description="One image (PNG, JPEG, WebP, GIF, BMP or TIFF) per `file` field; repeat the field for several.",
+    )
+
+    @router.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_exclude_none=True,
+        summary="Classify images",
+        description="Multipart field `file` holding one image (repeat the field for several). Answers the `top_k` "
+        "most probable classes. Greyscale, palette, RGBA, 16-bit, CMYK, animated (first frame) and EXIF-rotated "
+        "images are converted to upright RGB and reduced to CIFAR's 32x32, as the training images were.",
+        responses=error_responses(400, 413, 415, 422, 503),
+    )
+    async def predict(
+        state: StateDep,
+        file: Annotated[list[UploadFile], files],
+        top_k: Annotated[int, Query(ge=1, le=10, description="How many classes to return, most probable first.")] = 3,
+    ) -> Response:
+        return await _predict(state, file, top_k)
+
+    return router
+
+
+async def _predict(state: ServiceState, files: list[UploadFile], top_k: int) -> Response:
     start = time.perf_counter()
-    state: ServiceState = request.app.state.service
     if state.engine.current is None:
         raise ShapserveError(503, "model_not_ready", "the model is still loading", headers={"Retry-After": "1"})
-    uploads = await state.read_uploads(request)
+    uploads = [await read_upload(f) for f in files]
     with state.batcher.expect(len(uploads)):
         images = await _decode_all(state, uploads)
     served, rows = await state.batcher.submit(images)

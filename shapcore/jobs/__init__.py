@@ -2,5 +2,6 @@
 
 No torch here: the API imports it. :mod:`shapcore.jobs.settings` (``EXPLAIN_*``),
 :mod:`shapcore.jobs.queue` (Redis layout, payload, dedupe key, status, artifacts),
+:mod:`shapcore.jobs.image` (the decoded picture a job carries),
 :mod:`shapcore.jobs.quota` (jobs in flight per key).
 """

@@ -3,7 +3,7 @@
 Redis layout (all keys under ``shapserve:explain:``):
 
 - the RQ queue ``explain`` (``rq:queue:explain``) and RQ's job hashes and registries;
-- ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (image bytes, model version,
+- ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (decoded pixels, model version,
   normalised parameters), kept as long as the job's result can be;
 - ``artifact:<job id>`` -> npz (segmented image + superpixel labels) for the heatmap;
 - ``png:<job id>:<variant>`` -> a rendered heatmap, cached.
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from shapcore.errors import QueueFull, TooManyJobs
+from shapcore.jobs.image import JobImage
 from shapcore.jobs.settings import ExplainSettings
 
 PREFIX = "shapserve:explain:"
@@ -53,9 +54,9 @@ STATUS_MAP = {
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What a job needs, pickled into the RQ job (the image travels as bytes)."""
+    """What a job needs, pickled into the RQ job (the picture travels decoded: :class:`JobImage`)."""
 
-    image: bytes
+    image: JobImage
     model_version: str
     segments: int
     samples: int
@@ -70,9 +71,13 @@ class JobRequest:
 
 
 def dedup_key(request: JobRequest, owner: str | None = None) -> str:
-    """One key per (image bytes, version, parameters) and owner: two API keys never share a job."""
+    """One key per (decoded pixels, version, parameters) and owner: two API keys never share a job.
+
+    The pixels, not the uploaded bytes, are hashed: the same picture sent as PNG and as a
+    re-saved PNG (or with other metadata) is one job.
+    """
     h = hashlib.sha256()
-    h.update(hashlib.sha256(request.image).digest())
+    h.update(request.image.digest())
     h.update(json.dumps(request.params(), sort_keys=True).encode())
     if owner is not None:
         h.update(b"\0owner\0" + owner.encode())
@@ -168,7 +173,7 @@ def submit(
 ) -> tuple[Any, bool]:
     """Enqueue ``request`` unless an identical one exists: returns (job, created).
 
-    An identical request (same image bytes, version, parameters and ``owner``, the API key's
+    An identical request (same decoded pixels, version, parameters and ``owner``, the API key's
     name) whose job is queued, running or finished (and not expired) gets that job back. A
     failed one is replaced. Raises :class:`QueueFull` when a *new* job would go over
     ``EXPLAIN_MAX_QUEUE_DEPTH``, :class:`shapcore.jobs.quota.TooManyJobs` when ``principal`` (whom the

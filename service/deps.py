@@ -1,0 +1,43 @@
+"""What the routes share, as FastAPI dependencies (``Annotated`` aliases for route signatures).
+
+Everything here is built once per app by :func:`service.app.create_app` and its lifespan and
+kept on ``app.state``: the routes hold no module-level state and read no environment::
+
+    async def route(state: StateDep, settings: ExplainSettingsDep, redis: RedisDep) -> ...
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from service.settings import Settings
+from service.state import ServiceState
+from shapcore.jobs.settings import ExplainSettings
+
+
+def get_settings(request: Request) -> Settings:
+    """The service's settings, as ``create_app`` was given them."""
+    return request.app.state.settings
+
+
+def get_state(request: Request) -> ServiceState:
+    """Engine, batcher and decode threads, built by the lifespan."""
+    return request.app.state.service
+
+
+def get_explain_settings(request: Request) -> ExplainSettings:
+    """EXPLAIN_* settings, with the connection, registry and limits of the service's own settings."""
+    return request.app.state.explain_settings
+
+
+def get_redis(request: Request) -> Any:
+    """The explanation queue's Redis client (short timeouts: see ``shapcore.jobs.queue.connect``)."""
+    return request.app.state.explain_redis
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StateDep = Annotated[ServiceState, Depends(get_state)]
+ExplainSettingsDep = Annotated[ExplainSettings, Depends(get_explain_settings)]
+RedisDep = Annotated[Any, Depends(get_redis)]
