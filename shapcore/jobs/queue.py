@@ -179,10 +179,6 @@ def submit(
     ``EXPLAIN_MAX_QUEUE_DEPTH``, :class:`shapcore.jobs.quota.TooManyJobs` when ``principal`` (whom the
     per-key cap counts) has ``EXPLAIN_MAX_JOBS_PER_KEY`` jobs in flight.
     """
-    from rq import Callback, Retry
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
     from shapcore.jobs import quota
 
     queue = get_queue(connection, settings)
@@ -190,15 +186,11 @@ def submit(
     for _ in range(5):
         existing = connection.get(key)
         if existing is not None:
-            job_id = existing.decode()
-            try:
-                job = Job.fetch(job_id, connection=connection)
-                if STATUS_MAP.get(job.get_status(refresh=False) or "", "failed") != "failed":
-                    return job, False
-            except NoSuchJobError:
-                pass
+            job = _live_job(connection, existing.decode())
+            if job is not None:
+                return job, False
             # Expired or failed: forget it (only if nobody replaced it meanwhile), then submit anew.
-            _compare_and_delete(connection, key, job_id)
+            _compare_and_delete(connection, key, existing.decode())
             continue
         depth = queue.count
         if depth >= settings.explain_max_queue_depth:
@@ -216,37 +208,46 @@ def submit(
                 quota.release(connection, queue.name, principal, job_id)
             continue  # an identical request won the race: return its job on the next turn
         try:
-            retry = (
-                Retry(max=settings.explain_retries, interval=settings.explain_retry_interval_s)
-                if (settings.explain_retries)
-                else None
-            )
-            job = queue.enqueue(
-                JOB_FUNC,
-                request,
-                job_id=job_id,
-                job_timeout=settings.explain_job_timeout_s,
-                result_ttl=settings.explain_result_ttl_s,
-                failure_ttl=settings.explain_failure_ttl_s,
-                retry=retry,
-                on_failure=Callback("shapcore.jobs.queue.on_job_failure"),
-                meta={
-                    "progress": 0.0,
-                    "stage": "queued",
-                    "dedup_key": key,
-                    "params": request.params(),
-                    "owner": owner,
-                },
-                description=f"explain segments={request.segments} samples={request.samples} "
-                f"background={request.background} version={request.model_version}",
-            )
+            return _enqueue(queue, settings, request, job_id, key, owner), True
         except BaseException:
             _compare_and_delete(connection, key, job_id)
             if capped:
                 quota.release(connection, queue.name, principal, job_id)
             raise
-        return job, True
     raise RuntimeError("could not register the explanation job (dedup key kept changing)")
+
+
+def _live_job(connection: Any, job_id: str) -> Any | None:
+    """The job ``job_id`` if it is queued, running or finished; None if it failed or expired."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job
+
+    try:
+        job = Job.fetch(job_id, connection=connection)
+    except NoSuchJobError:
+        return None
+    return job if STATUS_MAP.get(job.get_status(refresh=False) or "", "failed") != "failed" else None
+
+
+def _enqueue(queue: Any, settings: ExplainSettings, request: JobRequest, job_id: str, key: str, owner: str | None):
+    """The RQ job of ``request``, with the settings' timeout, TTLs and retries."""
+    from rq import Callback, Retry
+
+    retries = settings.explain_retries
+    retry = Retry(max=retries, interval=settings.explain_retry_interval_s) if retries else None
+    return queue.enqueue(
+        JOB_FUNC,
+        request,
+        job_id=job_id,
+        job_timeout=settings.explain_job_timeout_s,
+        result_ttl=settings.explain_result_ttl_s,
+        failure_ttl=settings.explain_failure_ttl_s,
+        retry=retry,
+        on_failure=Callback("shapcore.jobs.queue.on_job_failure"),
+        meta={"progress": 0.0, "stage": "queued", "dedup_key": key, "params": request.params(), "owner": owner},
+        description=f"explain segments={request.segments} samples={request.samples} "
+        f"background={request.background} version={request.model_version}",
+    )
 
 
 _CAD = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
