@@ -60,6 +60,9 @@ def test_a_job_over_the_time_limit_fails_and_the_next_one_runs(lifecycle, cifar_
     assert doc["result"] is None
     error = doc["error"].lower()
     assert "timeout" in error or "time limit" in error, doc["error"]
+    # The limit that stopped it is EXPLAIN_JOB_TIMEOUT_S, not RQ's own 180-s default (which a job
+    # enqueued without its timeout would get, and which also ends a HUGE job within JOB_GUARD_S).
+    assert f"({JOB_TIMEOUT_S} seconds)" in doc["error"], doc["error"]
     heatmap = client.get(big.json()["heatmap_url"])
     assert heatmap.status_code == 409 and heatmap.json()["error"]["code"] == "explanation_failed"
 
