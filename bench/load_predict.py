@@ -112,16 +112,18 @@ def first_cat(archive: Path) -> tuple[bytes, str]:
     raise SystemExit(f"no cat in {archive}")
 
 
-def multipart(image: bytes, filename: str) -> tuple[bytes, str]:
+def multipart(image: bytes, filename: str, fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    """A multipart/form-data body: form ``fields`` (e.g. /explain's parameters), then ``file``."""
     boundary = "shapservebench0123456789"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in (fields or {}).items()
+    ]
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f"Content-Type: image/jpeg\r\n\r\n"
+    ).encode()
+    body = b"".join(parts) + head + image + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 

@@ -266,24 +266,27 @@ class HttpClient:
 
 
 class Load:
-    """The requests: a multipart body built once, a new seed for every /explain."""
+    """The requests: /predict's multipart body built once, /explain's with a new seed each time
+    (its parameters are form fields beside the file)."""
 
-    def __init__(self, client: HttpClient, body: bytes, ctype: str, explain_params: dict[str, str]) -> None:
+    def __init__(self, client: HttpClient, image: bytes, filename: str, explain_params: dict[str, str]) -> None:
         self.client = client
-        self.body = body
+        self.image, self.filename = image, filename
+        self.body, ctype = multipart(image, filename)
         self.headers = {"content-type": ctype}
         self.explain_params = explain_params
         self.seed = random.SystemRandom().randrange(2**31)
 
     async def send(self, endpoint: str, tally: Tally) -> None:
         tally.in_flight += 1
-        params = None
+        body, headers = self.body, self.headers
         if endpoint == "explain":
             self.seed = (self.seed + 1) % 2**32
-            params = {**self.explain_params, "seed": str(self.seed)}
+            body, ctype = multipart(self.image, self.filename, {**self.explain_params, "seed": str(self.seed)})
+            headers = {"content-type": ctype}
         start = time.perf_counter()
         try:
-            status, data = await self.client.request("POST", f"/{endpoint}", self.body, self.headers, params)
+            status, data = await self.client.request("POST", f"/{endpoint}", body, headers)
         except ClientTimeout:
             tally.answers[(endpoint, "client_timeout")] += 1
             return
@@ -415,11 +418,11 @@ def memory_summary(samples: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
-async def soak(args: argparse.Namespace, url: str, pids: dict[str, int | None], body: bytes, ctype: str) -> dict:
+async def soak(args: argparse.Namespace, url: str, pids: dict[str, int | None], image: bytes, filename: str) -> dict:
     explain_params = {"segments": str(args.explain_segments), "samples": str(args.explain_samples)}
     client = HttpClient(url, args.max_in_flight, args.timeout, args.client)
     try:
-        load = Load(client, body, ctype, explain_params)
+        load = Load(client, image, filename, explain_params)
         capacity: dict[str, float | None] = {"predict_per_s": None, "explain_jobs_per_s": None}
         predict_rate, explain_rate = args.predict_rate, args.explain_rate
         if predict_rate is None:
@@ -627,7 +630,6 @@ def main(argv: list[str] | None = None) -> int:
         image, image_name = args.image.read_bytes(), args.image.name
     else:
         image, image_name = first_cat(args.data)
-    body, ctype = multipart(image, image_name)
     started_at = datetime.now(UTC)
     stack = Started()
     try:
@@ -637,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
             print("starting redis, the API and a worker ...", file=sys.stderr, flush=True)
             url, api_pid, worker_pid = start_stack(args, stack)
             pids = {"api": api_pid, "worker": worker_pid}
-        run = asyncio.run(soak(args, url, pids, body, ctype))
+        run = asyncio.run(soak(args, url, pids, image, image_name))
     finally:
         stack.stop()
     result = {

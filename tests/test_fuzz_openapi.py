@@ -63,9 +63,12 @@ EXPLAIN_PARAMS = ("target", "segments", "samples", "background", "seed")
 #: "Negative data accepted" reports dropped because the request was valid as sent (see filter_failure).
 DROPPED: list[str] = []
 #: At most this many may be dropped: with the fixed seed and deterministic generation a run drops
-#: 27 (measured 2026-11-29: 8 on /predict, 19 on /explain, all valid as sent, none with an
-#: undeclared field); the margin is for a schemathesis release that labels a few cases differently.
-MAX_DROPPED = 30
+#: 50 (measured 2026-11-29 once /explain's parameters became declared form fields; 27 while they
+#: were hidden query strings). They are negative mutations of ``file`` or ``target`` that
+#: make_semantically_valid repairs (a real image, a real class) before sending, so the request
+#: is valid as sent; none has an undeclared field. The margin is for a schemathesis release that
+#: labels a few cases differently; a filter that dropped real refusals would go far past it.
+MAX_DROPPED = 60
 
 
 @pytest.fixture(scope="module")

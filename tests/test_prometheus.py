@@ -146,7 +146,7 @@ def query(prom: str, expr: str) -> list[dict]:
 def test_a_live_prometheus_scrapes_the_api_and_answers_p99(prometheus, api, worker, cifar_jpeg) -> None:
     image = {"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}
     # One small explanation, computed by the worker: counted on the worker's own endpoint.
-    r = api.client.post("/explain", params={"samples": 40, "segments": 10}, files=image)
+    r = api.client.post("/explain", data={"samples": 40, "segments": 10}, files=image)
     assert r.status_code in (200, 202), r.text
     job = r.json()["status_url"]
     wait_for(lambda: api.client.get(job).json()["status"] in ("finished", "failed"), 300, "the explanation")

@@ -91,10 +91,11 @@ def test_early_stop_publishes_the_best_epoch(small_archive: Path, tmp_path: Path
 
 def test_time_budget_end_to_end(toy: tuple[Path, Path], tmp_path: Path) -> None:
     """``--time-budget`` on the cpu profile: the run measures, plans, records the plan and
-    ends because time is up (its OneCycle schedule has no epoch count of its own)."""
+    ends because time is up (its OneCycle schedule has no epoch count of its own). ``--patience 0``:
+    the toy set is learnt in a few epochs, and on a fast machine early stopping would end it first."""
     reg = tmp_path / "reg"
     cmd = [sys.executable, "-m", "training", "--quiet", "--registry", str(reg), "train", "--data", str(toy[0]),
-           "--profile", "cpu", "--batch-size", "16", "--time-budget", "0.75"]  # fmt: skip
+           "--profile", "cpu", "--batch-size", "16", "--time-budget", "0.75", "--patience", "0"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "budget 0.75 min:" in proc.stdout and "time budget spent after" in proc.stdout

@@ -35,6 +35,7 @@ def _number(kind: type, ok, requirement: str):
 
 
 _positive_int = _number(int, lambda v: v >= 1, "at least 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "0 or more")
 _positive_float = _number(float, lambda v: v > 0, "greater than 0")
 _probability = _number(float, lambda v: 0.0 <= v < 1.0, "from 0 to below 1")
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--dropout", type=_probability, help="dropout before the last layer (paper: 0.5)")
     t.add_argument("--label-smoothing", type=_probability)
+    t.add_argument("--patience", type=_non_negative_int,
+                   help="epochs without a better validation loss before stopping early (0: never)")  # fmt: skip
     t.add_argument("--amp", choices=["auto", "on", "off"], help="bf16 autocast (auto: CUDA, CPUs with native bf16)")
     t.add_argument(
         "--cuda-graphs",
@@ -111,6 +114,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         weights=args.weights,
         dropout=args.dropout,
         label_smoothing=args.label_smoothing,
+        early_stop_patience=args.patience,
         amp=args.amp,
         cuda_graphs=args.cuda_graphs,
     )

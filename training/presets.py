@@ -40,7 +40,7 @@ class TrainConfig:
     color_jitter: float = 0.0  # brightness = contrast = saturation strength; 0 = off
     val_fraction: float = 0.2
     seed: int = 42
-    early_stop_patience: int = 3
+    early_stop_patience: int = 3  # 0: never stop early
     time_budget_min: float | None = None  # fit epochs to a wall-clock budget (cpu profile)
     weights: str | None = None  # None | "imagenet" | path to a state dict
     zero_init_residual: bool = False

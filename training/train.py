@@ -125,7 +125,7 @@ def _train(setup: RunSetup, *, resumed: bool) -> RunResult:
     for epoch in range(result.start_epoch, last_epoch):
         row, time_up = _train_one_epoch(setup, result, epoch, optimizer, scheduler, budget, steps_per_epoch)
         _end_epoch(setup, result, epoch, row, optimizer, scheduler, budget)
-        if result.bad_epochs >= cfg.early_stop_patience:
+        if cfg.early_stop_patience and result.bad_epochs >= cfg.early_stop_patience:
             setup.say(f"early stop: validation loss has not improved for {result.bad_epochs} epochs")
             result.stop_reason = STOP_EARLY
             break
