@@ -215,3 +215,38 @@ def test_no_epoch_is_begun_for_a_few_steps_at_the_end_of_the_budget(monkeypatch:
     assert progress.too_little_left(step_s=1.28, val_s=22.0)
     now[0] = 295.0  # 5 s left, a quick validation: still fewer than MIN_LAST_EPOCH_STEPS steps
     assert progress.too_little_left(step_s=1.0, val_s=1.0)
+
+
+def test_global_options_work_after_the_subcommand_too(smoke_model, tmp_path: Path) -> None:
+    """``train --registry DIR`` (where people type it) as well as ``--registry DIR train``; one
+    given before the subcommand is not reset by a subcommand that does not repeat it."""
+    from training.cli import build_parser
+
+    registry, version = smoke_model
+    after = cli("list", "--registry", str(registry), "--quiet", check=True)
+    before = cli("list", registry=registry, check=True)
+    assert version in after.stdout and after.stdout == before.stdout
+    args = build_parser().parse_args(["--registry", "/a", "--quiet", "show", "v"])
+    assert args.registry == "/a" and args.quiet is True
+    args = build_parser().parse_args(["show", "v", "--registry", "/b"])
+    assert args.registry == "/b" and args.quiet is False
+
+
+def test_offline_cifar10_download_names_the_remedy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    """No network: one line that says how to point --data / DATA= at a local copy, and its layout.
+    (The download itself is the one thing faked here: it is the internet.)"""
+    import urllib.error
+
+    import torchvision.datasets
+
+    from training.cli import main
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setenv("SHAPSERVE_CACHE", str(tmp_path / "cache"))
+    code = main(["--quiet", "--registry", str(tmp_path / "reg"), "train", "--data", "cifar10", "--profile", "smoke"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: could not download CIFAR-10"), err
+    assert "DATA=" in err and "--data" in err and "<split>/<class>/<image>" in err, err

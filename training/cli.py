@@ -44,9 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("--registry", help="checkpoint registry (default: $MODEL_REGISTRY or ./models)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    # The same two options after the subcommand, where people type them (`train --registry DIR`);
+    # SUPPRESS keeps a subcommand that does not repeat them from resetting the ones given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--registry", default=argparse.SUPPRESS, help="checkpoint registry")
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model and register it as a new version")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    t = add("train", help="train a model and register it as a new version")
     t.add_argument(
         "--data", help="'cifar10' (download), a folder or a .tar/.tar.gz laid out as <split>/<class>/<image>"
     )
@@ -80,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="VERSION", help="continue an interrupted run")
     t.add_argument("--promote", action="store_true", help="promote the new version when done")
 
-    e = sub.add_parser("evaluate", help="score a version on a labelled folder or archive")
+    e = add("evaluate", help="score a version on a labelled folder or archive")
     e.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", help="split folder to read (default: test, val, or the only one)")
@@ -90,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
 
-    sub.add_parser("list", help="list versions")
-    s = sub.add_parser("show", help="print a version's metadata and metrics")
+    add("list", help="list versions")
+    s = add("show", help="print a version's metadata and metrics")
     s.add_argument("version")
-    p = sub.add_parser("promote", help="serve this version by default")
+    p = add("promote", help="serve this version by default")
     p.add_argument("version")
     return parser
 

@@ -279,7 +279,11 @@ def _load_cifar10_download(split: str | Sequence[str] | None, class_names: Seque
     try:
         ds = CIFAR10(root=str(root), train=(name == "train"), download=True)
     except Exception as exc:  # URLError, gaierror, ...: no network
-        raise UserError(f"could not download CIFAR-10 into {root}: {exc}") from None
+        raise UserError(
+            f"could not download CIFAR-10 into {root} ({exc}). Offline? Point --data (`make run DATA=...`) "
+            f"at a local copy: a folder or .tar/.tar.gz laid out as <split>/<class>/<image>, "
+            f"e.g. train/cat/0001.png"
+        ) from None
     if class_names is not None and list(class_names) != list(ds.classes):
         raise UserError("the model's classes are not CIFAR-10's")
     images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
