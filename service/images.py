@@ -23,6 +23,7 @@ missing_file           422     no multipart field named ``file``
 empty_file             422     a ``file`` field holds zero bytes
                                (missing_file also: a ``file`` part sent as text, without a filename)
 too_many_files         422     more ``file`` fields than MAX_FILES_PER_REQUEST
+unknown_field          422     a form field the route does not declare (e.g. a misspelt parameter)
 upload_too_large       413     the body is over MAX_UPLOAD_BYTES (refused while streaming)
 not_an_image           415     the bytes are not a PNG, JPEG, WebP, GIF, BMP or TIFF image
 corrupt_image          422     the image is truncated or its data is corrupt, or the file starts
@@ -85,15 +86,25 @@ class UploadRoute(APIRoute):
         handler = super().get_route_handler()
         if self.body_field is None or not isinstance(self.body_field.field_info, params.Form):
             return handler
+        # Every File/Form parameter, those of sub-dependencies included.
+        declared = frozenset(_form_fields(self.dependant)) | {FIELD}
 
         async def parse_first(request: Request) -> Response:
             settings = request.app.state.settings
             parsed = await read_form(
-                request, max_bytes=settings.max_upload_bytes, max_files=settings.max_files_per_request
+                request, max_bytes=settings.max_upload_bytes, max_files=settings.max_files_per_request, fields=declared
             )
             return await handler(parsed)
 
         return parse_first
+
+
+def _form_fields(dependant: Any) -> list[str]:
+    """The names of a route's File/Form parameters, those of its sub-dependencies included."""
+    names = [field.alias for field in dependant.body_params]
+    for sub in dependant.dependencies:
+        names += _form_fields(sub)
+    return names
 
 
 class _BodyGuard:
@@ -163,12 +174,13 @@ def _parse_error(exc: BaseException, max_files: int) -> InputError:
     return InputError(400, "malformed_multipart", f"the multipart body cannot be parsed: {reason or detail}")
 
 
-async def read_form(request: Request, *, max_bytes: int, max_files: int) -> Request:
+async def read_form(request: Request, *, max_bytes: int, max_files: int, fields: frozenset[str]) -> Request:
     """Check and parse a multipart upload; returns the request to hand on (its form parsed).
 
-    Other form fields are kept (routes read their ``Form`` parameters from them), however
-    many, as long as the whole body is under ``max_bytes``. At least one ``file`` part must
-    be present, each a non-empty file; more than ``max_files`` file parts: 422.
+    The whole body must be under ``max_bytes``. At least one ``file`` part must be present,
+    each a non-empty file; more than ``max_files`` file parts: 422. A field the route does not
+    declare (``fields``: its ``File``/``Form`` parameters) is refused (422 ``unknown_field``):
+    a misspelt ``segmetns`` would otherwise be ignored without a word.
     """
     boundary = _check_headers(request, max_bytes)
     guard = _BodyGuard(request.receive, max_bytes, boundary)
@@ -181,10 +193,21 @@ async def read_form(request: Request, *, max_bytes: int, max_files: int) -> Requ
         raise InputError(400, "malformed_multipart", "the client went away before the upload was complete") from None
     try:
         _check_files(form, guard)
+        _check_declared(form, fields)
     except InputError:
         await form.close()
         raise
     return guarded
+
+
+def _check_declared(form: FormData, fields: frozenset[str]) -> None:
+    unknown = [name for name in dict.fromkeys(form.keys()) if name not in fields]
+    if unknown:
+        shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+        if len(unknown) > 5:
+            shown += f" and {len(unknown) - 5} more"
+        takes = ", ".join(sorted(fields))
+        raise InputError(422, "unknown_field", f"unknown form field {shown}: this route takes {takes}")
 
 
 def _check_files(form: FormData, guard: _BodyGuard) -> None:

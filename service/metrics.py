@@ -36,6 +36,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "missing_file",
     "empty_file",
     "too_many_files",
+    "unknown_field",
     "upload_too_large",
     "not_an_image",
     "corrupt_image",

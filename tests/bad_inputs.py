@@ -28,8 +28,9 @@ Decisions that are not obvious, recorded here so that the tests hold the service
 * Decompression bombs are refused from the header (413 ``image_too_large``), before any
   pixel is decoded: by the service's own limit (MAX_IMAGE_PIXELS, 16 Mpx) for a 12000x12000
   PNG of ~0.2 MB, or by Pillow's hard limit for headers announcing billions of pixels.
-* Form fields other than ``file`` are ignored by /predict, however large or many, as long as
-  the whole body is under MAX_UPLOAD_BYTES; over it, 413 while streaming.
+* A form field the route does not declare is refused (422 ``unknown_field``, naming it and the
+  route's fields), however large or many, as long as the whole body is under MAX_UPLOAD_BYTES;
+  over it, 413 while streaming (the size is checked first).
 * Explanation parameters exactly at their bounds are accepted (202); one step beyond is 422
   with a message naming the allowed range. They are form fields: given in the query string
   (where they would be silently ignored) they are refused with 422.
@@ -445,7 +446,8 @@ def _cases() -> list[BadInput]:
         lambda s: Request("POST", "/explain", {"files": [("file", ("a.jpg", s, "image/jpeg"))] * 2}), 422,
         "too_many_files", "at most 1 'file' fields")
     add("huge_text_field", "huge form field",
-        lambda s: upload(s, "a.jpg", "image/jpeg", fields={"comment": "x" * (8 * MIB)}), 200)
+        lambda s: upload(s, "a.jpg", "image/jpeg", fields={"comment": "x" * (8 * MIB)}), 422, "unknown_field",
+        "unknown form field 'comment': this route takes file")
     add("text_field_over_limit", "huge form field",
         lambda s: upload(s, "a.jpg", "image/jpeg", fields={"comment": "x" * (MAX_UPLOAD_BYTES + 1)}), 413,
         "upload_too_large", "the limit is")
@@ -453,7 +455,10 @@ def _cases() -> list[BadInput]:
         explain(fields={"segments": "9" * MIB}), 422, "invalid_parameter", "segments must be from 2 to 200")
     add("ten_thousand_fields", "many form fields",
         lambda s: multipart_request(multipart(*[part(f"f{i}", b"v") for i in range(10_000)],
-                                              part("file", s, "a.jpg", "image/jpeg"))), 200)  # fmt: skip
+                                              part("file", s, "a.jpg", "image/jpeg"))), 422,
+        "unknown_field", "and 9995 more")  # fmt: skip
+    add("explain_misspelt_parameter", "unknown form field", explain(fields={"segmetns": "20"}), 422, "unknown_field",
+        "unknown form field 'segmetns': this route takes background, file, samples, seed, segments, target")
     add("huge_filename", "huge part headers",
         lambda s: multipart_request(multipart(part("file", s, "n" * MIB + ".jpg", "image/jpeg"))), 400,
         "malformed_multipart", "Maximum header size exceeded")

@@ -62,13 +62,15 @@ IMAGE_OPERATIONS = ("POST /predict", "POST /explain")
 EXPLAIN_PARAMS = ("target", "segments", "samples", "background", "seed")
 #: "Negative data accepted" reports dropped because the request was valid as sent (see filter_failure).
 DROPPED: list[str] = []
-#: At most this many may be dropped: with the fixed seed and deterministic generation a run drops
-#: 50 (measured 2026-11-29 once /explain's parameters became declared form fields; 27 while they
-#: were hidden query strings). They are negative mutations of ``file`` or ``target`` that
-#: make_semantically_valid repairs (a real image, a real class) before sending, so the request
-#: is valid as sent; none has an undeclared field. The margin is for a schemathesis release that
-#: labels a few cases differently; a filter that dropped real refusals would go far past it.
-MAX_DROPPED = 60
+#: At most this many may be dropped. With the fixed seed and deterministic generation the count is
+#: fixed for a given schema and schemathesis release (measured 2026-11-29, schemathesis 4.x): 27
+#: while /explain's parameters were hidden query strings, 50 once they became declared form
+#: fields, 75 once undeclared form fields were refused (more cases reach the later phases). All
+#: are cases schemathesis labels negative whose sent form violates nothing (see filter_failure:
+#: "positive test case", or a mutation of ``file``/``target`` that make_semantically_valid
+#: repaired); none has an undeclared field. A broken filter dropping real refusals would go far
+#: past the margin.
+MAX_DROPPED = 100
 
 
 @pytest.fixture(scope="module")
