@@ -105,7 +105,7 @@ def form_fields_only(request: Request) -> None:
     if given:
         raise invalid(
             f"{', '.join(given)} in the query string: send the explanation parameters as multipart form fields "
-            f"beside '{'file'}' (curl -F {given[0]}=...)"
+            f"beside 'file' (curl -F {given[0]}=...)"
         )
 
 

@@ -1,7 +1,8 @@
 """The one image decoder: bytes of an uploaded or stored image -> the model's input.
 
-Used by the API (validating an upload), the worker (the image it explains) and training
-(every image of a folder or archive), so that the model trains on the very pixels it serves.
+Used by the API (every upload, and :func:`explanation_input`, the one decode of an image to
+explain: the worker receives its pixels, never bytes) and training (every image of a folder
+or archive), so that the model trains on the very pixels it serves.
 Format sniffing, a pixel limit checked from the header before decoding, EXIF orientation,
 transparency onto white, 16-bit scaling. Every refusal is an :class:`InputError`:
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from service_fixtures import metric
 
 #: An answer matches an image's single-request answer to this (batched and single forward
 #: passes differ by float rounding only).
@@ -92,22 +93,11 @@ def assert_own_answers(got: list[np.ndarray], expected: np.ndarray) -> None:
         )
 
 
-def sample(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in a Prometheus exposition (0.0 if absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
-
-
 def batch_counts(client: httpx.Client) -> tuple[float, float, float]:
     """(forward passes, images in them, passes of exactly one image) so far."""
     text = client.get("/metrics").text
     return (
-        sample(text, "shapserve_batch_size_count"),
-        sample(text, "shapserve_batch_size_sum"),
-        sample(text, "shapserve_batch_size_bucket", le="1.0"),
+        metric(text, "shapserve_batch_size_count"),
+        metric(text, "shapserve_batch_size_sum"),
+        metric(text, "shapserve_batch_size_bucket", le="1.0"),
     )
