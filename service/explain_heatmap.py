@@ -40,13 +40,27 @@ def _cmap():
         return LinearSegmentedColormap.from_list("red_transparent_blue", colors)
 
 
-def render_heatmap(image: np.ndarray, labels: np.ndarray, result: dict[str, Any], classes: list[int]) -> bytes:
-    """PNG bytes. ``image``: the segmented RGB pixels (H×W×3 uint8); ``labels``: H×W superpixel ids."""
+def render_heatmap(
+    image: np.ndarray,
+    labels: np.ndarray,
+    result: dict[str, Any],
+    classes: list[int],
+    pixel_maps: np.ndarray | None = None,
+) -> bytes:
+    """PNG bytes. ``image``: the segmented RGB pixels (H×W×3 uint8); ``labels``: H×W superpixel ids;
+    ``pixel_maps``: (classes, h, w) attributions of a pixel method, drawn instead of the
+    superpixel values (each cell spread over the part of the image it stands for)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     by_index = {c["index"]: c for c in result["classes"]}
-    maps = [np.asarray(by_index[c]["shap_values"], dtype=np.float64)[labels] for c in classes]
+    if pixel_maps is not None:
+        height, width = labels.shape
+        rows = (np.arange(height) * pixel_maps.shape[1]) // height
+        cols = (np.arange(width) * pixel_maps.shape[2]) // width
+        maps = [pixel_maps[c].astype(np.float64)[rows][:, cols] for c in classes]
+    else:
+        maps = [np.asarray(by_index[c]["shap_values"], dtype=np.float64)[labels] for c in classes]
     # shap.image_plot: the 99.9th percentile of |values| over every panel, symmetric scale.
     max_val = float(np.nanpercentile(np.abs(np.stack(maps)), 99.9)) if maps else 0.0
     if not np.isfinite(max_val) or max_val <= 0:
@@ -85,7 +99,8 @@ def render_heatmap(image: np.ndarray, labels: np.ndarray, result: dict[str, Any]
     if im is not None:
         bar_w = min(fig_w - 2 * margin, max(2 * panel_w, fig_w * 0.4))
         cax = fig.add_axes(((fig_w - bar_w) / 2 / fig_w, 0.45 / fig_h, bar_w / fig_w, 0.12 / fig_h))
-        cb = fig.colorbar(im, cax=cax, orientation="horizontal", label="SHAP value")
+        label = "SHAP value" if result.get("method", "kernel") in ("kernel", "partition") else "attribution"
+        cb = fig.colorbar(im, cax=cax, orientation="horizontal", label=label)
         cb.outline.set_visible(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)

@@ -13,13 +13,14 @@ import re
 from typing import Annotated, Any
 
 from fastapi import Form, Request
-from pydantic import BeforeValidator
+from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from shapcore.errors import InputError
-from shapcore.jobs.settings import ExplainSettings
+from shapcore.jobs.options import METHODS, SAMPLED_METHODS, min_samples, parse_background
+from shapcore.jobs.settings import STORED_BACKGROUND, ExplainSettings
 
-PARAMS = ("target", "segments", "samples", "background", "seed")
+PARAMS = ("target", "segments", "samples", "background", "seed", "method")
 #: A decimal integer in ASCII digits.
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -58,10 +59,48 @@ def descriptions(settings: ExplainSettings) -> dict[str, str]:
     limit = settings.explain_max_evaluations
     return {
         "segments": "SLIC superpixels asked for.",
-        "samples": f"Coalitions evaluated (KernelSHAP nsamples). samples x background may not exceed {limit}.",
-        "background": "Background images standing in for hidden superpixels.",
+        "samples": f"Coalitions evaluated by the sampled methods (kernel: KernelSHAP nsamples; partition: "
+        f"max_evals), at least 2 x segments. samples x background images may not exceed {limit}.",
+        "background": "What fills a hidden superpixel: mean (the mean training image), blur (the image blurred), "
+        f"train:K (K of the version's {STORED_BACKGROUND} stored training images, averaged; train:100 is the "
+        "study's), kmeans:K (K centroids). Integers are aliases: 1 = mean, 100 = train:100, 2-99 = kmeans:K.",
         "seed": "Seed of the coalition sampling.",
+        "method": "kernel (KernelSHAP, the default), partition (shap's PartitionExplainer), gradcam "
+        "(Captum LayerGradCam) or integrated_gradients (Captum). All give per-superpixel values.",
     }
+
+
+def _canonical_background(raw: str) -> str:
+    try:
+        return parse_background(raw, STORED_BACKGROUND).name
+    except ValueError as exc:
+        raise _refuse(str(exc)) from None
+
+
+def background_field(description: str) -> Any:
+    """``Annotated[str, ...]`` for ``background``: a name or an integer alias, answered in its canonical name."""
+    return Annotated[str, Form(description=description), AfterValidator(_canonical_background)]
+
+
+def method_field(description: str) -> Any:
+    def check(raw: str) -> str:
+        text = raw.strip().lower()
+        if text not in METHODS:
+            raise _refuse(f"method must be one of {', '.join(METHODS)} (got {_shown(raw)})")
+        return text
+
+    return Annotated[str, Form(description=description, json_schema_extra={"enum": list(METHODS)}),
+                     AfterValidator(check)]  # fmt: skip
+
+
+def check_samples(method: str, samples: int, segments: int) -> None:
+    """The sampled methods need at least :func:`~shapcore.jobs.options.min_samples` coalitions."""
+    floor = min_samples(segments)
+    if method in SAMPLED_METHODS and samples < floor:
+        raise invalid(
+            f"samples={samples} is too few for segments={segments}: {method} needs at least {floor} "
+            f"(2 x segments; shap's own default is 2 x segments + 2048)"
+        )
 
 
 TARGET_DESCRIPTION = "Class label (any case) or index of the served model; default: the top-1 prediction."
@@ -90,11 +129,12 @@ def resolve_target(raw: str | None, class_names: list[str]) -> int | None:
     )
 
 
-def check_evaluations(samples: int, background: int, settings: ExplainSettings) -> None:
-    evaluations = samples * background
+def check_evaluations(samples: int, background: str, settings: ExplainSettings) -> None:
+    background_images = parse_background(background, STORED_BACKGROUND).count
+    evaluations = samples * background_images
     if evaluations > settings.explain_max_evaluations:
         raise invalid(
-            f"samples x background = {samples} x {background} = {evaluations} model evaluations, "
+            f"samples x background images = {samples} x {background_images} = {evaluations} model evaluations, "
             f"over the limit of {settings.explain_max_evaluations}: lower samples or background"
         )
 

@@ -1,7 +1,6 @@
-"""The explainer's background: the version's stored training images, summarised.
-
-Hidden superpixels are filled from these images (the study used 100 training images);
-:func:`summarize_background` turns the stored set into ``count`` weighted images.
+"""What fills a hidden superpixel: the background named by ``background`` (see
+:mod:`shapcore.jobs.options`), built from the version's stored training images (the study
+used 100 of them) or, for ``blur``, from the image itself.
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from shapcore.jobs.options import BackgroundSpec
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,30 @@ class BackgroundSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+
+#: Gaussian blur of the ``blur`` background at the model's 32 px: a superpixel of the default
+#: 50 is about 4.5 px across, so its inside is smoothed away, and its colours stay.
+BLUR_SIGMA_PX = 2.5
+
+
+def make_background(spec: BackgroundSpec, stored: torch.Tensor, model_input: torch.Tensor) -> BackgroundSet:
+    """The fill named by ``spec``; ``stored``: uint8 (N, 3, 32, 32); ``model_input``: uint8 (3, 32, 32)."""
+    if spec.kind == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        size = 2 * int(np.ceil(3 * BLUR_SIGMA_PX)) + 1
+        blurred = gaussian_blur(model_input.float().unsqueeze(0) / 255.0, [size, size], [BLUR_SIGMA_PX] * 2)
+        return BackgroundSet(images=blurred.contiguous(), weights=torch.ones(1))
+    if spec.kind == "train":
+        n = int(stored.shape[0])
+        if not 1 <= spec.count <= n:
+            raise ValueError(f"background train:{spec.count} needs {spec.count} stored images; the version has {n}")
+        # The stored images are grouped by class: take a fixed random K of them, not the first K.
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: spec.count]
+        images = stored[pick].float() / 255.0
+        return BackgroundSet(images=images.contiguous(), weights=torch.full((spec.count,), 1.0 / spec.count))
+    return summarize_background(stored, 1 if spec.kind == "mean" else spec.count)
 
 
 def summarize_background(stored: torch.Tensor, count: int, *, seed: int = 0) -> BackgroundSet:
@@ -41,7 +66,8 @@ def summarize_background(stored: torch.Tensor, count: int, *, seed: int = 0) -> 
         centres, weights = data.mean(axis=0, keepdims=True), np.ones(1)
     else:
         centres, weights = _kmeans(data, count, seed=seed)
-    images = torch.from_numpy(centres.astype(np.float32)).reshape(count, *stored.shape[1:])
+    # k-means may return fewer centres than asked (a cluster that came out empty is dropped)
+    images = torch.from_numpy(centres.astype(np.float32)).reshape(len(centres), *stored.shape[1:])
     return BackgroundSet(images=images.contiguous(), weights=torch.from_numpy(weights.astype(np.float32)))
 
 

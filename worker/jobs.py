@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from shapcore.jobs.options import parse_background
 from shapcore.jobs.queue import JobRequest, artifact_key, pack_artifact
 from shapcore.jobs.settings import get_explain_settings
 from worker.core import ExplainParams, explain_image
@@ -50,34 +51,40 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
     rt = get_runtime().load(request.model_version)
     pixels, model_input = request.image.arrays()
     image = Image.fromarray(pixels, "RGB")
+    spec = parse_background(request.background, len(rt.stored_background))
     params = ExplainParams(
         segments=request.segments,
         samples=request.samples,
-        background=request.background,
+        background=spec.name,
         seed=request.seed,
         target=request.target,
+        method=request.method,
     )
     if request.target is not None and not 0 <= request.target < len(rt.class_names):
         raise ValueError(f"target {request.target} is not a class of version {rt.version}")
-    result, seg = explain_image(
+    model_tensor = torch.from_numpy(model_input)
+    result, seg, attribution = explain_image(
         rt.model,
         image,
-        torch.from_numpy(model_input),
-        rt.background(request.background),
+        model_tensor,
+        rt.background(spec, model_tensor),
         rt.class_names,
         params,
+        autograd_model=rt.autograd_model,
         batch_size=settings.explain_batch_size,
         slic_max_side=settings.explain_slic_max_side,
-        slic_compactness=settings.explain_slic_compactness,
+        slic_compactness=request.slic_compactness,
         progress=progress,
     )
     result = {"model_version": rt.version, **result, "parameters": request.params()}
     if job is not None:
         conn = job.connection
         result["job_id"] = job.id
-        conn.set(artifact_key(job.id), pack_artifact(seg.image, seg.labels), ex=settings.explain_result_ttl_s)
+        artifact = pack_artifact(seg.image, seg.labels, attribution.pixel_maps)
+        conn.set(artifact_key(job.id), artifact, ex=settings.explain_result_ttl_s)
     log.info(
-        "explained with %d segments, %d samples, %d background: %.2f s, %d evaluations, residual %.2e",
+        "explained (%s) with %d segments, %s samples, background %s: %.2f s, %d evaluations, residual %.2e",
+        result["method"],
         result["segments"]["count"],
         result["samples"],
         result["background"],

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shapcore.jobs.options import BackgroundSpec, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
 from shapcore.registry import LoadedVersion, Registry
-from worker.background import BackgroundSet, summarize_background
+from worker.background import BackgroundSet, make_background
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 class VersionRuntime:
     loaded: LoadedVersion
     stored_background: torch.Tensor  # uint8 (100, 3, 32, 32)
-    summaries: dict[int, BackgroundSet] = field(default_factory=dict)
+    #: the network with autograd (batch norms folded, eval mode): the gradient methods' model
+    autograd_model: torch.nn.Module | None = None
+    fills: dict[str, BackgroundSet] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -46,10 +49,13 @@ class VersionRuntime:
     def class_names(self) -> list[str]:
         return self.loaded.class_names
 
-    def background(self, count: int) -> BackgroundSet:
-        if count not in self.summaries:
-            self.summaries[count] = summarize_background(self.stored_background, count)
-        return self.summaries[count]
+    def background(self, spec: BackgroundSpec, model_input: torch.Tensor) -> BackgroundSet:
+        """The fill ``spec`` names; every kind but ``blur`` (made from the image) is kept."""
+        if spec.kind == "blur":
+            return make_background(spec, self.stored_background, model_input)
+        if spec.name not in self.fills:
+            self.fills[spec.name] = make_background(spec, self.stored_background, model_input)
+        return self.fills[spec.name]
 
 
 class Runtime:
@@ -68,8 +74,8 @@ class Runtime:
         with self._lock:
             if resolved in self.versions:
                 return self.versions[resolved]
-            loaded = prepare_model(self.registry.load(resolved, device="cpu"), jit=self.settings.explain_jit)
-            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background())
+            loaded, eager = prepare_model(self.registry.load(resolved, device="cpu"), jit=self.settings.explain_jit)
+            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background(), autograd_model=eager)
             self.versions[resolved] = rt
             while len(self.versions) > self.keep:
                 oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
@@ -81,11 +87,13 @@ class Runtime:
         """Load the default version and its default background summary (in the parent)."""
         rt = self.load(self.settings.model_version)
         self.default_version = rt.version
-        rt.background(min(self.settings.explain_default_background, len(rt.stored_background)))
+        spec = parse_background(self.settings.explain_default_background, len(rt.stored_background))
+        if spec.kind != "blur":
+            rt.background(spec, torch.zeros(3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8))
         return rt
 
 
-def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> LoadedVersion:
+def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> tuple[LoadedVersion, torch.nn.Module]:
     """The network as the worker runs it: batch norms folded into the convolutions (the
     service's own :func:`service.engine.fold_batch_norms`; outputs equal to ~1e-7),
     channels-last weights, no gradients; with ``jit``, traced, frozen and optimised for
@@ -95,6 +103,9 @@ def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> LoadedVersion:
     Tracing runs one batch-1 forward pass, in the parent process with its single intra-op
     thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's
     profiling runs (two batches at roughly eager speed) on their first job.
+
+    Returns the version and the eager network (folded, no weight gradients, but autograd
+    through it: what Captum's gradient methods need; TorchScript's frozen graph has none).
     """
     from shapcore.inference import fold_batch_norms, freeze_for_inference
 
@@ -102,11 +113,12 @@ def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> LoadedVersion:
     loaded.model.eval().to(memory_format=torch.channels_last)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
+    eager = loaded.model
     if jit:
         frozen = freeze_for_inference(loaded.model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
         if frozen is not None:
             loaded.model = frozen
-    return loaded
+    return loaded, eager
 
 
 _runtime: Runtime | None = None

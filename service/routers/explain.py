@@ -29,11 +29,14 @@ from service.deps import ExplainSettingsDep, RedisDep, StateDep
 from service.errors import error_responses
 from service.explain_params import (
     TARGET_DESCRIPTION,
+    background_field,
     bounded,
     check_evaluations,
+    check_samples,
     descriptions,
     form_fields_only,
     heatmap_classes,
+    method_field,
     resolve_target,
 )
 from service.images import BINARY, UploadRoute, read_upload, too_many_files
@@ -42,6 +45,7 @@ from service.state import ServiceState
 from shapcore.errors import InputError, QueueFull, ShapserveError, TooManyJobs, UserError
 from shapcore.images import explanation_input
 from shapcore.jobs.image import JobImage
+from shapcore.jobs.options import SAMPLED_METHODS
 from shapcore.jobs.queue import (
     STATUS_MAP,
     JobRequest,
@@ -140,7 +144,7 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         status_code=202,
         summary="Queue a SHAP explanation",
         description="Multipart field `file` (validated as /predict does) and optional form fields `target`, "
-        "`segments`, `samples`, `background`, `seed`. Answers 202 with the job's URLs (200 when an identical "
+        "`segments`, `samples`, `background`, `seed`, `method`. Answers 202 with the job's URLs (200 when an identical "
         "request already finished: the same decoded picture, model version, parameters and API key reuse one "
         "job). A job can be read only with the key that created it (404 to other keys).",
         responses={
@@ -158,13 +162,17 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         target: Annotated[str, Form(description=TARGET_DESCRIPTION)] = "",  # blank: the top-1 prediction
         segments: bounded("segments", ranges["segments"], text["segments"]) = s.explain_default_segments,
         samples: bounded("samples", ranges["samples"], text["samples"]) = s.explain_default_samples,
-        background: bounded("background", ranges["background"], text["background"]) = s.explain_default_background,
+        background: background_field(text["background"]) = s.explain_default_background,
         seed: bounded("seed", ranges["seed"], text["seed"]) = s.explain_default_seed,
+        method: method_field(text["method"]) = "kernel",
     ) -> Response:
         version, class_names = _model_identity(state, settings)
         params = {"segments": segments, "samples": samples, "background": background, "seed": seed,
-                  "target": resolve_target(target, class_names)}  # fmt: skip
-        check_evaluations(samples, background, settings)
+                  "target": resolve_target(target, class_names), "method": method,
+                  "slic_compactness": settings.explain_slic_compactness}  # fmt: skip
+        check_samples(method, samples, segments)
+        if method in SAMPLED_METHODS:
+            check_evaluations(samples, background, settings)
         loop = asyncio.get_running_loop()
         pixels, model_input = await loop.run_in_executor(  # the /predict checks, then the pixels the worker gets
             state.decode_executor, explanation_input, upload.data, settings.max_image_pixels,
@@ -271,8 +279,8 @@ async def get_heatmap(
             raise _unknown(job_id)
         from service.explain_heatmap import render_heatmap
 
-        image, labels = await asyncio.to_thread(unpack_artifact, artifact)
-        png = await asyncio.to_thread(render_heatmap, image, labels, result, picked)
+        image, labels, pixel_maps = await asyncio.to_thread(unpack_artifact, artifact)
+        png = await asyncio.to_thread(render_heatmap, image, labels, result, picked, pixel_maps)
         ttl = await _redis_call(settings, redis.ttl, artifact_key(job_id))
         expire = max(60, int(ttl)) if ttl and ttl > 0 else 3600
         await _redis_call(settings, functools.partial(redis.set, cache, png, ex=expire))

@@ -30,6 +30,7 @@ import numpy as np
 
 from shapcore.errors import QueueFull, TooManyJobs
 from shapcore.jobs.image import JobImage
+from shapcore.jobs.options import explainer_fingerprint
 from shapcore.jobs.settings import ExplainSettings
 
 PREFIX = "shapserve:explain:"
@@ -60,9 +61,12 @@ class JobRequest:
     model_version: str
     segments: int
     samples: int
-    background: int
+    background: str  # a canonical name: shapcore.jobs.options.BackgroundSpec.name
     seed: int
     target: int | None
+    method: str = "kernel"
+    #: SLIC compactness, chosen by the API from its settings so that the key and the work agree
+    slic_compactness: float = 10.0
 
     def params(self) -> dict[str, Any]:
         d = asdict(self)
@@ -71,14 +75,18 @@ class JobRequest:
 
 
 def dedup_key(request: JobRequest, owner: str | None = None) -> str:
-    """One key per (decoded pixels, version, parameters) and owner: two API keys never share a job.
+    """One key per (decoded pixels, version, parameters, explainer code) and owner: two API keys
+    never share a job.
 
     The pixels, not the uploaded bytes, are hashed: the same picture sent as PNG and as a
-    re-saved PNG (or with other metadata) is one job.
+    re-saved PNG (or with other metadata) is one job. Every setting that changes a result is in
+    the request (method, background, SLIC compactness; the SLIC size limit is in the pixels),
+    and the code that computes it in :func:`~shapcore.jobs.options.explainer_fingerprint`.
     """
     h = hashlib.sha256()
     h.update(request.image.digest())
     h.update(json.dumps(request.params(), sort_keys=True).encode())
+    h.update(json.dumps(explainer_fingerprint(), sort_keys=True).encode())
     if owner is not None:
         h.update(b"\0owner\0" + owner.encode())
     return f"{PREFIX}dedup:{h.hexdigest()}"
@@ -387,12 +395,17 @@ def _iso(value: Any) -> str | None:
 # -- heatmap artefacts -----------------------------------------------------------------------------
 
 
-def pack_artifact(image: np.ndarray, labels: np.ndarray) -> bytes:
+def pack_artifact(image: np.ndarray, labels: np.ndarray, pixel_maps: np.ndarray | None = None) -> bytes:
+    """The heatmap's data: the segmented pixels, the superpixel labels and, for the pixel
+    methods, their (classes, 32, 32) attribution maps (drawn instead of the superpixel values)."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, image=image.astype(np.uint8), labels=labels.astype(np.int32))
+    arrays = {"image": image.astype(np.uint8), "labels": labels.astype(np.int32)}
+    if pixel_maps is not None:
+        arrays["pixel_maps"] = pixel_maps.astype(np.float32)
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 
-def unpack_artifact(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+def unpack_artifact(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return npz["image"], npz["labels"]
+        return npz["image"], npz["labels"], npz["pixel_maps"] if "pixel_maps" in npz.files else None

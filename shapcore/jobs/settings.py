@@ -73,8 +73,10 @@ class ExplainSettings(BaseSettings):
     )
     explain_min_samples: int = 20
     explain_max_samples: int = Field(20_000, ge=20)
-    explain_default_background: int = Field(
-        1, ge=1, description="Background images by default (1: the mean of the version's 100)."
+    explain_default_background: str = Field(
+        "mean",
+        description="Background by default: mean, blur, train:K or kmeans:K (shapcore.jobs.options); "
+        "the study's is train:100.",
     )
     explain_max_background: int = Field(STORED_BACKGROUND, ge=1, le=STORED_BACKGROUND)
     explain_max_evaluations: int = Field(
