@@ -48,7 +48,8 @@ from shapcore.jobs.settings import ExplainSettings  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 from worker.background import summarize_background  # noqa: E402
-from worker.core import ExplainParams, explain_image, seeded_numpy  # noqa: E402
+from worker.core import ExplainParams, explain_image  # noqa: E402
+from worker.kernel import seeded_numpy  # noqa: E402
 from worker.reference import plain_value_function  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 
@@ -87,7 +88,7 @@ def load_image_bytes(archive: Path) -> bytes:
 def explain(model, loaded, image, bg, params, batch_size):
     start = time.perf_counter()
     x = to_source_size(image)
-    result, seg = explain_image(model, image, x, bg, loaded.class_names, params, batch_size=batch_size)
+    result, seg, _ = explain_image(model, image, x, bg, loaded.class_names, params, batch_size=batch_size)
     return time.perf_counter() - start, result, seg
 
 
@@ -126,7 +127,7 @@ def stability(model, loaded, images, bg, segments, samples, batch_size, seeds=(1
     for _, image in images:
         values = []
         for seed in seeds:
-            params = ExplainParams(segments, samples, len(bg), seed)
+            params = ExplainParams(segments, samples, str(len(bg)), seed)
             t, result, _ = explain(model, loaded, image, bg, params, batch_size)
             times.append(t)
             values.append(result["shap_values"])
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plain-images", type=int, default=1, help="images for the (slow) plain pattern")
     p.add_argument("--segments", type=int, default=defaults.explain_default_segments)
     p.add_argument("--samples", type=int, default=defaults.explain_default_samples)
-    p.add_argument("--default-background", type=int, default=defaults.explain_default_background)
+    p.add_argument("--default-background", type=int, default=1, help="background images (1: the mean)")
     p.add_argument("--backgrounds", type=int, nargs="*", default=[1, 100], help="none: skip the comparison")
     p.add_argument("--batch-size", type=int, default=defaults.explain_batch_size)
     p.add_argument("--threads", type=int, default=defaults.torch_threads())
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = worker_jobs(str(registry.root), version, image, args.redis_url, args.worker_jobs)
 
     torch.set_num_threads(args.threads)
-    loaded = prepare_model(registry.load(version))  # as the worker runs it
+    loaded, _ = prepare_model(registry.load(version))  # as the worker runs it
     model = loaded.model
     images = load_images(Path(args.data), max(args.images, args.plain_images))
     training = subprocess.run(["pgrep", "-f", "training --quiet"], capture_output=True, text=True).stdout.split()
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up: oneDNN primitives for every batch shape used below
     bg1 = summarize_background(loaded.background(), 1)
-    explain(model, loaded, images[0][1], bg1, ExplainParams(args.segments, 300, 1, 0), args.batch_size)
+    explain(model, loaded, images[0][1], bg1, ExplainParams(args.segments, 300, "1", 0), args.batch_size)
 
     if args.sweep:
         bg = summarize_background(loaded.background(), args.default_background)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = []
     for b in args.backgrounds:
         bg = summarize_background(loaded.background(), b)
-        params = ExplainParams(args.segments, args.samples, b, seed=0)
+        params = ExplainParams(args.segments, args.samples, str(b), seed=0)
         batched, raw, plain, evals, agree = [], [], [], [], []
         for i, (_, image) in enumerate(images[: args.images]):
             t, result, seg = explain(model, loaded, image, bg, params, args.batch_size)
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stability at samples={args.samples}, B={len(bg)}: Spearman rho mean {s['rho_mean']:.3f}, "
           f"min {s['rho_min']:.3f} over {len(s['rhos'])} images", flush=True)  # fmt: skip
 
-    params = ExplainParams(args.segments, args.samples, args.default_background, seed=0)
+    params = ExplainParams(args.segments, args.samples, str(args.default_background), seed=0)
     warm = [explain(model, loaded, image, bg, params, args.batch_size)[0] for _, image in images[: args.images]]
     report["defaults"] = {"in_process_s": warm, "in_process_mean_s": statistics.mean(warm)}
     print(f"all defaults (segments {args.segments}, samples {args.samples}, background {args.default_background}): "

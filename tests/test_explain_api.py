@@ -107,8 +107,9 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
 
     from shapcore.registry import Registry
     from worker.background import summarize_background
-    from worker.core import seeded_numpy, segment
+    from worker.kernel import seeded_numpy
     from worker.reference import plain_value_function
+    from worker.segmentation import segment
 
     client = explain_service.client
     r = client.post("/explain", files=files(cifar_jpeg), data={"segments": "8", "samples": "40", "background": "3",
@@ -204,6 +205,13 @@ def test_duplicate_of_a_queued_job_is_the_same_job(own_service, explain_redis_ur
         ({"background": "101"}, "background must be from 1 to 100"),
         ({"seed": "-1"}, "seed must be from 0 to"),
         ({"samples": "20000", "background": "100"}, "over the limit"),
+        ({"samples": "20000", "background": "train:26"}, "20000 x 26 = 520000 model evaluations"),
+        ({"segments": "60", "samples": "100"}, "kernel needs at least 120 (2 x segments"),
+        ({"segments": "60", "samples": "100", "method": "partition"}, "partition needs at least 120"),
+        ({"method": "lime"}, "method must be one of kernel, partition, gradcam, integrated_gradients"),
+        ({"background": "sky"}, "background must be one of mean, blur, train:K or kmeans:K"),
+        ({"background": "train:0"}, "background must be from 1 to 100 images (got 0)"),
+        ({"background": "kmeans:101"}, "background must be from 1 to 100 images (got 101)"),
     ],
 )
 def test_out_of_range_parameters_name_the_allowed_range(explain_service, cifar_jpeg, fields, fragment):
@@ -328,7 +336,8 @@ def test_failed_job_reports_its_reason(explain_service, api_worker, cifar_jpeg, 
         connect(explain_redis_url, 2.0),
         settings,
         JobRequest(
-            job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0, target=None
+            job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background="mean", seed=0,
+            target=None
         ),
     )
     client = explain_service.client

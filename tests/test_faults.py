@@ -106,7 +106,8 @@ def test_sigkill_of_a_worker_mid_job_is_retried_on_another_within_a_minute(
     settings = ExplainSettings(_env_file=None, redis_url=redis_url, explain_queue=queue, explain_retries=1)
     conn = connect(redis_url, 2.0)
     request = JobRequest(
-        job_image(cifar_jpeg), smoke_model[1], segments=50, samples=KILL_SAMPLES, background=1, seed=6101, target=None
+        job_image(cifar_jpeg), smoke_model[1], segments=50, samples=KILL_SAMPLES, background="mean", seed=6101,
+        target=None
     )
     job, created = submit(conn, settings, request)
     assert created

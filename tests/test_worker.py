@@ -30,16 +30,11 @@ from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
 from worker.background import summarize_background
-from worker.core import (
-    CoalitionModel,
-    ExplainParams,
-    area_weights,
-    explain_image,
-    kernel_shap,
-    seeded_numpy,
-    segment,
-)
+from worker.core import ExplainParams, explain_image
+from worker.kernel import kernel_shap, seeded_numpy
 from worker.reference import plain_value_function
+from worker.segmentation import area_weights, segment
+from worker.value import CoalitionModel
 
 pytestmark = pytest.mark.timeout(600)
 pytest_plugins = ["test_explain_support"]
@@ -65,8 +60,8 @@ def test_batched_values_agree_with_the_plain_kernel_explainer(loaded, cat, backg
     """Same segments, background and samples: shap.KernelExplainer over the docs' per-coalition
     f gives the same values (all classes) as the batched worker path."""
     bg = summarize_background(loaded.background(), background)
-    params = ExplainParams(segments=10, samples=80, background=background, seed=7)
-    result, seg = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    params = ExplainParams(segments=10, samples=80, background=str(background), seed=7)
+    result, seg, _ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
     m = seg.count
 
     import shap
@@ -95,7 +90,7 @@ def test_the_frozen_worker_model_explains_as_the_eager_one(smoke_model, loaded, 
     from worker.runtime import prepare_model
 
     registry, version = smoke_model
-    frozen = prepare_model(Registry(registry).load(version), jit=True).model
+    frozen = prepare_model(Registry(registry).load(version), jit=True)[0].model
     assert isinstance(frozen, torch.jit.ScriptModule)
     x = torch.rand(37, 3, 32, 32)
     with torch.inference_mode():
@@ -103,9 +98,9 @@ def test_the_frozen_worker_model_explains_as_the_eager_one(smoke_model, loaded, 
             got = torch.softmax(frozen(batch.contiguous(memory_format=torch.channels_last)), -1)
             np.testing.assert_allclose(got, torch.softmax(loaded.model(batch), -1), atol=1e-5)
     bg = summarize_background(loaded.background(), 2)
-    params = ExplainParams(segments=10, samples=80, background=2, seed=3)
-    ours, _ = explain_image(frozen, cat, to_source_size(cat), bg, loaded.class_names, params)
-    ref, _ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    params = ExplainParams(segments=10, samples=80, background="kmeans:2", seed=3)
+    ours, *_ = explain_image(frozen, cat, to_source_size(cat), bg, loaded.class_names, params)
+    ref, *_ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
     assert_nontrivial([c["shap_values"] for c in ref["classes"]], atol=1e-5)
     np.testing.assert_allclose(
         [c["shap_values"] for c in ours["classes"]], [c["shap_values"] for c in ref["classes"]], atol=1e-5
@@ -186,7 +181,7 @@ def _request(loaded, image: bytes, samples: int, seed: int = 0) -> JobRequest:
         model_version=loaded.version,
         segments=50,
         samples=samples,
-        background=1,
+        background="mean",
         seed=seed,
         target=None,
     )
@@ -315,7 +310,8 @@ def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
 
     n = 3
     finished = [submit(conn, settings, _request(loaded, cifar_jpeg, samples=50, seed=30 + i))[0] for i in range(n)]
-    unknown = JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background=1, seed=0,
+    unknown = JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background="mean",
+                         seed=0,
                          target=None)  # fmt: skip
     failed, _ = submit(conn, settings, unknown)  # last in the queue: one worker runs the jobs in order
 

@@ -63,12 +63,14 @@ def explain_image(
     slic_max_side: int = 512,
     slic_compactness: float = 10.0,
     progress: ProgressFn | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[dict[str, Any], Segmentation, Attribution]:
     """Explain ``model`` on one image; returns (JSON-ready result, segmentation, attribution).
 
     ``image``: the decoded upload (any size, RGB); ``model_input``: uint8 (3, 32, 32), the
     tensor /predict would feed the model for the same upload. ``autograd_model``: the same
-    network with autograd, for the gradient methods.
+    network with autograd, for the gradient methods. ``device``: where the models are (the
+    masked images are built there).
     """
     started = time.perf_counter()
     if progress:
@@ -88,7 +90,8 @@ def explain_image(
             last[0] = now
             progress(min(0.95, 0.02 + 0.93 * rows / expected_rows), "evaluating")
 
-    f = CoalitionModel(model, model_input, seg.weights, background, batch_size=batch_size, progress=on_rows)
+    f = CoalitionModel(model, model_input, seg.weights, background, batch_size=batch_size, progress=on_rows,
+                       device=device)  # fmt: skip
     if progress:
         progress(0.02, "evaluating")
     target = int(np.argmax(f.fx())) if params.target is None else int(params.target)

@@ -41,12 +41,15 @@ class CoalitionModel:
         *,
         batch_size: int = 256,
         progress: Callable[[int], None] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.model = model
-        self.x = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float()).unsqueeze(0).unsqueeze(0)
-        self.A = torch.from_numpy(segmentation_weights)
-        self.bg = background.images.unsqueeze(0)  # (1, B, 3, H, W)
-        self.bg_weights = background.weights.double()
+        self.device = torch.device(device)
+        pixels = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+        self.x = pixels.unsqueeze(0).unsqueeze(0).to(self.device)
+        self.A = torch.from_numpy(segmentation_weights).to(self.device)  # masks are built where the model runs
+        self.bg = background.images.unsqueeze(0).to(self.device)  # (1, B, 3, H, W)
+        self.bg_weights = background.weights.double().to(self.device)
         self.B = len(background)
         self.batch_size = max(1, int(batch_size))
         self.rows_per_batch = max(1, self.batch_size // self.B)
@@ -67,7 +70,7 @@ class CoalitionModel:
 
     def fx(self) -> np.ndarray:
         if self._fx is None:
-            self._fx = self._forward(self.x[0]).double().numpy()[0]
+            self._fx = self._forward(self.x[0]).double().cpu().numpy()[0]
         return self._fx
 
     @property
@@ -86,16 +89,16 @@ class CoalitionModel:
 
         A row of ones is the image itself (one evaluation, not B).
         """
-        keep = torch.as_tensor(keep, dtype=torch.float32).reshape(keep.shape[0], -1)
+        keep = torch.as_tensor(keep, dtype=torch.float32, device=self.device).reshape(keep.shape[0], -1)
         out = np.empty((keep.shape[0], self.classes), dtype=np.float64)
-        full = (keep.min(dim=1).values >= 1.0).numpy()
+        full = (keep.min(dim=1).values >= 1.0).cpu().numpy()
         out[full] = self.fx()
         rest = np.flatnonzero(~full)
         for start in range(0, len(rest), self.rows_per_batch):
             rows = rest[start : start + self.rows_per_batch]
-            images = self.masked_images(keep[torch.from_numpy(rows)])
+            images = self.masked_images(keep[torch.from_numpy(rows).to(self.device)])
             probs = self._forward(images).double().view(len(rows), self.B, -1)
-            out[rows] = (probs * self.bg_weights.view(1, -1, 1)).sum(dim=1).numpy()
+            out[rows] = (probs * self.bg_weights.view(1, -1, 1)).sum(dim=1).cpu().numpy()
             self.rows += len(rows)
             if self.progress is not None:
                 self.progress(self.rows)
@@ -104,5 +107,5 @@ class CoalitionModel:
 
     def __call__(self, Z: np.ndarray) -> np.ndarray:
         """(K, M) coalitions of superpixels (1 kept, 0 hidden) -> (K, classes) probabilities."""
-        Z = torch.from_numpy(np.asarray(Z, dtype=np.float32))
+        Z = torch.from_numpy(np.asarray(Z, dtype=np.float32)).to(self.device)
         return self.keep_probabilities(Z @ self.A)

@@ -1,0 +1,120 @@
+"""What an explanation may be asked for (``shapcore.jobs.options``) and the fills it names
+(``worker.background``): names and aliases, the dedupe key, k-means with an empty cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from shapcore.jobs import options
+from shapcore.jobs.image import JobImage
+from shapcore.jobs.options import BackgroundSpec, min_samples, parse_background
+from shapcore.jobs.queue import JobRequest, dedup_key
+from worker.background import make_background, summarize_background
+
+
+@pytest.mark.parametrize(
+    ("raw", "name", "count"),
+    [
+        ("mean", "mean", 1),
+        (" Blur ", "blur", 1),
+        ("train:100", "train:100", 100),
+        ("train:7", "train:7", 7),
+        ("kmeans:5", "kmeans:5", 5),
+        ("1", "mean", 1),  # the integer aliases the API always took
+        (1, "mean", 1),
+        ("100", "train:100", 100),
+        ("3", "kmeans:3", 3),
+    ],
+)
+def test_background_names_and_aliases(raw, name, count):
+    spec = parse_background(raw, 100)
+    assert (spec.name, spec.count) == (name, count)
+    assert parse_background(spec.name, 100) == spec  # the canonical name parses to itself
+
+
+@pytest.mark.parametrize("raw", ["0", "101", "train:0", "kmeans:101", "train", "sky", "train:-1", "1.5", ""])
+def test_bad_backgrounds_are_refused_with_the_choices(raw):
+    with pytest.raises(ValueError, match="background must be"):
+        parse_background(raw, 100)
+
+
+def test_min_samples_is_twice_the_segments():
+    assert min_samples(50) == 100 and min_samples(200) == 400
+
+
+def _request(**changes) -> JobRequest:
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    base = JobRequest(JobImage.from_arrays(pixels, np.zeros((3, 32, 32), dtype=np.uint8)), "v1", segments=50,
+                      samples=5000, background="mean", seed=0, target=None)  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"slic_compactness": 20.0},  # a worker-side SLIC setting
+        {"method": "partition"},
+        {"background": "train:100"},
+        {"samples": 5001},
+        {"model_version": "v2"},
+    ],
+)
+def test_the_dedupe_key_changes_with_every_setting_that_changes_a_result(change):
+    assert dedup_key(_request(**change)) != dedup_key(_request())
+    assert dedup_key(_request(**change)) == dedup_key(_request(**change))
+
+
+def test_the_dedupe_key_changes_with_the_explainer_code(monkeypatch):
+    before = dedup_key(_request())
+    monkeypatch.setattr(options, "EXPLAINER_REVISION", options.EXPLAINER_REVISION + 1)
+    assert dedup_key(_request()) != before
+    monkeypatch.undo()
+    monkeypatch.setattr(options, "_version", lambda package: "9.9.9" if package == "shap" else "0")
+    assert dedup_key(_request()) != before
+
+
+def _stored(distinct: int, n: int = 100) -> torch.Tensor:
+    """``n`` uint8 images of which only ``distinct`` differ: k-means over more clusters than that
+    leaves some empty."""
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 256, (distinct, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    return pool[torch.arange(n) % distinct]
+
+
+def test_kmeans_with_an_empty_cluster_returns_the_clusters_it_found():
+    """Five clusters asked of images with three distinct values: two come out empty. The
+    summary keeps the three (it used to reshape to five rows and crash)."""
+    stored = _stored(3)
+    bg = summarize_background(stored, 5)
+    assert len(bg) == 3
+    assert bg.weights.sum().item() == pytest.approx(1.0)
+    distinct = {tuple(img.flatten()[:8].tolist()) for img in stored.float() / 255.0}
+    assert {tuple(img.flatten()[:8].tolist()) for img in bg.images} == distinct
+    assert len(make_background(BackgroundSpec("kmeans", 5), stored, stored[0])) == 3
+
+
+def test_train_k_takes_k_stored_images_from_across_the_set():
+    stored = _stored(100)  # all distinct; stored grouped by class in a real version
+    bg = make_background(BackgroundSpec("train", 10), stored, stored[0])
+    assert len(bg) == 10 and torch.allclose(bg.weights, torch.full((10,), 0.1))
+    picked = [int(np.argmin([(bg.images[i] - s.float() / 255).abs().sum() for s in stored])) for i in range(10)]
+    assert len(set(picked)) == 10 and max(picked) >= 20  # not the first ten (one class in a real version)
+    full = make_background(BackgroundSpec("train", 100), stored, stored[0])
+    assert len(full) == 100
+
+
+def test_blur_fills_with_the_image_itself_blurred():
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randint(0, 256, (3, 32, 32), generator=gen, dtype=torch.uint8)
+    bg = make_background(BackgroundSpec("blur"), _stored(5), image)
+    assert bg.images.shape == (1, 3, 32, 32)
+    x = image.float() / 255.0
+    # the same mean colour as the image, far less pixel-to-pixel variation
+    assert torch.allclose(bg.images[0].mean(dim=(1, 2)), x.mean(dim=(1, 2)), atol=0.03)
+    assert bg.images[0].std() < 0.3 * x.std()
+    other = make_background(BackgroundSpec("blur"), _stored(5), 255 - image)
+    assert not torch.allclose(other.images, bg.images)  # made from each image, not from the stored set
