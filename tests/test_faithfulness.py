@@ -106,6 +106,10 @@ def test_a_constant_attribution_scores_like_random() -> None:
     assert span > 0.5
     assert abs(flat["deletion_auc"] - flat["random_deletion_auc"]) < 0.1 * span, flat
     assert abs(flat["insertion_auc"] - flat["random_insertion_auc"]) < 0.1 * span, flat
+    # Ties keep index order (a stable sort): superpixel 0 is hidden first.
+    first_hidden = np.ones((1, M))
+    first_hidden[0, 0] = 0
+    assert flat["curves"]["deletion"][1] == pytest.approx(f(first_hidden)[0, TARGET])
 
 
 @pytest.mark.parametrize(("side", "strips", "steps"), [(4, None, 16), (8, None, 32), (None, 50, 25)])
