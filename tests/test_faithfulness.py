@@ -147,3 +147,30 @@ def test_steps_curves_and_their_ends(side: int | None, strips: int | None, steps
     # row (a single fill); the all-kept and all-hidden rows they share are evaluated once.
     curves_evaluated = 2 * (1 + out["random_orders"])
     assert evaluations <= curves_evaluated * (steps + 1) - 2 * (curves_evaluated - 1)
+
+
+def test_a_finished_result_is_observed_by_the_worker_metrics(cifar_jpeg: bytes) -> None:
+    """What the worker's parent does with a finished job's result (explained here in process,
+    by the synthetic model): both AUCs land in the method's histograms; a failure adds none."""
+    from PIL import Image
+    from prometheus_client import CollectorRegistry
+
+    from shapcore.images import explanation_input
+    from worker.core import ExplainParams, explain_image
+    from worker.metrics import WorkerMetrics
+
+    pixels, model_input = explanation_input(cifar_jpeg, 16_777_216, 512)
+    model = RegionLogits(shuffled(), area_weights(blocks(4), 32))
+    black = BackgroundSet(images=torch.zeros(1, 3, 32, 32), weights=torch.ones(1))
+    params = ExplainParams(segments=12, samples=100, background="black", seed=0, target=TARGET)
+    result, _, _ = explain_image(model, Image.fromarray(pixels), torch.from_numpy(model_input), black,
+                                 ["a", "b", "c"], params)  # fmt: skip
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry=registry)
+    metrics.job_ended("failed", 1.0, None)
+    metrics.job_ended("finished", 2.0, result)
+    for curve in ("deletion", "insertion"):
+        labels = {"method": "kernel"}
+        assert registry.get_sample_value(f"shapserve_worker_{curve}_auc_count", labels) == 1
+        auc = result["faithfulness"][f"{curve}_auc"]
+        assert registry.get_sample_value(f"shapserve_worker_{curve}_auc_sum", labels) == pytest.approx(auc)
