@@ -42,6 +42,15 @@ def _panel(ax: Any, fraction: np.ndarray, curve: np.ndarray, baseline: np.ndarra
 
 def render_faithfulness(result: dict[str, Any]) -> bytes:
     """PNG bytes of the curves in ``result["faithfulness"]`` (KeyError when the result has none)."""
+    fig = faithfulness_figure(result)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def faithfulness_figure(result: dict[str, Any]) -> Any:
+    """The matplotlib ``Figure``: axes 0 deletion, 1 insertion; in each, line 0 is the
+    explanation's curve and line 1 the random baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -61,6 +70,4 @@ def render_faithfulness(result: dict[str, Any]) -> bytes:
         fontsize=12,
     )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
+    return fig

@@ -130,8 +130,9 @@ def test_the_worker_observes_both_aucs_of_its_finished_job(job):
 
 
 def test_the_renderer_alone_from_a_result_dict():
-    """Drawn from the result alone: different curves give a different picture; no curves, no PNG."""
-    from service.explain_faithfulness_plot import render_faithfulness
+    """Drawn from the result alone: each panel plots its curve and its baseline, the legend
+    gives their AUCs; no curves, no PNG."""
+    from service.explain_faithfulness_plot import faithfulness_figure, render_faithfulness
 
     fraction = np.linspace(0, 1, 11)
     falling, rising = np.exp(-5 * fraction), 1 - np.exp(-5 * fraction)
@@ -143,10 +144,19 @@ def test_the_renderer_alone_from_a_result_dict():
         faith = {**aucs, "steps": 10, "random_orders": 3, "curves": {k: v.tolist() for k, v in curves.items()}}
         return {"method": "kernel", "target": {"index": 3, "label": "cat", "probability": 0.9}, "faithfulness": faith}
 
-    good = render_faithfulness(result(falling, rising))
-    bad = render_faithfulness(result(rising, falling))
-    image = Image.open(io.BytesIO(good))
+    good = result(falling, rising)
+    image = Image.open(io.BytesIO(render_faithfulness(good)))
     assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 400
-    assert good != bad
+    faith = good["faithfulness"]
+    axes = faithfulness_figure(good).axes
+    for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
+        curve, baseline = ax.lines[0], ax.lines[1]
+        np.testing.assert_allclose(curve.get_xdata(), fraction)
+        np.testing.assert_allclose(curve.get_ydata(), faith["curves"][kind])
+        np.testing.assert_allclose(baseline.get_ydata(), faith["curves"][f"random_{kind}"])
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert legend == [f"explanation (AUC {faith[f'{kind}_auc']:.3f})",
+                          f"random order (AUC {faith[f'random_{kind}_auc']:.3f})"]  # fmt: skip
+    assert "kernel" in axes[0].figure.get_suptitle() and "cat" in axes[0].figure.get_suptitle()
     with pytest.raises(KeyError):
         render_faithfulness({"method": "kernel", "target": {"label": "cat", "probability": 0.9}})
