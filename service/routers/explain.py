@@ -196,6 +196,12 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         return Response(json.dumps(body), status_code=200 if status == "finished" else 202,
                         media_type="application/json", headers={"Location": status_url})  # fmt: skip
 
+    _add_read_routes(router)
+    return router
+
+
+def _add_read_routes(router: APIRouter) -> None:
+    """GET /explain/{job_id} and its PNGs: module-level handlers that need none of build_router's settings."""
     router.add_api_route(
         "/explain/{job_id}",
         get_explain,
@@ -229,7 +235,6 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **error_responses(404, 409, 503)},
     )
-    return router
 
 
 def _unknown(job_id: str) -> ShapserveError:
