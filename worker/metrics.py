@@ -12,6 +12,10 @@ fleet, e.g. ``sum by (status) (rate(shapserve_worker_jobs_total[5m]))`` (recordi
 - ``shapserve_worker_model_forward_seconds_total``   counter: seconds of those forward passes
   (``rate(..._model_evaluations_total[5m]) / rate(..._model_forward_seconds_total[5m])``: the
   model's images per second; over ``..._job_duration_seconds_sum``: the jobs' throughput)
+- ``shapserve_worker_deletion_auc{method}``          histogram: the deletion AUC of each finished
+  explanation (lower is better; :mod:`worker.faithfulness`)
+- ``shapserve_worker_insertion_auc{method}``         histogram: its insertion AUC (higher is better)
+  (``rate(..._deletion_auc_sum[1h]) / rate(..._deletion_auc_count[1h])`` by method: the mean)
 - ``shapserve_worker_busy``                          gauge: 1 while a job runs
 - ``shapserve_worker_last_job_timestamp_seconds``    gauge: when the last job ended
 - ``shapserve_worker_info{name, queue, model_version}`` the worker and its preloaded version
@@ -28,10 +32,14 @@ import logging
 import time
 from typing import Any
 
+from shapcore.jobs.options import METHODS
+
 log = logging.getLogger(__name__)
 
 #: Job-duration histogram buckets, in seconds: up to 20 minutes.
 DURATION_BUCKETS: tuple[float, ...] = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1200)
+#: Faithfulness AUC buckets: the AUCs are probabilities, in [0, 1].
+AUC_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 #: Outcomes of an attempt (retried: it failed and RQ queued it again).
 STATUSES = ("finished", "failed", "retried")
 
@@ -63,6 +71,19 @@ class WorkerMetrics:
             "Seconds this worker spent in model forward passes (finished jobs)",
             registry=registry,
         )
+        self.deletion_auc, self.insertion_auc = (
+            Histogram(
+                f"shapserve_worker_{curve}_auc",
+                f"{curve.capitalize()} AUC of the target class of each finished explanation ({better} is better)",
+                ["method"],
+                buckets=AUC_BUCKETS,
+                registry=registry,
+            )
+            for curve, better in (("deletion", "lower"), ("insertion", "higher"))
+        )
+        for method in METHODS:
+            self.deletion_auc.labels(method)
+            self.insertion_auc.labels(method)
         self.busy = Gauge("shapserve_worker_busy", "1 while this worker runs a job", registry=registry)
         self.last_job = Gauge(
             "shapserve_worker_last_job_timestamp_seconds", "Unix time the last job ended", registry=registry
@@ -85,7 +106,16 @@ class WorkerMetrics:
         if outcome == "finished" and isinstance(result, dict):
             self.evaluations.inc(int(result.get("model_evaluations", 0)))
             self.forward_seconds.inc(float(result.get("timings_s", {}).get("model_forward", 0.0)))
+            self._faithfulness(result)
         self.last_job.set(time.time())
+
+    def _faithfulness(self, result: dict[str, Any]) -> None:
+        faith = result.get("faithfulness")
+        if not isinstance(faith, dict):
+            return
+        method = str(result.get("method", "kernel"))
+        self.deletion_auc.labels(method).observe(float(faith["deletion_auc"]))
+        self.insertion_auc.labels(method).observe(float(faith["insertion_auc"]))
 
 
 def serve_worker_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -1,4 +1,4 @@
-"""POST /explain, GET /explain/{job_id}, GET /explain/{job_id}/heatmap.png.
+"""POST /explain, GET /explain/{job_id}, GET /explain/{job_id}/heatmap.png and /faithfulness.png.
 
 The API validates, decodes and enqueues; ``python -m worker`` computes (see :mod:`worker`).
 Redis is needed only here: when it is unreachable these routes answer 503 and /predict is
@@ -187,6 +187,7 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
             "job_id": job.id,
             "status_url": status_url,
             "heatmap_url": f"{status_url}/heatmap.png",
+            "faithfulness_url": f"{status_url}/faithfulness.png",
             "status": STATUS_MAP.get(status, "queued"),
             "deduplicated": not created,
             "model_version": version,
@@ -195,6 +196,12 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         return Response(json.dumps(body), status_code=200 if status == "finished" else 202,
                         media_type="application/json", headers={"Location": status_url})  # fmt: skip
 
+    _add_read_routes(router)
+    return router
+
+
+def _add_read_routes(router: APIRouter) -> None:
+    """GET /explain/{job_id} and its PNGs: module-level handlers that need none of build_router's settings."""
     router.add_api_route(
         "/explain/{job_id}",
         get_explain,
@@ -216,7 +223,18 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **error_responses(404, 409, 422, 503)},
     )
-    return router
+    router.add_api_route(
+        "/explain/{job_id}/faithfulness.png",
+        get_faithfulness,
+        methods=["GET"],
+        summary="Deletion and insertion curves of a finished explanation",
+        description="The target class's probability as the superpixels are hidden (deletion: lower area is "
+        "better) or restored (insertion: higher is better) in the explanation's order, beside the mean of "
+        "random orders, with the areas under the curves (`result.faithfulness`). 409 while the job is "
+        "unfinished (with Retry-After) or failed (with the reason).",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **error_responses(404, 409, 503)},
+    )
 
 
 def _unknown(job_id: str) -> ShapserveError:
@@ -271,16 +289,45 @@ async def get_heatmap(
         raise _not_finished(doc)
     result = doc["result"]
     variant, picked = heatmap_classes(classes, result)
-    cache = png_key(job_id, variant)
-    png = await _redis_call(settings, redis.get, cache)
-    if png is None:
+
+    async def draw() -> bytes:
         artifact = await _redis_call(settings, redis.get, artifact_key(job_id))
         if artifact is None:
             raise _unknown(job_id)
         from service.explain_heatmap import render_heatmap
 
         image, labels, pixel_maps = await asyncio.to_thread(unpack_artifact, artifact)
-        png = await asyncio.to_thread(render_heatmap, image, labels, result, picked, pixel_maps)
+        return await asyncio.to_thread(render_heatmap, image, labels, result, picked, pixel_maps)
+
+    return await _cached_png(settings, redis, job_id, variant, draw)
+
+
+async def get_faithfulness(
+    request: Request, settings: ExplainSettingsDep, redis: RedisDep, job_id: Annotated[str, Path()]
+) -> Response:
+    doc = await _status(request, settings, redis, job_id)
+    if doc["status"] != "finished":
+        raise _not_finished(doc)
+    result = doc["result"]
+    if "faithfulness" not in result:  # a result stored before the curves were computed
+        raise ShapserveError(404, "not_found", f"explanation job {job_id!r} has no faithfulness curves")
+
+    async def draw() -> bytes:
+        from service.explain_faithfulness_plot import render_faithfulness
+
+        return await asyncio.to_thread(render_faithfulness, result)
+
+    return await _cached_png(settings, redis, job_id, "faithfulness", draw)
+
+
+async def _cached_png(
+    settings: ExplainSettings, redis: Any, job_id: str, variant: str, draw: Callable[[], Awaitable[bytes]]
+) -> Response:
+    """The job's PNG ``variant`` from Redis, or drawn and kept there as long as the job's artifact."""
+    cache = png_key(job_id, variant)
+    png = await _redis_call(settings, redis.get, cache)
+    if png is None:
+        png = await draw()
         ttl = await _redis_call(settings, redis.ttl, artifact_key(job_id))
         expire = max(60, int(ttl)) if ttl and ttl > 0 else 3600
         await _redis_call(settings, functools.partial(redis.set, cache, png, ex=expire))
