@@ -76,7 +76,7 @@ def test_the_curves_of_a_finished_job_as_a_png(api, job, explain_redis_url):
     assert width >= 800 and height >= 400  # two panels
     import redis
 
-    from shapcore.jobs.queue import png_key
+    from shapcore.jobs.artifact import png_key
 
     conn = redis.Redis.from_url(explain_redis_url)
     assert conn.get(png_key(body["job_id"], "faithfulness")) == r.content  # drawn once, then cached

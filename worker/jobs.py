@@ -11,8 +11,9 @@ import logging
 import time
 from typing import Any
 
+from shapcore.jobs.artifact import artifact_key, pack_artifact
 from shapcore.jobs.options import parse_background
-from shapcore.jobs.queue import JobRequest, artifact_key, pack_artifact
+from shapcore.jobs.queue import JobRequest
 from shapcore.jobs.settings import get_explain_settings
 from worker.core import ExplainParams, explain_image
 from worker.runtime import get_runtime

@@ -44,18 +44,10 @@ from service.settings import redact_url
 from service.state import ServiceState
 from shapcore.errors import InputError, QueueFull, ShapserveError, TooManyJobs, UserError
 from shapcore.images import explanation_input
+from shapcore.jobs.artifact import artifact_key, png_key, unpack_artifact
 from shapcore.jobs.image import JobImage
 from shapcore.jobs.options import SAMPLED_METHODS
-from shapcore.jobs.queue import (
-    STATUS_MAP,
-    JobRequest,
-    artifact_key,
-    job_status,
-    png_key,
-    submit,
-    unpack_artifact,
-    valid_job_id,
-)
+from shapcore.jobs.queue import STATUS_MAP, JobRequest, job_status, submit, valid_job_id
 from shapcore.jobs.settings import ExplainSettings
 
 REQUESTS = metrics.EXPLAIN_REQUESTS

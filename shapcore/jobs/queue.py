@@ -5,8 +5,9 @@ Redis layout (all keys under ``shapserve:explain:``):
 - the RQ queue ``explain`` (``rq:queue:explain``) and RQ's job hashes and registries;
 - ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (decoded pixels, model version,
   normalised parameters), kept as long as the job's result can be;
-- ``artifact:<job id>`` -> npz (segmented image + superpixel labels) for the heatmap;
-- ``png:<job id>:<variant>`` -> a rendered heatmap, cached.
+- ``artifact:<job id>`` -> npz (segmented image, superpixel labels, pixel maps) for the heatmap;
+- ``png:<job id>:<variant>`` -> a rendered heatmap or faithfulness plot, cached
+  (both in :mod:`shapcore.jobs.artifact`).
 
 Nothing here counts jobs: job counts and durations are the workers' own Prometheus series
 (:mod:`worker.metrics`). The Retry-After of a full queue reads the durations of recently
@@ -19,14 +20,11 @@ Job ids are random UUIDs (``uuid4``). No torch here: the API imports this module
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
-
-import numpy as np
 
 from shapcore.errors import QueueFull, TooManyJobs
 from shapcore.jobs.image import JobImage
@@ -90,14 +88,6 @@ def dedup_key(request: JobRequest, owner: str | None = None) -> str:
     if owner is not None:
         h.update(b"\0owner\0" + owner.encode())
     return f"{PREFIX}dedup:{h.hexdigest()}"
-
-
-def artifact_key(job_id: str) -> str:
-    return f"{PREFIX}artifact:{job_id}"
-
-
-def png_key(job_id: str, variant: str) -> str:
-    return f"{PREFIX}png:{job_id}:{variant}"
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -393,19 +383,3 @@ def _iso(value: Any) -> str | None:
 
 
 # -- heatmap artefacts -----------------------------------------------------------------------------
-
-
-def pack_artifact(image: np.ndarray, labels: np.ndarray, pixel_maps: np.ndarray | None = None) -> bytes:
-    """The heatmap's data: the segmented pixels, the superpixel labels and, for the pixel
-    methods, their (classes, 32, 32) attribution maps (drawn instead of the superpixel values)."""
-    buf = io.BytesIO()
-    arrays = {"image": image.astype(np.uint8), "labels": labels.astype(np.int32)}
-    if pixel_maps is not None:
-        arrays["pixel_maps"] = pixel_maps.astype(np.float32)
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
-
-
-def unpack_artifact(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        return npz["image"], npz["labels"], npz["pixel_maps"] if "pixel_maps" in npz.files else None
