@@ -64,7 +64,8 @@ def context(models, cat, method: str, background: str = "mean", autograd: bool =
     fill = make_background(parse_background(background, len(stored)), stored, model_input)
     f = CoalitionModel(frozen, model_input, seg.weights, fill)
     target = int(np.argmax(f.fx()))
-    return MethodContext(f=f, autograd_model=eager if autograd else None, samples=SAMPLES[method], seed=3, target=target)
+    autograd_model = eager if autograd else None
+    return MethodContext(f=f, autograd_model=autograd_model, samples=SAMPLES[method], seed=3, target=target)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_gradcam_takes_the_last_stage_with_a_spatial_map(explained):
     from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
     from worker.attribution import gradcam_layer
 
-    ctx, a = explained["gradcam"]
+    _, a = explained["gradcam"]
     assert a.extra == {"gradcam_layer": "layer2", "gradcam_layer_side": 4}  # 32 px input: layer4 is 1×1
     assert np.any(a.pixel_maps < 0) and np.any(a.pixel_maps > 0)  # the sign is kept
     paper = Classifier(build_model(), Preprocess(224, CIFAR10_MEAN, CIFAR10_STD)).eval()
