@@ -87,7 +87,7 @@ def _partition_maps(ctx: MethodContext, max_evals: int) -> tuple[np.ndarray, int
     """(C, 32, 32) channel-summed Owen values of every class, and the rows evaluated."""
     import shap
 
-    image = _image(ctx)[0].permute(1, 2, 0).numpy().astype(np.float32)  # (32, 32, 3)
+    image = _image(ctx)[0].permute(1, 2, 0).cpu().numpy().astype(np.float32)  # (32, 32, 3)
     rows = [0]
 
     def model(batch: np.ndarray) -> np.ndarray:
@@ -114,7 +114,7 @@ def partition_attribution(ctx: MethodContext) -> Attribution:
     """
     maps, rows = _partition_maps(ctx, ctx.samples)
     half_maps, half_rows = _partition_maps(ctx, max(2, ctx.samples // 2))
-    weights = ctx.f.A.numpy()
+    weights = ctx.f.A.cpu().numpy()
     phi = per_superpixel(maps, weights)
     half = per_superpixel(half_maps, weights)[:, ctx.target]
     rho = _spearman(phi[:, ctx.target], half)
@@ -153,7 +153,7 @@ def gradcam_layer(model: torch.nn.Module, side: int) -> tuple[str, int]:
     ]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, side, side))
+            model(torch.zeros(1, 3, side, side, device=next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -182,12 +182,13 @@ def gradcam_attribution(ctx: MethodContext) -> Attribution:
     attr = cam.attribute(x.expand(classes, -1, -1, -1).contiguous(), target=list(range(classes)),
                          relu_attributions=False)
     maps = LayerAttribution.interpolate(attr.detach(), (side, side), interpolate_mode="bilinear")
-    maps = maps[:, 0].double().numpy()  # (C, 32, 32)
+    maps = maps[:, 0].double().cpu().numpy()  # (C, 32, 32)
     return Attribution(
-        phi=per_superpixel(maps, ctx.f.A.numpy()),
+        phi=per_superpixel(maps, ctx.f.A.cpu().numpy()),
         base=_all_hidden(ctx),
         fx=ctx.f.fx(),
-        convergence={"converged": None, "criterion": "none: Grad-CAM is exact for its definition (one gradient)"},
+        # nothing sampled, nothing approximated: one gradient computes Grad-CAM exactly as defined
+        convergence={"converged": True, "criterion": "deterministic: one gradient, nothing sampled"},
         pixel_maps=maps.astype(np.float32),
         coalitions=0,
         extra={"gradcam_layer": name, "gradcam_layer_side": layer_side},
@@ -208,18 +209,18 @@ def integrated_gradients_attribution(ctx: MethodContext) -> Attribution:
     classes = ctx.f.classes
     inputs = x.expand(classes, -1, -1, -1).contiguous()
     ig = IntegratedGradients(_probabilities(model))
-    weights = ctx.f.bg_weights.double().numpy()
+    weights = ctx.f.bg_weights.double().cpu().numpy()
     total = np.zeros((classes, *x.shape[-2:]), dtype=np.float64)
     gap = np.zeros(classes, dtype=np.float64)
     for b, w in enumerate(weights):
         baseline = ctx.f.bg[0, b : b + 1].expand(classes, -1, -1, -1).contiguous()
         attr, delta = ig.attribute(inputs, baselines=baseline, target=list(range(classes)), n_steps=IG_STEPS,
                                    internal_batch_size=IG_BATCH, return_convergence_delta=True)
-        total += w * attr.detach().double().sum(dim=1).numpy()
-        gap += w * np.abs(delta.detach().double().numpy())
+        total += w * attr.detach().double().sum(dim=1).cpu().numpy()
+        gap += w * np.abs(delta.detach().double().cpu().numpy())
     fx, base = ctx.f.fx(), _all_hidden(ctx)
     return Attribution(
-        phi=per_superpixel(total, ctx.f.A.numpy()),
+        phi=per_superpixel(total, ctx.f.A.cpu().numpy()),
         base=base,
         fx=fx,
         convergence=_ig_convergence(gap, fx, base, ctx.target),

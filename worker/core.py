@@ -36,6 +36,8 @@ from worker.methods import Attribution, MethodContext, run_method
 from worker.segmentation import Segmentation, segment
 from worker.value import CoalitionModel
 
+#: Methods whose values add up to f(x) − base (integrated gradients up to its reported gap).
+EFFICIENT_METHODS = ("kernel", "partition", "integrated_gradients")
 #: ``progress(fraction in [0, 1], stage)``
 ProgressFn = Callable[[float, str], None]
 
@@ -136,7 +138,12 @@ def _result(
     phi, base, fx = a.phi, a.base, a.fx
     m = seg.count
     predicted = int(np.argmax(fx))
-    residuals = np.abs(base + phi.sum(axis=0) - fx)
+    # Local accuracy (base + Σφ = f(x)) is a check of the efficient methods; Grad-CAM has no
+    # such property, so it reports none rather than a meaningless gap.
+    residuals = np.abs(base + phi.sum(axis=0) - fx) if params.method in EFFICIENT_METHODS else None
+
+    def residual(c: int) -> float | None:
+        return None if residuals is None else float(residuals[c])
 
     def stderr(c: int) -> list[float] | None:
         return None if a.stderr is None else [float(v) for v in a.stderr[:, c]]
@@ -149,7 +156,7 @@ def _result(
             "base_value": float(base[c]),
             "shap_values": [float(v) for v in phi[:, c]],
             "standard_errors": stderr(c),
-            "local_accuracy_residual": float(residuals[c]),
+            "local_accuracy_residual": residual(c),
         }
         for c in range(len(class_names))
     ]
@@ -161,8 +168,8 @@ def _result(
         "shap_values": [float(v) for v in phi[:, target]],
         "standard_errors": stderr(target),
         "convergence": a.convergence,
-        "local_accuracy_residual": float(residuals[target]),
-        "max_local_accuracy_residual": float(residuals.max()),
+        "local_accuracy_residual": residual(target),
+        "max_local_accuracy_residual": None if residuals is None else float(residuals.max()),
         "segments": {
             "requested": params.segments,
             "count": m,

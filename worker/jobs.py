@@ -84,13 +84,13 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         artifact = pack_artifact(seg.image, seg.labels, attribution.pixel_maps)
         conn.set(artifact_key(job.id), artifact, ex=settings.explain_result_ttl_s)
     log.info(
-        "explained (%s) with %d segments, %s samples, background %s: %.2f s, %d evaluations, residual %.2e",
+        "explained (%s) with %d segments, %s samples, background %s: %.2f s, %d evaluations, converged %s",
         result["method"],
         result["segments"]["count"],
         result["samples"],
         result["background"],
         result["duration_s"],
         result["model_evaluations"],
-        result["local_accuracy_residual"],
+        result["convergence"].get("converged"),
     )
     return result
