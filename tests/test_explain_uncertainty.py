@@ -47,7 +47,7 @@ def test_starved_estimate_has_wide_errors_and_is_not_converged():
     assert within(phi, exact, stderr[:, 0], 3).mean() >= 0.85  # and honest about the errors
     assert conv["converged"] is False
     assert conv["criterion"] == "max_stderr_ratio" and conv["value"] > conv["threshold"]
-    assert conv["identified"] is False
+    assert conv["identified"] is False and conv["bootstrap_reliable"] is False
 
 
 def test_default_budget_has_narrow_errors_that_cover_and_converges():
@@ -62,7 +62,8 @@ def test_default_budget_has_narrow_errors_that_cover_and_converges():
     assert (stderr[:, :2] > 0).all()  # a sampled, non-additive game: no error is exactly zero
     assert within(phi, game.exact, stderr, 3)[:, :2].mean() >= 0.9
     assert conv["converged"] is True and conv["value"] <= MAX_STDERR_RATIO
-    assert conv["identified"] is True and conv["draws"] > 0 and conv["enumerated_rows"] > 0
+    assert conv["identified"] is True and conv["bootstrap_reliable"] is True
+    assert conv["draws"] > 0 and conv["enumerated_rows"] > 0
 
 
 def test_small_game_against_brute_force_over_seeds():
