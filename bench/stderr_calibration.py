@@ -184,10 +184,10 @@ def convergence_sweep(loaded, bg, images, settings: list[tuple[int, int]]) -> li
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':34s} {'estimator':10s} {'se/sd':>7s} {'cover±2se':>9s} {'max se/max|φ|':>13s}")
+    print(f"{'case':34s} {'estimator':10s} {'se/sd':>7s} {'cover±2se':>9s} {'class0 maxse/max|φ|':>19s}")
     for r in rows:
         print(f"{r['case']:34s} {r['estimator']:10s} {r['ratio_median']:7.3f} {r['coverage_2se']:9.3f} "
-              f"{r['relative_se_target']:13.4f}")  # fmt: skip
+              f"{r['relative_se_target']:19.4f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
