@@ -47,13 +47,29 @@ def kernel_shap(f: Callable[[np.ndarray], np.ndarray], m: int, samples: int, see
 
 
 def kernel_attribution(ctx: MethodContext) -> Attribution:
-    """The ``kernel`` method: KernelSHAP over the image's superpixels, with its standard errors."""
+    """The ``kernel`` method: KernelSHAP over the image's superpixels, with its standard errors
+    (:mod:`worker.uncertainty`: a bootstrap over the drawn coalitions) and whether it converged."""
     m = int(ctx.f.A.shape[0])
     out = kernel_shap(ctx.f, m, ctx.samples, ctx.seed)
+    stderr, convergence = kernel_uncertainty(out, ctx.target, ctx.seed)
     return Attribution(
         phi=out["phi"],
         base=out["base"],
         fx=out["fx"],
-        convergence={"converged": None, "criterion": "not yet estimated"},
+        convergence=convergence,
+        stderr=stderr,
         coalitions=out["coalitions"],
     )
+
+
+def kernel_uncertainty(out: dict[str, Any], target: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """(M, C) standard errors of :func:`kernel_shap`'s values and the convergence verdict."""
+    from worker.uncertainty import BOOTSTRAP_RESAMPLES, bootstrap_stderr, convergence, design_from
+
+    phi = out["phi"]
+    if phi.shape[0] < 2:  # one player: its value is f(x) − base exactly
+        stderr = np.zeros_like(phi)
+        return stderr, convergence(phi[:, target], stderr[:, target], None, 0)
+    design = design_from(out["explainer"])
+    stderr = bootstrap_stderr(design, BOOTSTRAP_RESAMPLES, seed)
+    return stderr, convergence(phi[:, target], stderr[:, target], design, BOOTSTRAP_RESAMPLES)
