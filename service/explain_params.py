@@ -60,7 +60,7 @@ def descriptions(settings: ExplainSettings) -> dict[str, str]:
     return {
         "segments": "SLIC superpixels asked for.",
         "samples": f"Coalitions evaluated by the sampled methods (kernel: KernelSHAP nsamples; partition: "
-        f"max_evals), at least 2 x segments. samples x background images may not exceed {limit}.",
+        f"max_evals), at least 4 x segments. samples x background images may not exceed {limit}.",
         "background": "What fills a hidden superpixel: mean (the mean training image), blur (the image blurred), "
         f"train:K (K of the version's {STORED_BACKGROUND} stored training images, averaged; train:100 is the "
         "study's), kmeans:K (K centroids). Integers are aliases: 1 = mean, 100 = train:100, 2-99 = kmeans:K.",
@@ -99,7 +99,7 @@ def check_samples(method: str, samples: int, segments: int) -> None:
     if method in SAMPLED_METHODS and samples < floor:
         raise invalid(
             f"samples={samples} is too few for segments={segments}: {method} needs at least {floor} "
-            f"(2 x segments; shap's own default is 2 x segments + 2048)"
+            f"(4 x segments; shap's own default is 2 x segments + 2048)"
         )
 
 

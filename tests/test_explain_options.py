@@ -42,8 +42,8 @@ def test_bad_backgrounds_are_refused_with_the_choices(raw):
         parse_background(raw, 100)
 
 
-def test_min_samples_is_twice_the_segments():
-    assert min_samples(50) == 100 and min_samples(200) == 400
+def test_min_samples_is_four_per_segment():
+    assert min_samples(50) == 200 and min_samples(200) == 800
 
 
 def _request(**changes) -> JobRequest:

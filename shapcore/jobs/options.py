@@ -73,10 +73,14 @@ def parse_background(raw: str | int, stored: int) -> BackgroundSpec:
 
 
 def min_samples(segments: int) -> int:
-    """The fewest coalitions KernelSHAP may use for ``segments`` players: twice the players, so
-    its weighted regression (M - 1 free values once efficiency fixes the last) is overdetermined
-    and has residuals to estimate its own error from. shap's own "auto" is 2M + 2048."""
-    return 2 * int(segments)
+    """The fewest coalitions KernelSHAP may use for ``segments`` players: four per player.
+
+    shap draws a coalition and its complement together, so S samples make about S/2
+    independent draws; the weighted regression has M − 1 free values once efficiency fixes
+    the last, and the bootstrap standard errors (:mod:`worker.uncertainty`) need about 2M
+    draws to be calibrated (BENCHMARKS.md: at 2M samples they came out 0.55–0.6× the
+    seed-to-seed spread). shap's own "auto" is 2M + 2048."""
+    return 4 * int(segments)
 
 
 def explainer_fingerprint() -> dict[str, str | int]:
