@@ -137,6 +137,28 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     assert result["base_value"] == pytest.approx(float(np.asarray(explainer.expected_value)[target]), abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["gradcam", "integrated_gradients"])
+def test_a_gradient_method_runs_in_the_real_worker(explain_service, api_worker, cifar_jpeg, method):
+    """The worker keeps an autograd copy of the model for the gradient methods (the frozen
+    TorchScript one has none): the job finishes in the method's shape, its heatmap draws the
+    pixel map, and the background is named in the result."""
+    client = explain_service.client
+    fields = {"segments": "12", "method": method, "background": "blur"}
+    r = client.post("/explain", files=files(cifar_jpeg), data=fields)
+    assert r.status_code == 202, r.text
+    assert r.json()["parameters"]["method"] == method and r.json()["parameters"]["background"] == "blur"
+    doc = wait_finished(client, r.headers["location"])
+    assert doc["status"] == "finished", (doc, api_worker.log_tail())
+    result = doc["result"]
+    assert result["method"] == method and result["background"] == "blur" and result["background_images"] == 1
+    assert result["standard_errors"] is None and isinstance(result["convergence"]["converged"], bool)
+    assert result["faithfulness"]["steps"] >= 1
+    png = client.get(r.json()["heatmap_url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    curves = client.get(r.json()["faithfulness_url"])
+    assert curves.status_code == 200 and curves.headers["content-type"] == "image/png"
+
+
 def test_duplicate_submission_reuses_its_job(explain_service, finished, cifar_jpeg, explain_redis_url):
     client = explain_service.client
     first = finished["post"].json()

@@ -200,3 +200,34 @@ def test_randomisation_leaves_the_trained_model_alone(models):
     randomised = steps[-1][1].state_dict()
     assert not torch.equal(randomised["net.conv1.weight"], before["net.conv1.weight"])
     assert not torch.equal(randomised["net.fc.1.weight"], before["net.fc.1.weight"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_through_explain_image_gives_the_result_and_its_curves(models, cat, method):
+    """What a job returns, for each method: the common fields, the faithfulness figures of the
+    target with curves of steps + 1 points, and both pictures render."""
+    from service.explain_faithfulness_plot import render_faithfulness
+    from service.explain_heatmap import render_heatmap
+    from worker.core import ExplainParams, explain_image
+
+    frozen, eager, class_names, stored = models
+    image, model_input, _ = cat
+    fill = make_background(parse_background("mean", len(stored)), stored, model_input)
+    params = ExplainParams(SEGMENTS, SAMPLES[method], "mean", seed=1, method=method)
+    result, seg, attribution = explain_image(frozen, image, model_input, fill, class_names, params,
+                                             autograd_model=eager)  # fmt: skip
+    m = seg.count
+    assert result["method"] == method and result["background"] == "mean"
+    assert len(result["shap_values"]) == m and len(result["classes"]) == len(class_names)
+    assert all(len(c["shap_values"]) == m for c in result["classes"])
+    assert isinstance(result["convergence"]["converged"], bool) and result["convergence"]["criterion"]
+    assert (result["standard_errors"] is not None) == (method == "kernel")
+    faith = result["faithfulness"]
+    for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
+        assert 0.0 <= faith[key] <= 1.0
+    assert all(len(curve) == faith["steps"] + 1 for curve in faith["curves"].values())
+    assert result["model_evaluations"] > 0
+    png = render_faithfulness(result)
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    heatmap = render_heatmap(seg.image, seg.labels, result, [result["target"]["index"]], attribution.pixel_maps)
+    assert Image.open(io.BytesIO(heatmap)).format == "PNG"

@@ -191,7 +191,7 @@ def gradcam_attribution(ctx: MethodContext) -> Attribution:
         convergence={"converged": True, "criterion": "deterministic: one gradient, nothing sampled"},
         pixel_maps=maps.astype(np.float32),
         coalitions=0,
-        extra={"gradcam_layer": name, "gradcam_layer_side": layer_side},
+        extra={"gradcam_layer": name, "gradcam_layer_side": layer_side, "gradient_evaluations": classes},
     )
 
 
@@ -226,7 +226,7 @@ def integrated_gradients_attribution(ctx: MethodContext) -> Attribution:
         convergence=_ig_convergence(gap, fx, base, ctx.target),
         pixel_maps=total.astype(np.float32),
         coalitions=0,
-        extra={"ig_steps": IG_STEPS},
+        extra={"ig_steps": IG_STEPS, "gradient_evaluations": IG_STEPS * len(weights) * classes},
     )
 
 

@@ -114,7 +114,8 @@ def explain_image(
         "model_forward": f.forward_seconds,
     }
     result = _result(attribution, seg, params, class_names, background, target, samples, timings)
-    result["model_evaluations"] = explain_evaluations
+    # forward passes of the value function, plus the gradient methods' forward+backward passes
+    result["model_evaluations"] = explain_evaluations + int(attribution.extra.get("gradient_evaluations", 0))
     result["faithfulness_evaluations"] = f.evaluations - explain_evaluations
     result["faithfulness"] = faith
     result["duration_s"] = finished - started
