@@ -51,9 +51,9 @@ def one_per_class(archive: Path, count: int) -> list[tuple[str, bytes]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--registry", default="/work/main/models")
-    ap.add_argument("--version", default="20261204-182757-f1e4e7")
-    ap.add_argument("--archive", default="/work/shared/data/cifar10/train.tar.gz")
+    ap.add_argument("--registry", default="models")
+    ap.add_argument("--version", default=None, help="default: promoted, else newest")
+    ap.add_argument("--archive", default="../shared/data/cifar10/train.tar.gz")
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--method", default="kernel")
