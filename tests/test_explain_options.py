@@ -118,3 +118,13 @@ def test_blur_fills_with_the_image_itself_blurred():
     assert bg.images[0].std() < 0.3 * x.std()
     other = make_background(BackgroundSpec("blur"), _stored(5), 255 - image)
     assert not torch.allclose(other.images, bg.images)  # made from each image, not from the stored set
+
+
+def test_a_misspelt_default_background_is_refused_at_start_up():
+    from pydantic import ValidationError
+
+    from shapcore.jobs.settings import ExplainSettings
+
+    assert ExplainSettings(explain_default_background="100").explain_default_background == "train:100"
+    with pytest.raises(ValidationError, match="background must be one of"):
+        ExplainSettings(explain_default_background="sky")

@@ -13,9 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shapcore.jobs.options import parse_background
 from shapcore.settings import BlankIsNone
 
 #: Background images stored with every registry version (the study's explainer background).
@@ -113,6 +114,12 @@ class ExplainSettings(BaseSettings):
     )
     explain_metrics_host: str = Field("0.0.0.0", description="Address the worker's metrics port listens on.")
     explain_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("explain_default_background")
+    @classmethod
+    def _known_background(cls, value: str) -> str:
+        """A misspelt default is refused at start-up, not answered 500 on every request."""
+        return parse_background(value, STORED_BACKGROUND).name
 
     def torch_threads(self) -> int:
         if self.explain_torch_threads:
