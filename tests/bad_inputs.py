@@ -458,7 +458,8 @@ def _cases() -> list[BadInput]:
                                               part("file", s, "a.jpg", "image/jpeg"))), 422,
         "unknown_field", "and 9995 more")  # fmt: skip
     add("explain_misspelt_parameter", "unknown form field", explain(fields={"segmetns": "20"}), 422, "unknown_field",
-        "unknown form field 'segmetns': this route takes background, file, samples, seed, segments, target")
+        "unknown form field 'segmetns': this route takes background, file, method, samples, seed, segments, "
+        "target")
     add("huge_filename", "huge part headers",
         lambda s: multipart_request(multipart(part("file", s, "n" * MIB + ".jpg", "image/jpeg"))), 400,
         "malformed_multipart", "Maximum header size exceeded")
@@ -524,7 +525,19 @@ def _cases() -> list[BadInput]:
     }
     for name, values in at_bound.items():
         for value in values:
-            add(f"explain_{name}={value}", "explain parameter at its bound", explain(fields={name: value}), 202)
+            # the least samples need the fewest segments (at least 4 per segment: 20 for 5)
+            fields = {name: value, "segments": "5"} if (name, value) == ("samples", "20") else {name: value}
+            add(f"explain_{name}={value}", "explain parameter at its bound", explain(fields=fields), 202)
+    for value in ("kernel", "partition", "gradcam", "integrated_gradients", "blur", "train:100", "kmeans:5"):
+        name = "background" if value in ("blur", "train:100", "kmeans:5") else "method"
+        add(f"explain_{name}={value}", "explain parameter among its choices", explain(fields={name: value}), 202)
+    add("explain_method=lime", "explain parameter not among its choices", explain(fields={"method": "lime"}), 422,
+        "invalid_parameter", "method must be one of kernel, partition, gradcam, integrated_gradients")
+    add("explain_background=sky", "explain parameter not among its choices", explain(fields={"background": "sky"}),
+        422, "invalid_parameter", "background must be one of mean, blur, train:K or kmeans:K")
+    add("explain_samples_under_the_floor", "explain parameters under their joint floor",
+        explain(fields={"segments": "50", "samples": "199"}), 422, "invalid_parameter",
+        "kernel needs at least 200 (4 x segments")
     add("explain_segments=2_in_query", "explain parameter in the query string", explain(params={"segments": "2"}),
         422, "invalid_parameter", "segments in the query string: send the explanation parameters as multipart")
     beyond = {
