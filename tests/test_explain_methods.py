@@ -144,7 +144,7 @@ def test_gradcam_takes_the_last_stage_with_a_spatial_map(explained):
     from worker.attribution import gradcam_layer
 
     _, a = explained["gradcam"]
-    assert a.extra == {"gradcam_layer": "layer2", "gradcam_layer_side": 4}  # 32 px input: layer4 is 1×1
+    assert (a.extra["gradcam_layer"], a.extra["gradcam_layer_side"]) == ("layer2", 4)  # 32 px input: layer4 is 1×1
     assert np.any(a.pixel_maps < 0) and np.any(a.pixel_maps > 0)  # the sign is kept
     paper = Classifier(build_model(), Preprocess(224, CIFAR10_MEAN, CIFAR10_STD)).eval()
     assert gradcam_layer(paper, 32) == ("layer4", 7)

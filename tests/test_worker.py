@@ -265,11 +265,11 @@ def test_sigkill_of_the_work_horse_is_seen_at_once(smoke_model, loaded, cifar_jp
     doc = wait_for(lambda: (d := job_status(conn, settings, job.id))["status"] == "failed" and d, 30, "the job to fail")
     assert "signal 9" in doc["error"], doc
     assert worker.proc.poll() is None  # the worker itself lives on and takes the next job
-    small, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=200, seed=14))
+    small, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=400, seed=14))
     doc = wait_for(
         lambda: (d := job_status(conn, settings, small.id))["status"] == "finished" and d, 120, "the next job"
     )
-    assert doc["result"]["samples"] == 200  # over the floor of 2 x the superpixels SLIC made
+    assert doc["result"]["samples"] == 400  # over the floor of 4 x the superpixels SLIC made
 
 
 # -- one count per job, on the worker's own endpoint ---------------------------------------------------
