@@ -19,23 +19,21 @@ function), after one warm-up.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import platform
 import statistics
 import sys
-import tarfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+
+from explain_bench import cpu_name, load_images  # noqa: E402  (bench/ is this script's folder)
 
 from shapcore.jobs.options import METHODS, parse_background  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
@@ -46,27 +44,6 @@ from worker.runtime import prepare_model  # noqa: E402
 from worker.sanity import cascading_randomisation  # noqa: E402
 from worker.segmentation import segment  # noqa: E402
 from worker.value import CoalitionModel  # noqa: E402
-
-
-def load_images(archive: Path, count: int) -> list[tuple[str, Image.Image]]:
-    """``count`` real CIFAR-10 images, one per class in turn (the last of each class folder),
-    as bench/explain_bench.py picks them (importing it needs its worker.core names, which moved)."""
-    per_class: dict[str, tuple[str, bytes]] = {}
-    with tarfile.open(archive, "r|*") as tar:
-        for member in tar:
-            parts = Path(member.name).parts
-            if member.isfile() and len(parts) == 3:
-                per_class[parts[1]] = (member.name, tar.extractfile(member).read())
-    names = sorted(per_class)
-    picked = [per_class[names[i % len(names)]] for i in range(count)]
-    return [(name, Image.open(io.BytesIO(data)).convert("RGB")) for name, data in picked]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def brightness(ctx: MethodContext) -> Attribution:

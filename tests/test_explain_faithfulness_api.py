@@ -18,21 +18,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port
 from service_fixtures import image_file as files
-from test_explain_support import job_image, wait_for
+from test_explain_support import job_image, wait_finished
 
 pytestmark = pytest.mark.timeout(600)
 pytest_plugins = ["test_explain_support"]
 
 QUEUE = "explain-faithfulness"
 METRICS_PORT = free_port()
-
-
-def wait_finished(client: httpx.Client, status_url: str, timeout: float = 180) -> dict:
-    def done():
-        doc = client.get(status_url).json()
-        return doc if doc["status"] in ("finished", "failed") else None
-
-    return wait_for(done, timeout, f"{status_url} to finish")
 
 
 @pytest.fixture(scope="module")

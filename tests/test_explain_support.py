@@ -156,6 +156,16 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def wait_finished(client, status_url: str, timeout: float = 180) -> dict:
+    """Poll ``GET status_url`` (an httpx client of the service) until the job is finished or failed."""
+
+    def done():
+        doc = client.get(status_url).json()
+        return doc if doc["status"] in ("finished", "failed") else None
+
+    return wait_for(done, timeout, f"{status_url} to finish")
+
+
 def assert_nontrivial(values: object, atol: float, margin: float = 100.0) -> None:
     """SHAP values that an agreement check at ``atol`` can tell apart from zero and from each other.
 
