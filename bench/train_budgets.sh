@@ -13,7 +13,7 @@ for b in $BUDGETS; do
   start=$(date +%s)
   # the run's output goes to stdout as it comes; its last line is the version id
   out=$(mktemp)
-  $PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --time-budget "$b" ${TRAIN_ARGS:-} | tee "$out"
+  $PY -m training --quiet --registry "$REG" train --data "$DATA" --profile cpu --weights none --time-budget "$b" ${TRAIN_ARGS:-} | tee "$out"
   v=$(tail -1 "$out")
   rm -f "$out"
   echo "wall seconds: $(( $(date +%s) - start ))"

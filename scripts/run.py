@@ -74,7 +74,10 @@ def first_model(sup: Supervisor, registry: Path) -> None:
         + (f"{budget:g} min budget" if budget else "its own schedule")
         + f", data {data}). `make train` trains the full profile later; the API switches to it by itself."
     )
-    version = train_version(sup, registry, profile, budget, data)
+    version = train_version(
+        sup, registry, profile, budget, data,
+        remedy="`make train` trains the full profile (60 min on a CPU; the API switches to it by itself)",
+    )  # fmt: skip
     say(f"trained and promoted {version}")
 
 
@@ -155,7 +158,10 @@ def train(sup: Supervisor) -> int:
     minutes = env_float("TRAIN_MINUTES", 0) or None
     budget = f"{minutes:g} min budget" if minutes else "the profile's own schedule"
     say(f"training with the {profile} profile ({budget}), data {data}, registry {registry}")
-    version = train_version(sup, registry, profile, minutes, data)
+    version = train_version(
+        sup, registry, profile, minutes, data,
+        remedy="a longer budget (TRAIN_MINUTES) or a GPU (the paper profile) trains a better one",
+    )  # fmt: skip
     say(
         f"promoted {version}: a running API switches to it within MODEL_WATCH_INTERVAL_S "
         "(or at once with POST /model/reload)"

@@ -138,8 +138,13 @@ def start_redis(sup: Supervisor) -> tuple[str, str]:
     return url, f"embedded, data in {data_dir}/"
 
 
-def train_version(sup: Supervisor, registry: Path, profile: str, minutes: float | None, data: str) -> str:
-    """Train (progress on the terminal), evaluate, promote. Returns the version id."""
+#: Below this held-out accuracy, more than one prediction in four is wrong: say so.
+LOW_ACCURACY = 0.75
+
+
+def train_version(sup: Supervisor, registry: Path, profile: str, minutes: float | None, data: str, remedy: str) -> str:
+    """Train (progress on the terminal), evaluate, promote. Returns the version id.
+    ``remedy``: what the warning for a low held-out accuracy tells the user to do."""
     before = set(registry_versions(registry))
     argv = [PY, "-m", "training", "--registry", str(registry), "train", "--data", data, "--profile", profile]
     if minutes is not None:
@@ -181,10 +186,13 @@ def train_version(sup: Supervisor, registry: Path, profile: str, minutes: float 
     proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     if proc.returncode == 0:
         metrics = json.loads(proc.stdout)
+        where = "held-out" if holdout else "test"
         say(
-            f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro']['f1']:.4f} "
+            f"{where} accuracy {metrics['accuracy']:.1%}, macro F1 {metrics['macro']['f1']:.3f} "
             f"on {metrics['num_images']} images"
         )
+        if metrics["accuracy"] < LOW_ACCURACY:
+            say(f"warning: {metrics['accuracy']:.1%} is low: predictions will often be wrong; {remedy}")
     else:
         say(f"evaluation failed (exit status {proc.returncode}): promoting without metrics")
     code = subprocess.call([PY, "-m", "training", "--registry", str(registry), "promote", version], cwd=ROOT)

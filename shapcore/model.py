@@ -36,6 +36,12 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 SOURCE_SIZE = 32
 
 ARCHITECTURES = ("resnet50",)
+#: What ``--weights`` takes besides a path: torchvision's ImageNet weights, or none (random init).
+IMAGENET, NO_WEIGHTS = "imagenet", "none"
+
+
+class WeightsUnavailable(UserError):
+    """torchvision could not fetch the ImageNet weights (no network, a proxy, a bad download)."""
 
 
 def build_model(
@@ -48,19 +54,29 @@ def build_model(
 ) -> nn.Module:
     """torchvision ResNet-50 whose last layer is Dropout(p) + Linear(2048, num_classes).
 
-    ``weights``: None (random init), ``"imagenet"`` (torchvision's weights API, needs the
-    network) or a path to a local state dict (``.safetensors`` or ``.pth``) for the backbone.
+    ``weights``: None or ``"none"`` (random init), ``"imagenet"`` (torchvision's
+    IMAGENET1K_V2 weights, downloaded once into torch's hub cache; :class:`WeightsUnavailable`
+    when that fails) or a path to a local state dict (``.safetensors`` or ``.pth``).
     """
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    tv_weights = None
-    if weights == "imagenet":
-        tv_weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
-    net = torchvision.models.resnet50(weights=tv_weights, zero_init_residual=zero_init_residual)
-    if weights not in (None, "imagenet"):
+    net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
+    if weights == IMAGENET:
+        net.load_state_dict(fetch_imagenet_state())
+    elif weights not in (None, NO_WEIGHTS):
         net.load_state_dict(_read_backbone_state(Path(weights)))
     net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, num_classes))
     return net
+
+
+def fetch_imagenet_state() -> dict[str, torch.Tensor]:
+    """torchvision's ResNet-50 ImageNet weights (from the hub cache, else downloaded)."""
+    entry = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+    try:
+        return entry.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # URLError offline, HTTPError, a hash mismatch, a full disk
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsUnavailable(f"could not fetch torchvision's ImageNet weights from {entry.url} ({reason})") from exc
 
 
 def _read_backbone_state(path: Path) -> dict[str, torch.Tensor]:

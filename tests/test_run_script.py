@@ -99,6 +99,9 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
         wait_output(log, proc, r"shapserve is up", 300)
         text = log.read_text()
         assert f"the model registry {registry} is empty: training a first model (smoke profile" in text
+        # the first model's held-out accuracy, and a warning: a smoke model is mostly wrong
+        assert re.search(r"held-out accuracy \d+\.\d%, macro F1 0\.\d{3} on \d+ images", text), text[-3000:]
+        assert "is low: predictions will often be wrong; `make train` trains the full profile" in text
         redis_url = re.search(r"Redis: (redis://127\.0\.0\.1:(\d+)/0) \(embedded", text).group(1)
         base = f"http://127.0.0.1:{port}"
         for line in (f"API      {base}", f"docs     {base}/docs", f"metrics  {base}/metrics"):

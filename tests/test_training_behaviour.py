@@ -95,7 +95,8 @@ def test_time_budget_end_to_end(toy: tuple[Path, Path], tmp_path: Path) -> None:
     the toy set is learnt in a few epochs, and on a fast machine early stopping would end it first."""
     reg = tmp_path / "reg"
     cmd = [sys.executable, "-m", "training", "--quiet", "--registry", str(reg), "train", "--data", str(toy[0]),
-           "--profile", "cpu", "--batch-size", "16", "--time-budget", "0.75", "--patience", "0"]  # fmt: skip
+           "--profile", "cpu", "--batch-size", "16", "--time-budget", "0.75", "--patience", "0",
+           "--weights", "none"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "budget 0.75 min:" in proc.stdout and "time budget spent after" in proc.stdout
@@ -106,3 +107,4 @@ def test_time_budget_end_to_end(toy: tuple[Path, Path], tmp_path: Path) -> None:
     assert meta["hyperparameters"]["time_budget_min"] == 0.75
     assert meta["stop_reason"] == "time_budget" and meta["stopped_early"] is False
     assert meta["epochs_run"] >= 1 and meta["steps_run"] >= 1
+

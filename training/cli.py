@@ -83,7 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the schedule to this wall-clock budget (cpu profile default: 60)",
     )
     t.add_argument("--no-time-budget", action="store_true", help="run --epochs as given, no budget fitting")
-    t.add_argument("--weights", help="'imagenet' (torchvision download) or a local state-dict path")
+    t.add_argument(
+        "--weights",
+        metavar="imagenet|none|PATH",
+        help="starting weights: torchvision's ImageNet ones (downloaded once), none (random init) or a "
+        "local ResNet-50 state dict. Default: the profile's (cpu, paper: imagenet, and from scratch with "
+        "a warning when they cannot be fetched; asked for by name, a failed download is an error)",
+    )
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--resume", metavar="VERSION", help="continue an interrupted run")
     t.add_argument("--promote", action="store_true", help="promote the new version when done")
@@ -128,7 +134,8 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     )
     if args.no_time_budget or (args.epochs and not args.time_budget):
         cfg = cfg.override(time_budget_min=0.0)
-    version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet)
+    version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet,
+                        weights_fallback=args.weights is None)  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     if args.promote:

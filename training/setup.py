@@ -13,7 +13,15 @@ from typing import Any
 import torch
 
 from shapcore.errors import UserError
-from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
+from shapcore.model import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    NO_WEIGHTS,
+    Classifier,
+    Preprocess,
+    WeightsUnavailable,
+    build_model,
+)
 from shapcore.registry import Registry
 from training import checkpoint, distributed
 from training.budget import measure_eval_rate, measure_step_time, plan_budget
@@ -51,6 +59,7 @@ class RunSetup:
     autocast: Any
     plan: dict[str, Any] | None
     progress: bool
+    weights: dict[str, Any]  # {"requested", "used", "note"}: the metadata's ``weights`` block
 
     def say(self, text: str) -> None:
         if self.dd.main:
@@ -73,7 +82,10 @@ def set_up(
     version: str,
     device: str,
     progress: bool,
+    weights_fallback: bool = True,
 ) -> RunSetup:
+    """``weights_fallback``: when the ImageNet weights cannot be fetched, train from scratch
+    with one line saying so (the profile's default) instead of failing (asked for by name)."""
     dd, dev = distributed.setup(device)
     version = distributed.broadcast_str(version, dev)
     progress = progress and dd.main
@@ -81,7 +93,14 @@ def set_up(
         print(f"run {version} (if interrupted: train --resume {version})", flush=True)
     torch.manual_seed(cfg.seed)
     data = _load_data(cfg, data_src, info, dd, dev, progress)
-    model, train_model = _build_model(cfg, len(data.images.class_names), dd, dev, fresh=info is None)
+    if info:
+        weights = info.get("weights") or {"requested": cfg.weights, "used": cfg.weights, "note": None}
+        model, train_model = _build_model(cfg, len(data.images.class_names), dd, dev, None)
+    else:
+        weights = _choose_weights(cfg, weights_fallback, dd.main)
+        model, train_model = _build_model(cfg, len(data.images.class_names), dd, dev, weights.pop("state"))
+        if weights["used"] not in (None, NO_WEIGHTS) and cfg.pretrained_lr:
+            cfg = cfg.override(lr=cfg.pretrained_lr)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     return RunSetup(
@@ -97,6 +116,7 @@ def set_up(
         autocast=autocast_for(cfg, dev),
         plan=info["plan"] if info else None,
         progress=progress,
+        weights=weights,
     )
 
 
@@ -135,13 +155,36 @@ def _load_data(
     return RunData(data, train_b, val_b, data.images[bg_idx], bg_idx, data_info)
 
 
+def _choose_weights(cfg: TrainConfig, fallback: bool, say: bool) -> dict[str, Any]:
+    """Fetch or read the starting weights once (rank by rank), falling back to random init
+    when the ImageNet download fails and ``fallback`` allows it."""
+    requested = cfg.weights or NO_WEIGHTS
+    try:
+        state = build_model(1, weights=requested).state_dict() if requested != NO_WEIGHTS else None
+    except WeightsUnavailable as exc:
+        if not fallback:
+            raise UserError(f"{exc}. Offline? `--weights none` trains from scratch; `--weights PATH` "
+                            "reads a local ResNet-50 state dict (.safetensors or .pth)") from exc  # fmt: skip
+        note = f"{exc}: training from scratch (random init) instead"
+        if say:
+            print(f"{note}. `--weights none` skips the download; `--weights PATH` reads a local state dict.",
+                  flush=True)  # fmt: skip
+        return {"requested": requested, "used": NO_WEIGHTS, "note": note, "state": None}
+    if state is not None:  # the 1-class head is dropped: the run builds its own
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {"requested": requested, "used": requested, "note": None, "state": state}
+
+
 def _build_model(
-    cfg: TrainConfig, num_classes: int, dd: Dist, dev: torch.device, *, fresh: bool
+    cfg: TrainConfig, num_classes: int, dd: Dist, dev: torch.device, state: dict[str, torch.Tensor] | None
 ) -> tuple[Classifier, torch.nn.Module]:
-    """The model to save, and the one to step (DDP-wrapped under torchrun). A resumed run
-    loads its own weights later, so it skips ``cfg.weights``."""
-    weights = cfg.weights if fresh else None
-    net = build_model(num_classes, dropout=cfg.dropout, weights=weights, zero_init_residual=cfg.zero_init_residual)
+    """The model to save, and the one to step (DDP-wrapped under torchrun), starting from
+    the backbone ``state`` when there is one (a resumed run loads its own weights later)."""
+    net = build_model(num_classes, dropout=cfg.dropout, zero_init_residual=cfg.zero_init_residual)
+    if state is not None:
+        missing, unexpected = net.load_state_dict(state, strict=False)  # the new head stays random
+        if unexpected or any(not k.startswith("fc.") for k in missing):
+            raise UserError(f"the starting weights do not fit ResNet-50: missing {missing}, unexpected {unexpected}")
     model = Classifier(net, Preprocess(cfg.image_size, CIFAR10_MEAN, CIFAR10_STD)).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

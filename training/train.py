@@ -72,14 +72,16 @@ def run(
     device: str = "auto",
     resume: str | None = None,
     progress: bool = True,
+    weights_fallback: bool = True,
 ) -> str:
-    """Train, publish a new version and return its id."""
+    """Train, publish a new version and return its id. ``weights_fallback``: see
+    :func:`training.setup.set_up`."""
     t_start = time.perf_counter()
     registry.check_writable()
     info = resume_info(registry, resume) if resume else None
     if info:
         cfg, data_src = TrainConfig.from_dict(info["config"]), info["data"]["source"]
-    setup = set_up(cfg, data_src, registry, info, resume or new_version_id(), device, progress)
+    setup = set_up(cfg, data_src, registry, info, resume or new_version_id(), device, progress, weights_fallback)
     if setup.plan is None and setup.cfg.time_budget_min:
         fit_budget(setup, t_start)
     result = _train(setup, resumed=info is not None)
@@ -257,6 +259,7 @@ def _end_epoch(
             "history": result.history,
             "best": result.best,
             "bad_epochs": result.bad_epochs,
+            "weights": setup.weights,
         },
     )
 
@@ -279,6 +282,7 @@ def _publish(registry: Registry, setup: RunSetup, result: RunResult) -> None:
         "normalization": {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
         "profile": cfg.profile,
         "hyperparameters": cfg.to_dict(),
+        "weights": setup.weights,
         "budget_plan": setup.plan,
         "data": data.info,
         "epochs_run": len(result.history),
