@@ -25,7 +25,7 @@ from service.explain_metrics import ExplainCollector
 from service.metrics import HTTPMetricsMiddleware
 from service.openapi import install_openapi
 from service.ratelimit import RateLimiter, RateLimitMiddleware
-from service.routers import explain, health, model, predict
+from service.routers import explain, health, model, predict, web
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 from service.timeout import TimeoutMiddleware
@@ -38,7 +38,9 @@ DESCRIPTION = """\
 Image classification (ResNet-50 trained on CIFAR-10) over HTTP.
 
 * `POST /predict`: multipart field `file` with an image (PNG, JPEG, WebP, GIF, BMP, TIFF); repeat it for several.
-* `GET /model`, `GET /model/confusion-matrix.png`, `POST /model/reload`: the served version.
+* `GET /model`, `GET /model/confusion-matrix.png`, `GET /model/training-curves.png`, `POST /model/reload`:
+  the served version.
+* `GET /`: a page for people: upload, predict, explain, the heatmaps and the model card.
 * `GET /healthz`, `GET /readyz`, `GET /metrics`: operations.
 
 When the service has API keys, every route but `/healthz`, `/readyz`, `/metrics` and these docs needs one:
@@ -149,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(explain.build_router(app.state.explain_settings))
     app.include_router(model.router)
     app.include_router(health.router)
+    web.install(app)
     install_openapi(
         app,
         auth=keyring.enabled,

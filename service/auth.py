@@ -29,7 +29,8 @@ came close. Keys are never logged: log lines and metrics name the key's ``name``
 
 **Public routes.** /healthz, /readyz and /metrics (probes and Prometheus carry no key), and
 /docs + /openapi.json: the API's description holds no data and clients need it to find out
-how to authenticate.
+how to authenticate. The page at / and its /static/ files, which hold no data either: it
+asks for a key and sends it with every call it makes.
 
 With no keys configured the API is open (the local ``make run``): start-up logs a loud
 WARNING, and ``REQUIRE_API_KEYS=true`` turns that into a refusal to start.
@@ -59,7 +60,9 @@ log = logging.getLogger("service.auth")
 
 KEY_PREFIX = "ssk_"
 ADMIN_SCOPE = "admin"
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/"})
+#: The page's script and style (``service/routers/web.py``), public as the page is.
+PUBLIC_PREFIXES = ("/static/",)
 #: What ``request.scope["state"]`` holds for an authenticated request.
 STATE_KEY = "api_key"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
@@ -244,7 +247,9 @@ class AuthMiddleware:
         self.keyring = keyring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keyring.enabled or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.keyring.enabled or (
+            scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES)
+        ):
             await self.app(scope, receive, send)
             return
         from service.errors import error_response

@@ -29,7 +29,7 @@ from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
 from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
 from shapcore.model import SOURCE_SIZE, Classifier
-from shapcore.registry import CONFUSION_PNG, LoadedVersion, Registry
+from shapcore.registry import CONFUSION_PNG, CURVES_PNG, LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,10 @@ class ServedModel:
     @property
     def confusion_png(self) -> Path:
         return self.path / CONFUSION_PNG
+
+    @property
+    def curves_png(self) -> Path:
+        return self.path / CURVES_PNG
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""GET /model, GET /model/confusion-matrix.png, POST /model/reload."""
+"""GET /model, GET /model/confusion-matrix.png and /training-curves.png, POST /model/reload."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ async def model_info(request: Request) -> ModelInfo:
     )
 
 
+def _figure(request: Request, which: str) -> FileResponse:
+    """One of the served version's evaluation figures, written by ``training evaluate``."""
+    served = _state(request).engine.current
+    path = served.confusion_png if which == "confusion matrix" else served.curves_png
+    if not path.is_file():
+        raise ShapserveError(
+            404,
+            "not_found",
+            f"version {served.version} has no {which} yet: "
+            f"run `python -m training evaluate --version {served.version} --data ...`",
+        )
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+
+
 @router.get(
     "/confusion-matrix.png",
     response_class=FileResponse,
@@ -54,16 +68,17 @@ async def model_info(request: Request) -> ModelInfo:
     responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
 )
 async def confusion_matrix(request: Request) -> FileResponse:
-    served = _state(request).engine.current
-    path = served.confusion_png
-    if not path.is_file():
-        raise ShapserveError(
-            404,
-            "not_found",
-            f"version {served.version} has no confusion matrix yet: "
-            f"run `python -m training evaluate --version {served.version} --data ...`",
-        )
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
+    return _figure(request, "confusion matrix")
+
+
+@router.get(
+    "/training-curves.png",
+    response_class=FileResponse,
+    summary="Training and validation curves of the served version",
+    responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
+)
+async def training_curves(request: Request) -> FileResponse:
+    return _figure(request, "training curves")
 
 
 @router.post(
