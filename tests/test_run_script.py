@@ -268,14 +268,16 @@ def test_a_killed_worker_is_restarted_while_the_api_serves_on(
         poller = ReadyzPoller(base)
         poller.start()
         os.kill(old, signal.SIGKILL)
+        # Post once the supervisor has seen the death (so has Redis, the dead worker's connection
+        # closed): posted at once, the job could still be served to the dying worker's blocking
+        # dequeue and sit abandoned until the reclaim, 60 s later.
+        restarted = wait_output(log, proc, rf"\[run\] worker \(pid {old}\) ended: SIGKILL after [\d.]+ s; "
+                                           r"restarting it in 1 s \(restart 1,", 60)  # fmt: skip
         client = httpx.Client(base_url=base, timeout=60)
         files = {"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}
         r = client.post("/explain", files=files, data={"segments": "12", "samples": "60", "seed": "7"})
         assert r.status_code == 202, r.text
         job_id = r.json()["job_id"]
-
-        restarted = wait_output(log, proc, rf"\[run\] worker \(pid {old}\) ended: SIGKILL after [\d.]+ s; "
-                                           r"restarting it in 1 s \(restart 1,", 60)  # fmt: skip
         new = wait_output(log, proc, r"\[run\] started worker \(pid (\d+)\)", 60, start=restarted.end())
         new = int(new.group(1))
         pids.append(new)
