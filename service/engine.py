@@ -29,7 +29,7 @@ from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
 from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
 from shapcore.model import SOURCE_SIZE, Classifier
-from shapcore.registry import CONFUSION_PNG, CURVES_PNG, LoadedVersion, Registry
+from shapcore.registry import LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +155,6 @@ class ServedModel:
     @property
     def name(self) -> str:
         return str(self.metadata.get("name") or self.metadata.get("architecture") or "model")
-
-    @property
-    def confusion_png(self) -> Path:
-        return self.path / CONFUSION_PNG
-
-    @property
-    def curves_png(self) -> Path:
-        return self.path / CURVES_PNG
 
 
 @dataclass(frozen=True)

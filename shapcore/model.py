@@ -61,12 +61,21 @@ def build_model(
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     net = torchvision.models.resnet50(zero_init_residual=zero_init_residual)
-    if weights == IMAGENET:
-        net.load_state_dict(fetch_imagenet_state())
-    elif weights not in (None, NO_WEIGHTS):
-        net.load_state_dict(_read_backbone_state(Path(weights)))
+    state = starting_state(weights)
+    if state is not None:
+        net.load_state_dict(state)
     net.fc = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.fc.in_features, num_classes))
     return net
+
+
+def starting_state(weights: str | None) -> dict[str, torch.Tensor] | None:
+    """The torchvision ResNet-50 state dict (1000-class head included) that ``weights`` names,
+    or None for random init; see :func:`build_model`."""
+    if weights in (None, NO_WEIGHTS):
+        return None
+    if weights == IMAGENET:
+        return fetch_imagenet_state()
+    return _read_backbone_state(Path(weights))
 
 
 def fetch_imagenet_state() -> dict[str, torch.Tensor]:

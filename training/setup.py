@@ -21,6 +21,7 @@ from shapcore.model import (
     Preprocess,
     WeightsUnavailable,
     build_model,
+    starting_state,
 )
 from shapcore.registry import Registry
 from training import checkpoint, distributed
@@ -160,7 +161,7 @@ def _choose_weights(cfg: TrainConfig, fallback: bool, say: bool) -> dict[str, An
     when the ImageNet download fails and ``fallback`` allows it."""
     requested = cfg.weights or NO_WEIGHTS
     try:
-        state = build_model(1, weights=requested).state_dict() if requested != NO_WEIGHTS else None
+        state = starting_state(requested)
     except WeightsUnavailable as exc:
         if not fallback:
             raise UserError(f"{exc}. Offline? `--weights none` trains from scratch; `--weights PATH` "
@@ -170,7 +171,7 @@ def _choose_weights(cfg: TrainConfig, fallback: bool, say: bool) -> dict[str, An
             print(f"{note}. `--weights none` skips the download; `--weights PATH` reads a local state dict.",
                   flush=True)  # fmt: skip
         return {"requested": requested, "used": NO_WEIGHTS, "note": note, "state": None}
-    if state is not None:  # the 1-class head is dropped: the run builds its own
+    if state is not None:  # ImageNet's 1000-class head is dropped: the run builds its own
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     return {"requested": requested, "used": requested, "note": None, "state": state}
 

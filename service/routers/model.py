@@ -13,6 +13,7 @@ from service.errors import error_responses
 from service.schemas import ModelInfo, ReloadRequest, ReloadResponse
 from service.state import ServiceState
 from shapcore.errors import ShapserveError
+from shapcore.registry import CONFUSION_PNG, CURVES_PNG
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -47,10 +48,10 @@ async def model_info(request: Request) -> ModelInfo:
     )
 
 
-def _figure(request: Request, which: str) -> FileResponse:
+def _figure(request: Request, filename: str, which: str) -> FileResponse:
     """One of the served version's evaluation figures, written by ``training evaluate``."""
     served = _state(request).engine.current
-    path = served.confusion_png if which == "confusion matrix" else served.curves_png
+    path = served.path / filename
     if not path.is_file():
         raise ShapserveError(
             404,
@@ -68,7 +69,7 @@ def _figure(request: Request, which: str) -> FileResponse:
     responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
 )
 async def confusion_matrix(request: Request) -> FileResponse:
-    return _figure(request, "confusion matrix")
+    return _figure(request, CONFUSION_PNG, "confusion matrix")
 
 
 @router.get(
@@ -78,7 +79,7 @@ async def confusion_matrix(request: Request) -> FileResponse:
     responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
 )
 async def training_curves(request: Request) -> FileResponse:
-    return _figure(request, "training curves")
+    return _figure(request, CURVES_PNG, "training curves")
 
 
 @router.post(

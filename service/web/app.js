@@ -8,9 +8,7 @@ const $ = (id) => document.getElementById(id);
 
 const page = {
   file: null,          // the Blob being classified and explained
-  classes: [],         // the model's class names
   job: null,           // the explanation job's POST answer
-  urls: [],            // object URLs to revoke when replaced
 };
 
 function apiKey() {
@@ -53,9 +51,13 @@ async function api(path, options = {}) {
 // an image route fetched with the key (an <img src> cannot send headers) into an object URL
 async function loadImage(img, path, alt) {
   const blob = await (await api(path)).blob();
-  const url = URL.createObjectURL(blob);
-  page.urls.push(url);
-  img.src = url;
+  showBlob(img, blob, alt);
+}
+
+// show ``blob`` in ``img``, releasing the object URL it showed before
+function showBlob(img, blob, alt) {
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.src = URL.createObjectURL(blob);
   img.alt = alt;
   img.hidden = false;
 }
@@ -106,11 +108,7 @@ function setUpImage() {
 
 function useFile(file) {
   page.file = file;
-  const preview = $("preview");
-  const url = URL.createObjectURL(file);
-  preview.src = url;
-  preview.alt = `the image to classify: ${file.name || "pasted image"}`;
-  preview.hidden = false;
+  showBlob($("preview"), file, `the image to classify: ${file.name || "pasted image"}`);
   $("result").hidden = true;
   $("job").hidden = true;
   showError("");
@@ -282,7 +280,6 @@ async function loadModel() {
     showError(err.message);
     return;
   }
-  page.classes = info.class_names;
   const target = $("target");
   target.replaceChildren(Object.assign(document.createElement("option"), { value: "", textContent: "the top prediction" }));
   for (const name of info.class_names) target.append(Object.assign(document.createElement("option"), { value: name, textContent: name }));
