@@ -17,7 +17,8 @@ from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from shapcore.errors import InputError
-from shapcore.jobs.options import METHODS, SAMPLED_METHODS, min_samples, parse_background
+from shapcore.jobs import options
+from shapcore.jobs.options import METHODS, parse_background
 from shapcore.jobs.settings import STORED_BACKGROUND, ExplainSettings
 
 PARAMS = ("target", "segments", "samples", "background", "seed", "method")
@@ -94,13 +95,11 @@ def method_field(description: str) -> Any:
 
 
 def check_samples(method: str, samples: int, segments: int) -> None:
-    """The sampled methods need at least :func:`~shapcore.jobs.options.min_samples` coalitions."""
-    floor = min_samples(segments)
-    if method in SAMPLED_METHODS and samples < floor:
-        raise invalid(
-            f"samples={samples} is too few for segments={segments}: {method} needs at least {floor} "
-            f"(4 x segments; shap's own default is 2 x segments + 2048)"
-        )
+    """The sampled methods need at least :func:`~shapcore.jobs.options.min_samples` coalitions: 422."""
+    try:
+        options.check_samples(method, samples, segments)
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
 
 
 TARGET_DESCRIPTION = "Class label (any case) or index of the served model; default: the top-1 prediction."
@@ -130,13 +129,12 @@ def resolve_target(raw: str | None, class_names: list[str]) -> int | None:
 
 
 def check_evaluations(samples: int, background: str, settings: ExplainSettings) -> None:
-    background_images = parse_background(background, STORED_BACKGROUND).count
-    evaluations = samples * background_images
-    if evaluations > settings.explain_max_evaluations:
-        raise invalid(
-            f"samples x background images = {samples} x {background_images} = {evaluations} model evaluations, "
-            f"over the limit of {settings.explain_max_evaluations}: lower samples or background"
-        )
+    """422 beyond ``EXPLAIN_MAX_EVALUATIONS`` model evaluations."""
+    try:
+        options.check_evaluations(samples, parse_background(background, STORED_BACKGROUND),
+                                  settings.explain_max_evaluations)  # fmt: skip
+    except ValueError as exc:
+        raise invalid(str(exc)) from None
 
 
 def form_fields_only(request: Request) -> None:

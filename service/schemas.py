@@ -61,6 +61,9 @@ class ModelInfo(BaseModel):
         description="metrics.json of the version: accuracy, macro and per-class precision/recall/F1, "
         "confusion_matrix; null if the version was never evaluated."
     )
+    report_url: str | None = Field(
+        None, description="GET this for the version's report (`python -m training report`); null until one is written."
+    )
 
 
 class ReloadRequest(BaseModel):

@@ -38,6 +38,8 @@ HISTORY = "history.json"
 METRICS = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+#: The study's report of a version (``python -m training report``), served at GET /model/report.
+REPORT_HTML = "report.html"
 PROMOTED = "PROMOTED"
 INCOMING = ".incoming"
 RUNS = ".runs"

@@ -100,7 +100,7 @@ def test_every_method_gives_the_common_shape(explained, cat, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_renders_a_heatmap(explained, models, cat, method):
-    from service.explain_heatmap import render_heatmap
+    from shapcore.heatmap import render_heatmap
     from worker.core import ExplainParams, _result
 
     ctx, a = explained[method]
@@ -207,7 +207,7 @@ def test_every_method_through_explain_image_gives_the_result_and_its_curves(mode
     """What a job returns, for each method: the common fields, the faithfulness figures of the
     target with curves of steps + 1 points, and both pictures render."""
     from service.explain_faithfulness_plot import render_faithfulness
-    from service.explain_heatmap import render_heatmap
+    from shapcore.heatmap import render_heatmap
     from worker.core import ExplainParams, explain_image
 
     frozen, eager, class_names, stored = models

@@ -1,4 +1,4 @@
-"""What the explanation heatmap shows (service/explain_heatmap.py), read back from its pixels.
+"""What the explanation heatmap shows (shapcore/heatmap.py), read back from its pixels.
 
 A real CIFAR-10 image cut into four known superpixels (its quadrants), SHAP values chosen per
 quadrant, the PNG decoded with Pillow and its panels found as the large non-white blocks.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.explain_heatmap import _cmap, render_heatmap
+from shapcore.heatmap import _cmap, render_heatmap
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 #: Per quadrant (top-left, top-right, bottom-left, bottom-right): strongly positive, half as

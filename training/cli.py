@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|list|show|promote``.
+"""``python -m training train|evaluate|report|list|show|promote``.
 
 Every user mistake ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -38,6 +38,29 @@ _positive_int = _number(int, lambda v: v >= 1, "at least 1")
 _non_negative_int = _number(int, lambda v: v >= 0, "0 or more")
 _positive_float = _number(float, lambda v: v > 0, "greater than 0")
 _probability = _number(float, lambda v: 0.0 <= v < 1.0, "from 0 to below 1")
+
+
+def _add_report(r: argparse.ArgumentParser) -> None:
+    """The options of `report` (training/report.py)."""
+    r.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
+    r.add_argument("--data", required=True, help="labelled folder or archive to score it on")
+    r.add_argument("--split", help="split folder to read (default: test, val, or the only one)")
+    r.add_argument(
+        "--holdout", action="store_true", help="score the validation part the version held out of its training data"
+    )
+    r.add_argument("--out", help="HTML file to write (default: report.html in the version's folder, which "
+                   "GET /model/report serves)")  # fmt: skip
+    r.add_argument(
+        "--explain",
+        type=_non_negative_int,
+        default=3,
+        metavar="N",
+        help="images explained per class, beside the confused pairs and confident mistakes (default 3; 0: no "
+        "explanations). The running workers (python -m worker, on this registry and REDIS_URL) compute them",
+    )
+    r.add_argument("--segments", type=_positive_int, help="superpixels per image (default: EXPLAIN_DEFAULT_SEGMENTS)")
+    r.add_argument("--samples", type=_positive_int, help="coalitions per image (default: EXPLAIN_DEFAULT_SAMPLES)")
+    r.add_argument("--background", help="mean, blur, train:K or kmeans:K (default: EXPLAIN_DEFAULT_BACKGROUND)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
 
+    _add_report(add("report", help="write the study's report of a version: one self-contained HTML file"))
     add("list", help="list versions")
     s = add("show", help="print a version's metadata and metrics")
     s.add_argument("version")
@@ -165,6 +189,31 @@ def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
+    from pathlib import Path
+
+    from shapcore.jobs.settings import ExplainSettings
+    from training import report
+    from training.explain_jobs import JobParams
+
+    settings = ExplainSettings()
+    params = JobParams.from_settings(settings, args.segments, args.samples, args.background)
+    out = report.build(
+        registry,
+        args.version,
+        args.data,
+        split=args.split,
+        holdout=args.holdout,
+        explain=args.explain,
+        params=params,
+        settings=settings,
+        out=Path(args.out) if args.out else None,
+        progress=not args.quiet,
+    )
+    print(out)
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -211,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args, registry)
         if args.command == "evaluate":
             return cmd_evaluate(args, registry)
+        if args.command == "report":
+            return cmd_report(args, registry)
         if args.command == "list":
             return cmd_list(registry)
         if args.command == "show":

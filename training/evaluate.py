@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tqdm import tqdm
 
 from shapcore.errors import UserError
-from shapcore.registry import CONFUSION_PNG, CURVES_PNG, Registry
+from shapcore.registry import CONFUSION_PNG, CURVES_PNG, LoadedVersion, Registry
 from training.data import ImageSet, load_images, split_train_val
 
 EVAL_SPLITS = ["test", "val", "validation", "valid"]
@@ -41,16 +41,25 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[st
 
 
 @torch.inference_mode()
-def predict_all(
+def predict_probabilities(
     model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: bool = True
 ) -> np.ndarray:
+    """Softmax probabilities (N, classes), float32, in ``images``' order."""
     device = next(model.parameters()).device
-    preds = []
+    probs = []
     for start in tqdm(
         range(0, len(images), batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False
     ):
-        preds.append(model(images[start : start + batch_size].to(device)).argmax(1).cpu())
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+        probs.append(model(images[start : start + batch_size].to(device)).float().softmax(1).cpu())
+    return torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
+
+
+def predict_all(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256, progress: bool = True
+) -> np.ndarray:
+    """Top-1 class per image."""
+    probs = predict_probabilities(model, images, batch_size, progress)
+    return probs.argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
 
 
 def holdout_subset(data: ImageSet, meta: dict[str, Any]) -> ImageSet:
@@ -70,6 +79,20 @@ def holdout_subset(data: ImageSet, meta: dict[str, Any]) -> ImageSet:
     )
 
 
+def load_eval_images(
+    loaded: LoadedVersion, data_src: str, *, split: str | None = None, holdout: bool = False, progress: bool = True
+) -> ImageSet:
+    """The images to score ``loaded`` on: ``split`` of ``data_src`` (default: test, val or the
+    only split), or with ``holdout`` the validation part of the training data it held out."""
+    data = load_images(
+        data_src,
+        split=split or (["train"] if holdout else EVAL_SPLITS),
+        class_names=loaded.class_names,
+        progress=progress,
+    )
+    return holdout_subset(data, loaded.metadata) if holdout else data
+
+
 def run(
     registry: Registry,
     version: str,
@@ -82,14 +105,7 @@ def run(
 ) -> dict[str, Any]:
     loaded = registry.load(version, device=device)
     version = loaded.version
-    data = load_images(
-        data_src,
-        split=split or (["train"] if holdout else EVAL_SPLITS),
-        class_names=loaded.class_names,
-        progress=progress,
-    )
-    if holdout:
-        data = holdout_subset(data, loaded.metadata)
+    data = load_eval_images(loaded, data_src, split=split, holdout=holdout, progress=progress)
     t0 = time.perf_counter()
     y_pred = predict_all(loaded.model, data.images, progress=progress)
     seconds = time.perf_counter() - t0

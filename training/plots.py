@@ -1,9 +1,9 @@
-"""Figures for a version's folder (matplotlib, headless)."""
+"""Figures for a version's folder and its report (matplotlib, headless): to a path or a file object."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import matplotlib
 
@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def confusion_matrix_png(cm: list[list[int]], class_names: list[str], path: Path, title: str = "") -> Path:
+def confusion_matrix_png(
+    cm: list[list[int]], class_names: list[str], path: Path | BinaryIO, title: str = ""
+) -> Path | BinaryIO:
     arr = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=120)
     im = ax.imshow(arr, cmap="Blues")
@@ -35,12 +37,12 @@ def confusion_matrix_png(cm: list[list[int]], class_names: list[str], path: Path
                 color="white" if arr[i, j] > threshold else "black",
             )
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path
 
 
-def training_curves_png(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def training_curves_png(history: list[dict[str, Any]], path: Path | BinaryIO, title: str = "") -> Path | BinaryIO:
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
@@ -55,6 +57,6 @@ def training_curves_png(history: list[dict[str, Any]], path: Path, title: str = 
     ax_acc.legend()
     fig.suptitle(f"Training curves {title}".strip())
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)
     return path

@@ -286,7 +286,7 @@ async def get_heatmap(
         artifact = await _redis_call(settings, redis.get, artifact_key(job_id))
         if artifact is None:
             raise _unknown(job_id)
-        from service.explain_heatmap import render_heatmap
+        from shapcore.heatmap import render_heatmap
 
         image, labels, pixel_maps = await asyncio.to_thread(unpack_artifact, artifact)
         return await asyncio.to_thread(render_heatmap, image, labels, result, picked, pixel_maps)

@@ -1,4 +1,4 @@
-"""GET /model, GET /model/confusion-matrix.png and /training-curves.png, POST /model/reload."""
+"""GET /model, its figures (/confusion-matrix.png, /training-curves.png), its report, POST /model/reload."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
 from service.auth import require_admin
 from service.errors import error_responses
 from service.schemas import ModelInfo, ReloadRequest, ReloadResponse
 from service.state import ServiceState
 from shapcore.errors import ShapserveError
-from shapcore.registry import CONFUSION_PNG, CURVES_PNG
+from shapcore.registry import CONFUSION_PNG, CURVES_PNG, REPORT_HTML
 
 router = APIRouter(prefix="/model", tags=["model"])
 
@@ -45,11 +45,16 @@ async def model_info(request: Request) -> ModelInfo:
         load_seconds=round(served.load_seconds, 3),
         metadata=meta,
         evaluation=served.evaluation,
+        report_url="/model/report" if (served.path / REPORT_HTML).is_file() else None,
     )
 
 
-def _figure(request: Request, filename: str, which: str) -> FileResponse:
-    """One of the served version's evaluation figures, written by ``training evaluate``."""
+#: The report is self-contained: no script, its pictures data: URIs, its style inline. Nothing else may load.
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _file(request: Request, filename: str, which: str, command: str = "evaluate") -> FileResponse:
+    """One of the served version's files written by ``python -m training <command>``; 404 naming it."""
     served = _state(request).engine.current
     path = served.path / filename
     if not path.is_file():
@@ -57,8 +62,11 @@ def _figure(request: Request, filename: str, which: str) -> FileResponse:
             404,
             "not_found",
             f"version {served.version} has no {which} yet: "
-            f"run `python -m training evaluate --version {served.version} --data ...`",
+            f"run `python -m training {command} --version {served.version} --data ...`",
         )
+    if filename == REPORT_HTML:
+        headers = {"Cache-Control": "no-cache", "Content-Security-Policy": REPORT_CSP}
+        return FileResponse(path, media_type="text/html; charset=utf-8", headers=headers)
     return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-cache"})
 
 
@@ -69,7 +77,7 @@ def _figure(request: Request, filename: str, which: str) -> FileResponse:
     responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
 )
 async def confusion_matrix(request: Request) -> FileResponse:
-    return _figure(request, CONFUSION_PNG, "confusion matrix")
+    return _file(request, CONFUSION_PNG, "confusion matrix")
 
 
 @router.get(
@@ -79,7 +87,20 @@ async def confusion_matrix(request: Request) -> FileResponse:
     responses={200: {"content": {"image/png": {}}}, **error_responses(404, 503)},
 )
 async def training_curves(request: Request) -> FileResponse:
-    return _figure(request, CURVES_PNG, "training curves")
+    return _file(request, CURVES_PNG, "training curves")
+
+
+@router.get(
+    "/report",
+    response_class=HTMLResponse,
+    summary="The study's report of the served version",
+    responses={200: {"content": {"text/html": {}}}, **error_responses(404, 503)},
+)
+async def report(request: Request) -> FileResponse:
+    """The self-contained HTML report (Tables 4 and 5, confusion matrix, curves, examples, confused
+    pairs and confident mistakes with SHAP heatmaps) that `python -m training report` wrote into
+    the served version's folder; 404 until it has been written."""
+    return _file(request, REPORT_HTML, "report", command="report")
 
 
 @router.post(

@@ -304,6 +304,8 @@ async function loadModel() {
     card.append(Object.assign(document.createElement("dt"), { textContent: term }),
       Object.assign(document.createElement("dd"), { textContent: value }));
   }
+  $("report-line").hidden = !info.report_url;
+  $("open-report").onclick = () => openReport(info.report_url);
   const table = $("per-class");
   const body = table.querySelector("tbody");
   body.replaceChildren();
@@ -327,6 +329,20 @@ async function loadModel() {
     } catch (_) {
       img.hidden = true;  // not evaluated yet: the card says so
     }
+  }
+}
+
+// the report is fetched with the key (a link cannot send it), then opened from an object URL
+async function openReport(path) {
+  const tab = window.open("", "_blank");
+  try {
+    const blob = await (await api(path)).blob();
+    const url = URL.createObjectURL(blob);
+    if (tab) tab.location = url; else window.location = url;
+    setTimeout(() => URL.revokeObjectURL(url), 60000);
+  } catch (err) {
+    if (tab) tab.close();
+    showError(err.message);
   }
 }
 

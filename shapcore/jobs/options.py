@@ -83,6 +83,27 @@ def min_samples(segments: int) -> int:
     return 4 * int(segments)
 
 
+def check_samples(method: str, samples: int, segments: int) -> None:
+    """ValueError when a sampled method gets fewer than :func:`min_samples` coalitions."""
+    floor = min_samples(segments)
+    if method in SAMPLED_METHODS and samples < floor:
+        raise ValueError(
+            f"samples={samples} is too few for segments={segments}: {method} needs at least {floor} "
+            f"(4 x segments; shap's own default is 2 x segments + 2048)"
+        )
+
+
+def check_evaluations(samples: int, background: BackgroundSpec, limit: int) -> None:
+    """ValueError when ``samples`` coalitions, each averaged over ``background``'s images, cost
+    more than ``limit`` model evaluations (``EXPLAIN_MAX_EVALUATIONS``)."""
+    evaluations = samples * background.count
+    if evaluations > limit:
+        raise ValueError(
+            f"samples x background images = {samples} x {background.count} = {evaluations} model evaluations, "
+            f"over the limit of {limit}: lower samples or background"
+        )
+
+
 def explainer_fingerprint() -> dict[str, str | int]:
     """What, beside the request, decides a result: this package's and shap's versions and the
     explainer revision. Part of the dedupe key, so an upgrade never serves an older result."""
