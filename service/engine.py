@@ -29,6 +29,7 @@ from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
 from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
 from shapcore.model import SOURCE_SIZE, Classifier
+from shapcore.precision import PrecisionChoice, choose_precision
 from shapcore.registry import LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class ServedModel:
     forward: Forward
     runtime: str
     load_seconds: float
+    precision: PrecisionChoice
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -203,8 +205,7 @@ class Engine:
             evaluation = loaded.metrics()
         except UserError as exc:
             raise ModelLoadError(422, "model_load_failed", str(exc)) from None
-        model = loaded.model.to(self.device)
-        forward = build_forward(model, self.device, jit=self.settings.jit, precision=self.settings.precision)
+        precision, forward = self.choose_precision(loaded)
         served = ServedModel(
             version=loaded.version,
             path=loaded.path,
@@ -215,6 +216,7 @@ class Engine:
             forward=forward,
             runtime=forward.describe(),
             load_seconds=0.0,
+            precision=precision,
         )
         if self.settings.warmup if warmup is None else warmup:
             self.warm_up(served)
@@ -230,9 +232,23 @@ class Engine:
         )
         return served
 
+    def max_batch(self) -> int:
+        return self.settings.batch_max_size if self.settings.batching else self.settings.max_files_per_request
+
+    def choose_precision(self, loaded: LoadedVersion) -> tuple[PrecisionChoice, Forward]:
+        """fp32 or bf16 as PRECISION says; ``auto`` measures both here (:mod:`shapcore.precision`)."""
+        model, jit = loaded.model.to(self.device), self.settings.jit
+        fp32 = build_forward(model, self.device, jit=jit, precision="fp32")
+        sample = loaded.validation_sample() if self.settings.precision == "auto" else torch.empty(0)
+        choice, forward = choose_precision(
+            self.settings.precision, self.device, fp32,
+            lambda: build_forward(model, self.device, jit=jit, precision="bf16"), sample, self.max_batch(),
+        )  # fmt: skip
+        log.info("precision %s: %s", choice.chosen, choice.reason)
+        return choice, forward
+
     def warm_up(self, served: ServedModel) -> None:
-        max_size = self.settings.batch_max_size if self.settings.batching else self.settings.max_files_per_request
-        warm_up(served.forward, max_size, WARMUP_BUDGET_S)
+        warm_up(served.forward, self.max_batch(), WARMUP_BUDGET_S)
         served.runtime = served.forward.describe()
 
     async def start(self) -> ServedModel:

@@ -54,6 +54,10 @@ class ModelInfo(BaseModel):
     promoted: bool
     device: str
     runtime: str = Field(description="How the forward pass runs (TorchScript-frozen, eager, bf16...).")
+    precision: dict[str, Any] = Field(
+        description="fp32 or bf16 and why: PRECISION asked for, and with auto the measured times of both at the "
+        "largest batch and bf16's top-1 agreement with fp32 on the version's validation sample."
+    )
     loaded_at: str
     load_seconds: float
     metadata: dict[str, Any]

@@ -47,8 +47,11 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads for inference (0: all cores but one).")
-    precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="bf16 autocast for the forward pass (CUDA or CPUs with bf16); fp32 is exact."
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: at load, time fp32 against bf16 autocast and keep bf16 only where it is faster and its "
+        "top-1 agrees with fp32 on >= 99.5 % of the version's validation sample (shapcore/precision.py); "
+        "fp32 or bf16: use that, unmeasured.",
     )
     jit: bool = Field(
         True,

@@ -34,6 +34,8 @@ from shapcore.model import Classifier, Preprocess, build_model
 WEIGHTS = "model.safetensors"
 METADATA = "metadata.json"
 BACKGROUND = "background.safetensors"
+#: Held-out validation images (and labels) recorded at training time: the checks made at load.
+VALIDATION_SAMPLE = "validation_sample.safetensors"
 HISTORY = "history.json"
 METRICS = "metrics.json"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -93,6 +95,17 @@ class LoadedVersion:
 
     def background(self) -> torch.Tensor:
         return load_file(str(self.path / BACKGROUND))["images"]
+
+    def validation_sample(self) -> torch.Tensor:
+        """uint8 images to check an inference form against fp32 on (:mod:`shapcore.precision`):
+        the background images and, for versions trained since it is recorded, 500 held-out
+        validation images. The model is surer of the background (training) images, so near-ties,
+        where bf16 flips a prediction, are rarer there: the held-out part keeps the check honest."""
+        parts = [self.background()]
+        path = self.path / VALIDATION_SAMPLE
+        if path.is_file():
+            parts.append(load_file(str(path))["images"])
+        return torch.cat(parts)
 
     def metrics(self) -> dict[str, Any] | None:
         path = self.path / METRICS
@@ -201,6 +214,7 @@ class Registry:
         metadata: dict[str, Any],
         background: torch.Tensor,
         history: list[dict[str, Any]],
+        validation_sample: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> Path:
         """Write a complete version folder, then make it visible with one rename."""
         self._writable_root()
@@ -209,6 +223,10 @@ class Registry:
             state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
             save_file(state, str(staging / WEIGHTS), metadata={"version": version})
             save_file({"images": background.to(torch.uint8).contiguous()}, str(staging / BACKGROUND))
+            if validation_sample is not None:
+                images, labels = validation_sample
+                tensors = {"images": images.to(torch.uint8).contiguous(), "labels": labels.to(torch.int64).contiguous()}
+                save_file(tensors, str(staging / VALIDATION_SAMPLE))
             write_json_atomic(staging / HISTORY, history)
             write_json_atomic(staging / METADATA, metadata)
             final = self.root / version

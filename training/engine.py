@@ -8,32 +8,24 @@ import logging
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from shapcore.model import Classifier
+from shapcore.precision import native_bf16
 from training import distributed
 from training.presets import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
-
-
 def autocast_for(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on CUDA and on CPUs with native bf16 (measured 1.5x there), else none."""
     if cfg.amp == "off":
         return nullcontext
-    if device.type == "cuda" or cfg.amp == "on" or cpu_has_bf16():
+    if device.type == "cuda" or cfg.amp == "on" or native_bf16("cpu"):
         # No cast cache: each weight is cast once per forward anyway, and CUDA graph capture
         # needs it off.
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)

@@ -31,6 +31,9 @@ from training.distributed import Dist
 from training.engine import Batches, autocast_for
 from training.presets import TrainConfig, train_augmentation
 
+#: Held-out validation images stored with a version (shapcore.registry.VALIDATION_SAMPLE).
+VALIDATION_SAMPLE = 500
+
 
 @dataclass
 class RunData:
@@ -42,6 +45,8 @@ class RunData:
     background: torch.Tensor
     background_idx: torch.Tensor
     info: dict[str, Any]  # the ``data`` block of the metadata and of the resumable state
+    #: (images, labels) of held-out validation images stored with the version (the bf16 check at load)
+    validation_sample: tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -153,7 +158,9 @@ def _load_data(
         "train_size": len(train_b.labels),
         "val_size": len(val_b.labels),
     }
-    return RunData(data, train_b, val_b, data.images[bg_idx], bg_idx, data_info)
+    sample_idx = val_idx[:VALIDATION_SAMPLE].cpu()  # the split is a seeded permutation: a random sample
+    sample = (data.images[sample_idx], data.labels[sample_idx])
+    return RunData(data, train_b, val_b, data.images[bg_idx], bg_idx, data_info, sample)
 
 
 def _choose_weights(cfg: TrainConfig, fallback: bool, say: bool) -> dict[str, Any]:

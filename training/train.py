@@ -303,5 +303,6 @@ def _publish(registry: Registry, setup: RunSetup, result: RunResult) -> None:
         "git_commit": git_commit(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    registry.publish(setup.version, setup.model.net, metadata, data.background, result.history)
+    registry.publish(setup.version, setup.model.net, metadata, data.background, result.history,
+                     validation_sample=data.validation_sample)  # fmt: skip
     shutil.rmtree(setup.run_dir, ignore_errors=True)

@@ -77,7 +77,8 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         slic_compactness=request.slic_compactness,
         progress=progress,
     )
-    result = {"model_version": rt.version, **result, "parameters": request.params()}
+    precision = rt.precision.chosen if rt.precision is not None else "fp32"
+    result = {"model_version": rt.version, "precision": precision, **result, "parameters": request.params()}
     if job is not None:
         conn = job.connection
         result["job_id"] = job.id

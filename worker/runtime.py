@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from shapcore.jobs.options import BackgroundSpec, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
+from shapcore.precision import BF16Autocast, PrecisionChoice, choose_precision
 from shapcore.registry import LoadedVersion, Registry
 from worker.background import BackgroundSet, make_background
 
@@ -35,6 +37,8 @@ class VersionRuntime:
     stored_background: torch.Tensor  # uint8 (100, 3, 32, 32)
     #: the network with autograd (batch norms folded, eval mode): the gradient methods' model
     autograd_model: torch.nn.Module | None = None
+    #: fp32 or bf16 for the value function's forward passes, and why (shapcore.precision)
+    precision: PrecisionChoice | None = None
     fills: dict[str, BackgroundSet] = field(default_factory=dict)
 
     @property
@@ -75,13 +79,25 @@ class Runtime:
             if resolved in self.versions:
                 return self.versions[resolved]
             loaded, eager = prepare_model(self.registry.load(resolved, device="cpu"), jit=self.settings.explain_jit)
-            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background(), autograd_model=eager)
+            precision, loaded.model = self._choose_precision(loaded, eager)
+            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background(), autograd_model=eager,
+                                precision=precision)  # fmt: skip
             self.versions[resolved] = rt
             while len(self.versions) > self.keep:
                 oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
                 del self.versions[oldest]
-            log.info("loaded model version %s (%d background images)", resolved, len(rt.stored_background))
+            log.info("loaded model version %s (%d background images; %s: %s)", resolved, len(rt.stored_background),
+                     precision.chosen, precision.reason)  # fmt: skip
             return rt
+
+    def _choose_precision(self, loaded: LoadedVersion, eager: torch.nn.Module) -> tuple[PrecisionChoice, Any]:
+        """fp32 (the prepared model) or bf16 autocast over the eager one, as EXPLAIN_PRECISION says;
+        ``auto`` measures both at the explanation batch size (:mod:`shapcore.precision`). The
+        forms take float images in [0, 1], as the value function feeds them."""
+        requested = self.settings.explain_precision
+        sample = loaded.validation_sample().float() / 255.0 if requested == "auto" else torch.empty(0)
+        return choose_precision(requested, "cpu", loaded.model, lambda: BF16Autocast(eager, "cpu"), sample,
+                                self.settings.explain_batch_size)  # fmt: skip
 
     def preload(self) -> VersionRuntime:
         """Load the default version and its default background summary (in the parent)."""
