@@ -259,39 +259,55 @@ class Client:
                 limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency), timeout=120
             )
 
-    async def post(self, path: str, body: bytes, content_type: str) -> int:
+    async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, str | None]:
+        """(status, Retry-After header or None)."""
         headers = {"content-type": content_type}
         if self.kind == "aiohttp":
             async with self._session.post(self.url + path, data=body, headers=headers) as resp:
                 await resp.read()
-                return resp.status
+                return resp.status, resp.headers.get("Retry-After")
         resp = await self._session.post(self.url + path, content=body, headers=headers)
-        return resp.status_code
+        return resp.status_code, resp.headers.get("Retry-After")
 
     async def close(self) -> None:
         await (self._session.close() if self.kind == "aiohttp" else self._session.aclose())
 
 
-async def load_level(url: str, pid: int, body: bytes, ctype: str, concurrency: int, requests: int, warmup: int) -> dict:
+async def load_level(
+    url: str, pid: int, body: bytes, ctype: str, concurrency: int, requests: int, warmup: int,
+    seconds: float = 0.0, backoff_cap_s: float = 1.0,
+) -> dict:  # fmt: skip
+    """C closed-loop clients; ``requests`` in all, or with ``seconds`` for that long. A refused
+    request (503/429) counts apart, and its client waits the Retry-After (at most
+    ``backoff_cap_s``; 0: retries at once, an impolite client) before its next request."""
     client = Client(url, concurrency)
-    latencies: list[float] = []
+    latencies: list[float] = []  # answered (200) requests
+    refused: list[float] = []
     failures: dict[str, int] = {}
     issued = 0
+    deadline = float("inf")
 
     async def worker(limit: int, record: bool) -> None:
         nonlocal issued
-        while issued < limit:
+        while issued < limit and time.perf_counter() < deadline:
             issued += 1
             start = time.perf_counter()
             try:
-                status = await client.post("/predict?top_k=3", body, ctype)
+                status, retry_after = await client.post("/predict?top_k=3", body, ctype)
             except Exception as exc:
                 failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
                 continue
-            if record:
-                latencies.append(time.perf_counter() - start)
-            if status != 200:
-                failures[str(status)] = failures.get(str(status), 0) + 1
+            elapsed = time.perf_counter() - start
+            if status == 200:
+                if record:
+                    latencies.append(elapsed)
+                continue
+            failures[str(status)] = failures.get(str(status), 0) + 1
+            if status in (429, 503):
+                if record:
+                    refused.append(elapsed)
+                if retry_after and backoff_cap_s > 0:
+                    await asyncio.sleep(min(float(retry_after), backoff_cap_s))
 
     try:
         await asyncio.gather(*(worker(warmup, False) for _ in range(concurrency)))
@@ -301,7 +317,10 @@ async def load_level(url: str, pid: int, body: bytes, ctype: str, concurrency: i
         busy0 = machine_busy_seconds()
         cpu0 = time.process_time()
         start = time.perf_counter()
-        await asyncio.gather(*(worker(requests, True) for _ in range(concurrency)))
+        if seconds > 0:
+            deadline = start + seconds
+        limit = 10**9 if seconds > 0 else requests
+        await asyncio.gather(*(worker(limit, True) for _ in range(concurrency)))
         wall = time.perf_counter() - start
         client_cpu = time.process_time() - cpu0
         server_cpu = proc_cpu_seconds(pid) - server_cpu0
@@ -315,14 +334,17 @@ async def load_level(url: str, pid: int, body: bytes, ctype: str, concurrency: i
     infer_s = delta["shapserve_inference_duration_seconds_sum"]
     return {
         "concurrency": concurrency,
-        "requests": requests,
-        "ok": len(latencies) - sum(v for k, v in failures.items() if k.isdigit()),
+        "requests": issued,
+        "ok": len(latencies),
+        "refused": len(refused),
         "failures": failures,
         "seconds": wall,
-        "throughput": len(latencies) / wall,
+        "throughput": len(latencies) / wall,  # goodput: answered requests per second
+        "refused_per_s": len(refused) / wall,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p95_ms": percentile(latencies, 95) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
+        "refused_p99_ms": percentile(refused, 99) * 1000,
         "mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
         "client_cpu_cores": client_cpu / wall,
         "client": client.kind,
@@ -408,9 +430,9 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
                 )  # fmt: skip
                 time.sleep(1.0)
             requests = max(args.requests, args.min_requests_per_worker * concurrency)
-            level = asyncio.run(
-                load_level(url, proc.pid, body, ctype, concurrency, requests, args.warmup * concurrency)
-            )
+            run = load_level(url, proc.pid, body, ctype, concurrency, requests, args.warmup * concurrency,
+                             seconds=args.seconds, backoff_cap_s=args.backoff_cap)  # fmt: skip
+            level = asyncio.run(run)
             level["config"] = name
             level["server_runtime"] = runtime
             if profile is not None:
@@ -418,7 +440,8 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
                 spy.wait(timeout=60)
                 level["profile"] = str(profile)
             print(
-                f"  {name:8s} c={concurrency:<3d} {level['throughput']:8.1f} req/s  p50 {level['p50_ms']:7.1f}  "
+                f"  {name:8s} c={concurrency:<3d} {level['throughput']:8.1f} req/s ok, {level['refused_per_s']:6.1f} "
+                f"refused/s  p50 {level['p50_ms']:7.1f}  "
                 f"p99 {level['p99_ms']:7.1f} ms  batch {level['mean_batch']:5.1f}  "
                 f"server {level['server_cpu_cores']:.2f} client {level['client_cpu_cores']:.2f} "
                 f"other {level['other_cpu_cores']:.2f} cores  "
@@ -458,13 +481,14 @@ def report(result: dict) -> str:
             else []
         ),
         "",
-        "| batcher | C | req/s | p50 ms | p95 ms | p99 ms | mean batch | forward ms | forward busy | queue wait ms |"
-        " server CPU | client CPU | other CPU | failures |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batcher | C | req/s answered | refused/s | p50 ms | p95 ms | p99 ms | mean batch | forward ms |"
+        " forward busy | queue wait ms | server CPU | client CPU | other CPU | failures |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for lv in result["levels"]:
         lines.append(
             f"| {'on' if lv['config'] == 'batch' else 'off'} | {lv['concurrency']} | {lv['throughput']:.1f} | "
+            f"{lv.get('refused_per_s', 0.0):.1f} | "
             f"{lv['p50_ms']:.1f} | {lv['p95_ms']:.1f} | {lv['p99_ms']:.1f} | {lv['mean_batch']:.1f} | "
             f"{lv['mean_forward_ms']:.1f} | {lv['forward_busy']:.0%} | {lv['mean_queue_wait_ms']:.2f} | "
             f"{lv['server_cpu_cores']:.2f} | {lv['client_cpu_cores']:.2f} | {lv['other_cpu_cores']:.2f} | "
@@ -507,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400, help="measured requests per level (at least)")
     p.add_argument("--min-requests-per-worker", type=int, default=0, help="at least C times this many per level")
     p.add_argument("--warmup", type=int, default=5, help="warm-up requests per worker before each level")
+    p.add_argument("--seconds", type=float, default=0.0, help="run each level this long (instead of --requests)")
+    p.add_argument("--backoff-cap", type=float, default=1.0,
+                   help="a refused client waits its Retry-After, at most this many s (0: retries at once)")  # fmt: skip
     p.add_argument("--configs", nargs="+", choices=["batch", "nobatch"], default=["batch", "nobatch"])
     p.add_argument("--batch-max-size", type=int, default=32)
     p.add_argument("--batch-max-wait-ms", type=float, default=None, help="default: the service's")

@@ -24,6 +24,7 @@ from service.errors import install_error_handlers
 from service.explain_metrics import ExplainCollector
 from service.metrics import HTTPMetricsMiddleware
 from service.openapi import install_openapi
+from service.overload import LoadShedMiddleware
 from service.ratelimit import RateLimiter, RateLimitMiddleware
 from service.routers import explain, health, model, predict, web
 from service.settings import Settings, get_settings
@@ -134,7 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.explain_settings.redis_url, app.state.explain_settings.explain_redis_timeout_s
     )
     install_error_handlers(app)
-    # Outermost first: metrics -> timeout -> API key -> rate limit -> routes. (add_middleware
+    # Outermost first: metrics -> timeout -> API key -> rate limit -> load shedding -> routes. (add_middleware
     # wraps what is there, so they are added innermost first.)
     keyring = KeyRing.from_settings(settings)  # KeyConfigError: unusable keys, or none but required
     keyring.announce()
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("%s", limiter.describe())
     app.state.keyring = keyring
     app.state.rate_limiter = limiter
+    app.add_middleware(LoadShedMiddleware, budget_ms=settings.predict_queue_budget_ms)
     app.add_middleware(RateLimitMiddleware, limiter=limiter)
     app.add_middleware(AuthMiddleware, keyring=keyring)
     app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)

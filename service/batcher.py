@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: Half-life of the remembered peak demand that batches wait for (see Batcher._target).
 PEAK_HALF_LIFE_S = 0.5
+#: Weight of the newest forward pass in the images/s estimate behind :meth:`Batcher.expected_wait_s`.
+RATE_WEIGHT = 0.2
 #: run(list of uint8 (n_i, 3, H, W) tensors) -> (tag, one result row per image, in order).
 RunBatch = Callable[[list[torch.Tensor]], tuple[T, list[Any]]]
 
@@ -86,6 +88,7 @@ class Batcher(Generic[T]):
         self._peak_at = 0.0
         self._slots: asyncio.Semaphore | None = None
         self._closed = False
+        self._rate: float | None = None  # images/s of one forward-pass worker, recent batches weighted most
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> None:
@@ -149,6 +152,22 @@ class Batcher(Generic[T]):
     def queued_images(self) -> int:
         return self._queued_images
 
+    def queue_wait_s(self, admitted: int = 0) -> float | None:
+        """Seconds a request arriving now would wait before its own forward pass: the images
+        ahead of it (queued, being decoded, in a forward pass; at least ``admitted``, the
+        requests let in that the batcher may not have seen yet) at the images/s of recent
+        forward passes; 0 on an idle service, None before the first forward pass."""
+        if not self._rate:
+            return None
+        ahead = max(admitted, self._queued_images + self._incoming + self._running_images)
+        return ahead / (self._rate * self.workers)
+
+    def _note_rate(self, images: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = images / seconds
+        self._rate = rate if self._rate is None else (1 - RATE_WEIGHT) * self._rate + RATE_WEIGHT * rate
+
     # -- consumer ------------------------------------------------------------------
     def _set_depth(self, value: int) -> None:
         self._queued_images = value
@@ -207,8 +226,10 @@ class Batcher(Generic[T]):
     async def _forward(self, batch: list[_Item], size: int) -> None:
         loop = asyncio.get_running_loop()
         self._running_images += size
+        started = loop.time()
         try:
             tag, rows = await loop.run_in_executor(self._executor, self._run, [it.images for it in batch])
+            self._note_rate(size, loop.time() - started)
         except asyncio.CancelledError:
             for item in batch:
                 if not item.future.done():

@@ -97,6 +97,10 @@ RATE_LIMITED = Counter(
 )
 for _route in RATE_LIMITED_ROUTES:
     RATE_LIMITED.labels(_route)
+PREDICT_SHED = Counter(
+    f"{NAMESPACE}_predict_shed_total",
+    "POST /predict refused at once with 503 overloaded: the queued work ahead was over PREDICT_QUEUE_BUDGET_MS.",
+)
 REQUEST_TIMEOUTS = Counter(
     f"{NAMESPACE}_request_timeouts_total", "Requests cut off after REQUEST_TIMEOUT_S (answered 503 when possible)."
 )

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         description="Forward passes that may run at once, each on its own thread (1: one at a time, the "
         "largest batches; 2 on a 2-core CPU: two single-threaded passes side by side).",
     )
+    predict_queue_budget_ms: float = Field(
+        500.0,
+        ge=0,
+        description="Longest a /predict request may expect to queue before its forward pass (the work ahead of it "
+        "at the recent images/s); beyond it the request is refused at once with 503 overloaded and Retry-After "
+        "(service/overload.py). An idle service refuses nothing. 0: never refuse.",
+    )
     batch_max_wait_ms: float = Field(
         15.0,
         ge=0,
