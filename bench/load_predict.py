@@ -168,7 +168,9 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     loaded = Registry(args.registry).load(args.version, device=device)
-    forward = build_forward(loaded.model, device, jit=not args.no_jit, precision=args.precision)
+    # the raw rate of the form PRECISION names; auto's measured choice is the server's (see /model)
+    forward = build_forward(loaded.model, device, jit=not args.no_jit,
+                            precision="fp32" if args.precision == "auto" else args.precision)  # fmt: skip
     warm_up(forward, args.batch_max_size)  # exactly what the service does before it is ready
     runtime = forward.describe()
     one = image_to_tensor(image, 16_777_216).unsqueeze(0)
@@ -377,11 +379,18 @@ def start_server(args: argparse.Namespace, batching: bool, log_path: Path) -> tu
     }
     if args.version:
         env["MODEL_VERSION"] = args.version
+    if args.server == "bentoml":
+        env["TORCH_THREADS"] = str(args.torch_threads or max(1, (os.cpu_count() or 2) - 1))  # shapserve's default
+        env["BENTO_MAX_BATCH"] = str(args.batch_max_size)
     for item in args.env:
         key, _, value = item.partition("=")
         env[key] = value
+    command = [sys.executable, "-m", "service"]
+    if args.server == "bentoml":
+        command = [str(args.bento_python), "-m", "bentoml", "serve", "bench/bentoml_peer/service.py:Classifier",
+                   "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -415,7 +424,7 @@ def run_config(args: argparse.Namespace, batching: bool, body: bytes, ctype: str
     try:
         import httpx
 
-        runtime = httpx.get(url + "/model", timeout=10).json().get("runtime")
+        runtime = "bentoml" if args.server == "bentoml" else httpx.get(url + "/model", timeout=10).json().get("runtime")
         print(f"  {name}: server runtime {runtime}", file=sys.stderr, flush=True)
         for concurrency in args.concurrency:
             profile = None
@@ -527,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz")
     p.add_argument("--label", default="run")
+    p.add_argument("--server", choices=["shapserve", "bentoml"], default="shapserve",
+                   help="bentoml: the peer in bench/bentoml_peer (same model; batching on, its own)")  # fmt: skip
+    p.add_argument("--bento-python", type=Path, default=Path("/work/bento-venv/bin/python"),
+                   help="a Python with BentoML installed (bench/compare_bentoml.sh makes one)")  # fmt: skip
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=400, help="measured requests per level (at least)")
     p.add_argument("--min-requests-per-worker", type=int, default=0, help="at least C times this many per level")
@@ -540,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=0, help="0: as the service (all cores but one)")
     p.add_argument("--inference-workers", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the server's PRECISION")
     p.add_argument("--no-jit", action="store_true")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="time spent per raw-forward measurement")
     p.add_argument("--raw-batches", type=int, nargs="+", default=[4, 8, 16, 32])
