@@ -313,6 +313,11 @@ async def load_level(
 
     try:
         await asyncio.gather(*(worker(warmup, False) for _ in range(concurrency)))
+        # The client's idle keep-alive connections count against uvicorn's limit_concurrency
+        # (MAX_CONCURRENT_REQUESTS): at C=256 a scrape beside them would be refused. Scrape
+        # with the client closed, and measure with a fresh one.
+        await client.close()
+        client = Client(url, concurrency)
         issued = 0
         failures.clear()
         before, server_cpu0 = await asyncio.to_thread(scrape, url), proc_cpu_seconds(pid)
@@ -327,9 +332,9 @@ async def load_level(
         client_cpu = time.process_time() - cpu0
         server_cpu = proc_cpu_seconds(pid) - server_cpu0
         busy = machine_busy_seconds() - busy0
-        after = await asyncio.to_thread(scrape, url)
     finally:
         await client.close()
+    after = await asyncio.to_thread(scrape, url)
     delta = {k: after[k] - before[k] for k in after}
     n_batches = delta["shapserve_batch_size_count"]
     n_images = delta["shapserve_batch_size_sum"]
