@@ -249,6 +249,9 @@ class Client:
         except ModuleNotFoundError:
             aiohttp = None
         self.kind = "aiohttp" if aiohttp else "httpx"
+        if aiohttp is None and concurrency >= 32:
+            print("  warning: no aiohttp (pip install -e '.[bench]'): the httpx client takes a core of its own from "
+                  "C=64 on and starves the server it measures (BENCHMARKS.md, issue 15)", file=sys.stderr)  # fmt: skip
         if aiohttp:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=concurrency, force_close=False),
