@@ -44,7 +44,8 @@ def test_smoke_training_end_to_end(small_archive: Path, small_test_archive: Path
     version = proc.stdout.strip().splitlines()[-1]
     folder = reg / version
     assert sorted(p.name for p in folder.iterdir()) == [
-        "background.safetensors", "history.json", "metadata.json", "model.safetensors"]
+        "background.safetensors", "history.json", "metadata.json", "model.safetensors",
+        "validation_sample.safetensors"]
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["profile"] == "smoke" and meta["data"]["sha256"]
     assert meta["hyperparameters"]["optimizer"] == "adam"

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Request
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse
 
 from service.auth import require_admin
 from service.errors import error_responses
@@ -93,7 +93,7 @@ async def training_curves(request: Request) -> FileResponse:
 
 @router.get(
     "/report",
-    response_class=HTMLResponse,
+    response_class=FileResponse,
     summary="The study's report of the served version",
     responses={200: {"content": {"text/html": {}}}, **error_responses(404, 503)},
 )
