@@ -200,8 +200,10 @@ def test_a_live_prometheus_scrapes_the_api_and_answers_p99(prometheus, api, work
     assert len(rules) == sum(len(g["rules"]) for g in shipped["groups"])
     broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not broken, broken
-    recorded = query(prometheus, "shapserve:predict_latency_seconds:p99_5m")
-    assert recorded and float(recorded[0]["value"][1]) > 0
+    # A rule evaluated before its rate() window held two scrapes records nothing yet: poll for it.
+    recorded = wait_for(lambda: query(prometheus, "shapserve:predict_latency_seconds:p99_5m"), 60,
+                        "the recording rule's first value")  # fmt: skip
+    assert float(recorded[0]["value"][1]) > 0
 
 
 def test_promtool_accepts_the_worker_metrics(worker) -> None:
