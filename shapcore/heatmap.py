@@ -40,6 +40,14 @@ def _cmap():
         return LinearSegmentedColormap.from_list("red_transparent_blue", colors)
 
 
+def resample_nearest(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A 2-D map enlarged or reduced to ``height`` x ``width`` by nearest neighbour (each cell
+    spread over the part of the picture it stands for)."""
+    rows = (np.arange(height) * values.shape[0]) // height
+    cols = (np.arange(width) * values.shape[1]) // width
+    return values[rows][:, cols]
+
+
 def render_heatmap(
     image: np.ndarray,
     labels: np.ndarray,
@@ -55,10 +63,7 @@ def render_heatmap(
 
     by_index = {c["index"]: c for c in result["classes"]}
     if pixel_maps is not None:
-        height, width = labels.shape
-        rows = (np.arange(height) * pixel_maps.shape[1]) // height
-        cols = (np.arange(width) * pixel_maps.shape[2]) // width
-        maps = [pixel_maps[c].astype(np.float64)[rows][:, cols] for c in classes]
+        maps = [resample_nearest(pixel_maps[c].astype(np.float64), *labels.shape) for c in classes]
     else:
         maps = [np.asarray(by_index[c]["shap_values"], dtype=np.float64)[labels] for c in classes]
     # shap.image_plot: the 99.9th percentile of |values| over every panel, symmetric scale.

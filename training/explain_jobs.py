@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shapcore.errors import QueueFull, UserError
+from shapcore.heatmap import resample_nearest
 from shapcore.jobs.artifact import artifact_key, unpack_artifact
 from shapcore.jobs.image import JobImage
 from shapcore.jobs.options import check_evaluations, check_samples, parse_background
@@ -44,10 +45,7 @@ class Explained:
     def attribution_map(self, cls: int) -> np.ndarray:
         """Class ``cls``'s attribution per pixel of the segmented image (H x W)."""
         if self.pixel_maps is not None:
-            height, width = self.labels.shape
-            rows = (np.arange(height) * self.pixel_maps.shape[1]) // height
-            cols = (np.arange(width) * self.pixel_maps.shape[2]) // width
-            return self.pixel_maps[cls].astype(np.float64)[rows][:, cols]
+            return resample_nearest(self.pixel_maps[cls].astype(np.float64), *self.labels.shape)
         values = np.asarray(self.result["classes"][cls]["shap_values"], dtype=np.float64)
         return values[self.labels]
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from shapcore.heatmap import render_heatmap
+from shapcore.heatmap import render_heatmap, resample_nearest
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import REPORT_HTML, Registry
 from training import plots
@@ -118,9 +118,7 @@ def attribution_location(explained: Sequence[Explained], cls: int) -> np.ndarray
     used = 0
     for e in explained:
         values = e.attribution_map(cls)
-        rows = (np.arange(MAP_SIDE) * values.shape[0]) // MAP_SIDE
-        cols = (np.arange(MAP_SIDE) * values.shape[1]) // MAP_SIDE
-        positive = np.clip(values[rows][:, cols], 0, None)
+        positive = np.clip(resample_nearest(values, MAP_SIDE, MAP_SIDE), 0, None)
         if positive.sum() > 0:
             total += positive / positive.sum()
             used += 1
