@@ -44,10 +44,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapcore.background import summarize_background  # noqa: E402
 from shapcore.jobs.settings import ExplainSettings  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
-from worker.background import summarize_background  # noqa: E402
 from worker.core import ExplainParams, explain_image  # noqa: E402
 from worker.kernel import seeded_numpy  # noqa: E402
 from worker.reference import plain_value_function  # noqa: E402

@@ -36,15 +36,15 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapcore.background import make_background
 from shapcore.jobs.options import METHODS, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import Registry
-from worker.background import make_background
+from shapcore.value import CoalitionModel
 from worker.core import ExplainParams, explain_image
 from worker.kernel import kernel_shap
 from worker.runtime import prepare_model
 from worker.segmentation import segment
-from worker.value import CoalitionModel
 
 
 def held_out_images(registry: Registry, version: str, data: str, count: int, seed: int) -> dict[str, np.ndarray]:

@@ -27,14 +27,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapcore.background import make_background  # noqa: E402
+from shapcore.faithfulness import faithfulness  # noqa: E402
 from shapcore.images import explanation_input  # noqa: E402
 from shapcore.jobs.options import parse_background  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
-from worker.background import make_background  # noqa: E402
+from shapcore.value import CoalitionModel  # noqa: E402
 from worker.core import ExplainParams, explain_image  # noqa: E402
-from worker.faithfulness import faithfulness  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
-from worker.value import CoalitionModel  # noqa: E402
 
 
 def one_per_class(archive: Path, count: int) -> list[tuple[str, bytes]]:

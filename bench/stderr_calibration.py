@@ -112,11 +112,11 @@ def load_real(registry: str, version: str, data: str, count: int, offset: int = 
     import torch
     from PIL import Image
 
+    from shapcore.background import make_background
     from shapcore.jobs.options import parse_background
     from shapcore.registry import Registry
     from training.data import load_images
     from training.evaluate import holdout_subset
-    from worker.background import make_background
     from worker.runtime import prepare_model
 
     loaded = Registry(registry).load(version)
@@ -130,8 +130,8 @@ def load_real(registry: str, version: str, data: str, count: int, offset: int = 
 
 
 def value_function(loaded, bg, image, x, segments: int):
+    from shapcore.value import CoalitionModel
     from worker.segmentation import segment
-    from worker.value import CoalitionModel
 
     seg = segment(image, segments)
     return CoalitionModel(loaded.model, x, seg.weights, bg), seg.count

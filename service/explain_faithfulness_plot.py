@@ -1,7 +1,7 @@
 """The deletion and insertion curves of a finished explanation, as a PNG.
 
 Two panels side by side, drawn from the result alone (``result["faithfulness"]``, see
-:mod:`worker.faithfulness`): deletion (the target's probability as the superpixels are hidden
+:mod:`shapcore.faithfulness`): deletion (the target's probability as the superpixels are hidden
 in the explanation's order; lower is better) and insertion (restored in that order; higher is
 better). Each shows the explanation's curve and the random-order baseline (dashed), their
 AUCs in the legend, and the area between them shaded: green where the explanation beats

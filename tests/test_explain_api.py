@@ -96,8 +96,8 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     import shap
     import torch
 
+    from shapcore.background import summarize_background
     from shapcore.registry import Registry
-    from worker.background import summarize_background
     from worker.kernel import seeded_numpy
     from worker.reference import plain_value_function
     from worker.segmentation import segment

@@ -22,13 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
+from shapcore.background import make_background
 from shapcore.jobs.options import METHODS, parse_background
 from shapcore.registry import Registry
-from worker.background import make_background
+from shapcore.value import CoalitionModel
 from worker.methods import Attribution, MethodContext, per_superpixel, run_method
 from worker.sanity import cascading_randomisation
 from worker.segmentation import segment
-from worker.value import CoalitionModel
 
 SEGMENTS = 50
 #: Budgets small enough for a 2-core machine (``kernel`` needs at least 2M; SLIC gives ~60).

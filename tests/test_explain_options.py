@@ -1,5 +1,5 @@
 """What an explanation may be asked for (``shapcore.jobs.options``) and the fills it names
-(``worker.background``): names and aliases, the dedupe key, k-means with an empty cluster."""
+(``shapcore.background``): names and aliases, the dedupe key, k-means with an empty cluster."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from shapcore.background import make_background, summarize_background
 from shapcore.jobs import options
 from shapcore.jobs.image import JobImage
 from shapcore.jobs.options import BackgroundSpec, min_samples, parse_background
 from shapcore.jobs.queue import JobRequest, dedup_key
-from worker.background import make_background, summarize_background
 
 
 @pytest.mark.parametrize(

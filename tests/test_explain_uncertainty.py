@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from shapley_games import exact_values, pairwise_game, saturating_game
 
+from shapcore.background import summarize_background
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
-from worker.background import summarize_background
+from shapcore.value import CoalitionModel
 from worker.kernel import kernel_attribution, kernel_shap, kernel_uncertainty
 from worker.methods import MethodContext
 from worker.segmentation import segment
 from worker.uncertainty import MAX_STDERR_RATIO, design_from, enumerated_sizes, solve_values, undetermined_variance
-from worker.value import CoalitionModel
 
 pytestmark = pytest.mark.filterwarnings("ignore:Linear regression equation is singular")
 

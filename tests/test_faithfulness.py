@@ -5,7 +5,7 @@ mean intensity in each of 16 square regions (the hand-built superpixels), the ot
 logits are zero. On a white image with a black fill, keeping region ``j`` adds exactly
 ``w[j]`` to the target's logit, so ``w`` itself is the right ranking: hiding the largest
 ``w`` first must drop the probability fastest. Everything goes through the real value
-function (:class:`worker.value.CoalitionModel` with a :class:`worker.background.BackgroundSet`),
+function (:class:`shapcore.value.CoalitionModel` with a :class:`shapcore.background.BackgroundSet`),
 as the worker uses it.
 """
 
@@ -19,11 +19,11 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from worker.background import BackgroundSet
-from worker.faithfulness import faithfulness
+from shapcore.background import BackgroundSet
+from shapcore.faithfulness import faithfulness
+from shapcore.value import CoalitionModel
 from worker.methods import MethodContext, run_method
 from worker.segmentation import area_weights
-from worker.value import CoalitionModel
 
 TARGET = 1
 CLASSES = 3

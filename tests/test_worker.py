@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_fixtures import free_port
 from test_explain_support import assert_nontrivial, job_image, wait_for
 
+from shapcore.background import summarize_background
 from shapcore.jobs.queue import (
     DEFAULT_JOB_SECONDS,
     JobRequest,
@@ -29,12 +30,11 @@ from shapcore.jobs.queue import (
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
-from worker.background import summarize_background
+from shapcore.value import CoalitionModel
 from worker.core import ExplainParams, explain_image
 from worker.kernel import kernel_shap, seeded_numpy
 from worker.reference import plain_value_function
 from worker.segmentation import area_weights, segment
-from worker.value import CoalitionModel
 
 pytestmark = pytest.mark.timeout(600)
 pytest_plugins = ["test_explain_support"]

@@ -7,7 +7,7 @@ over each superpixel's area weights (the per-superpixel values every method repo
 - ``partition``: ``shap.PartitionExplainer`` with ``shap.maskers.Image`` on the 32×32×3 model
   input. The masker writes a sentinel into hidden pixels and the wrapped model turns "equals
   the sentinel" into keep weights for the shared value function
-  (:meth:`worker.value.CoalitionModel.keep_probabilities`), so a hidden pixel is filled exactly
+  (:meth:`shapcore.value.CoalitionModel.keep_probabilities`), so a hidden pixel is filled exactly
   as for every other method (``train:K`` averages over the K images here too).
 - ``gradcam``: Captum's ``LayerGradCam`` on the last ResNet stage whose output is still at least
   :data:`GRADCAM_MIN_SIDE` pixels on a side at the model's input size (see :func:`gradcam_layer`).

@@ -9,10 +9,10 @@ The pattern (as in the shap docs' image example)
 The *players* are the M superpixels of the image (:mod:`worker.segmentation`). A coalition
 ``z ∈ {0,1}^M`` keeps the superpixels with ``z_j = 1`` and hides the others behind the
 background; its value is the model's class probabilities on that masked image, averaged
-over the background images (:mod:`worker.value`). The method (:mod:`worker.methods`:
+over the background images (:mod:`shapcore.value`). The method (:mod:`worker.methods`:
 KernelSHAP by default, or the partition explainer, Grad-CAM, integrated gradients) gives
 every superpixel a value for every class; the deletion and insertion curves
-(:mod:`worker.faithfulness`) then say how well the target class's values order the
+(:mod:`shapcore.faithfulness`) then say how well the target class's values order the
 superpixels, with the same fill.
 """
 
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shapcore.background import BackgroundSet
+from shapcore.faithfulness import faithfulness
 from shapcore.jobs.options import SAMPLED_METHODS, min_samples
-from worker.background import BackgroundSet
-from worker.faithfulness import faithfulness
+from shapcore.value import CoalitionModel
 from worker.kernel import coalition_budget
 from worker.methods import Attribution, MethodContext, run_method
 from worker.segmentation import Segmentation, segment
-from worker.value import CoalitionModel
 
 #: Methods whose values add up to f(x) − base (integrated gradients up to its reported gap).
 EFFICIENT_METHODS = ("kernel", "partition", "integrated_gradients")

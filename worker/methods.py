@@ -2,7 +2,7 @@
 
 Every method explains the same thing, the model's class probabilities on one image, with
 the same players (the image's superpixels) and the same fill for a hidden part (the
-value function :class:`worker.value.CoalitionModel`), and returns per-superpixel values
+value function :class:`shapcore.value.CoalitionModel`), and returns per-superpixel values
 for every class. Pixel methods (Grad-CAM, integrated gradients, the partition explainer's
 pixel grid) sum their pixel map over each superpixel's area weights and keep the map for
 the heatmap.
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.value import CoalitionModel
+from shapcore.value import CoalitionModel
 
 
 @dataclass

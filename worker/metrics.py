@@ -13,7 +13,7 @@ fleet, e.g. ``sum by (status) (rate(shapserve_worker_jobs_total[5m]))`` (recordi
   (``rate(..._model_evaluations_total[5m]) / rate(..._model_forward_seconds_total[5m])``: the
   model's images per second; over ``..._job_duration_seconds_sum``: the jobs' throughput)
 - ``shapserve_worker_deletion_auc{method}``          histogram: the deletion AUC of each finished
-  explanation (lower is better; :mod:`worker.faithfulness`)
+  explanation (lower is better; :mod:`shapcore.faithfulness`)
 - ``shapserve_worker_insertion_auc{method}``         histogram: its insertion AUC (higher is better)
   (``rate(..._deletion_auc_sum[1h]) / rate(..._deletion_auc_count[1h])`` by method: the mean)
 - ``shapserve_worker_busy``                          gauge: 1 while a job runs

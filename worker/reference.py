@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from worker.background import BackgroundSet
+from shapcore.background import BackgroundSet
 
 
 def mask_image(zs: np.ndarray, segmentation: np.ndarray, image: np.ndarray, background: np.ndarray) -> np.ndarray:

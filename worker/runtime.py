@@ -21,12 +21,12 @@ from typing import Any
 
 import torch
 
+from shapcore.background import BackgroundSet, make_background
 from shapcore.jobs.options import BackgroundSpec, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
 from shapcore.precision import BF16Autocast, PrecisionChoice, choose_precision
 from shapcore.registry import LoadedVersion, Registry
-from worker.background import BackgroundSet, make_background
 
 log = logging.getLogger(__name__)
 

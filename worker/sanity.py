@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from worker.background import BackgroundSet
+from shapcore.background import BackgroundSet
+from shapcore.value import CoalitionModel
 from worker.methods import Attribution, MethodContext, run_method
-from worker.value import CoalitionModel
 
 #: The cascade, from the output to the input: (step name, the network's attributes it re-initialises).
 CASCADE: tuple[tuple[str, tuple[str, ...]], ...] = (

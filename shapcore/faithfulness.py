@@ -2,7 +2,7 @@
 
 The superpixels are ranked by their attribution to the target class, most positive first
 (a stable sort: ties keep their index order). Then, with the same fill as the explainer
-(the value function :class:`worker.value.CoalitionModel`):
+(the value function :class:`shapcore.value.CoalitionModel`):
 
 - **deletion**: start from the image and hide the superpixels in that order; the curve is
   the target's probability against the fraction hidden. A faithful ranking removes what the
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.value import CoalitionModel
+from shapcore.value import CoalitionModel
 
 #: Most points per curve beyond the starting one (superpixels are grouped above this).
 MAX_STEPS = 32

@@ -1,6 +1,6 @@
 """The value function every explainer shares: the model on the image with hidden parts filled.
 
-A hidden pixel is filled from the background (:class:`worker.background.BackgroundSet`): a
+A hidden pixel is filled from the background (:class:`shapcore.background.BackgroundSet`): a
 model input is ``x ⊙ w + bg ⊙ (1 − w)`` for a per-pixel keep weight ``w`` in [0, 1], and its
 value is the model's class probabilities averaged over the background images (their
 weights). KernelSHAP's coalitions of superpixels become keep weights through the area
@@ -21,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from worker.background import BackgroundSet
+from shapcore.background import BackgroundSet
 
 
 class CoalitionModel:
