@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from service import metrics
+from service.fast_explain import ExplainerSlot
 from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
 from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
@@ -152,6 +153,8 @@ class ServedModel:
     runtime: str
     load_seconds: float
     precision: PrecisionChoice
+    #: the version's amortised explainer (method=fast), read from its folder when present
+    explainer: ExplainerSlot | None = None
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -217,7 +220,9 @@ class Engine:
             runtime=forward.describe(),
             load_seconds=0.0,
             precision=precision,
+            explainer=ExplainerSlot(loaded.path, loaded.version, loaded.class_names),
         )
+        served.explainer.refresh()
         if self.settings.warmup if warmup is None else warmup:
             self.warm_up(served)
         served.load_seconds = time.perf_counter() - start

@@ -108,7 +108,9 @@ REQUEST_TIMEOUTS = Counter(
 MODEL_INFO = Info(f"{NAMESPACE}_model", "The model version being served.")
 MODEL_LOADED_AT = Gauge(f"{NAMESPACE}_model_loaded_timestamp_seconds", "Unix time the served version was loaded.")
 MODEL_RELOADS = Counter(f"{NAMESPACE}_model_reloads_total", "Model switches attempted, by result.", ["result"])
-EXPLAIN_OUTCOMES = ("accepted", "deduplicated", "rejected", "queue_full", "too_many_jobs", "redis_unavailable")
+EXPLAIN_OUTCOMES = (
+    "accepted", "deduplicated", "fast", "rejected", "queue_full", "too_many_jobs", "redis_unavailable"
+)  # fmt: skip
 EXPLAIN_REQUESTS = Counter(
     f"{NAMESPACE}_explain_requests_total",
     f"POST /explain answers, by outcome ({', '.join(EXPLAIN_OUTCOMES)}).",

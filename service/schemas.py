@@ -68,6 +68,12 @@ class ModelInfo(BaseModel):
     report_url: str | None = Field(
         None, description="GET this for the version's report (`python -m training report`); null until one is written."
     )
+    explainer: dict[str, Any] | None = Field(
+        None,
+        description="The version's amortised explainer (method=fast on POST /explain): `available`, its players, "
+        "fit time, validation figures and forward-pass time; `error` when its file was refused; null when the "
+        "version has none (`python -m training fit-explainer`).",
+    )
 
 
 class ReloadRequest(BaseModel):

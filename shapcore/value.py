@@ -42,6 +42,7 @@ class CoalitionModel:
         batch_size: int = 256,
         progress: Callable[[int], None] | None = None,
         device: torch.device | str = "cpu",
+        fx: np.ndarray | None = None,
     ) -> None:
         self.model = model
         self.device = torch.device(device)
@@ -57,7 +58,7 @@ class CoalitionModel:
         self.evaluations = 0
         self.rows = 0
         self.forward_seconds = 0.0
-        self._fx: np.ndarray | None = None
+        self._fx: np.ndarray | None = None if fx is None else np.asarray(fx, dtype=np.float64)  # f(x), if known
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         start = time.perf_counter()
@@ -109,3 +110,40 @@ class CoalitionModel:
         """(K, M) coalitions of superpixels (1 kept, 0 hidden) -> (K, classes) probabilities."""
         Z = torch.from_numpy(np.asarray(Z, dtype=np.float32)).to(self.device)
         return self.keep_probabilities(Z @ self.A)
+
+
+def masked_probabilities(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    keep: torch.Tensor,
+    background: BackgroundSet,
+    *,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Many images at once: (N, 3, H, W) float images in [0, 1] and (N, K, H·W) per-pixel keep
+    weights -> (N, K, classes) probabilities, background-weighted, float32.
+
+    The same fill and the same average as :class:`CoalitionModel` (one image, K coalitions),
+    for callers that value many images' coalitions in one pass: the amortised explainer's
+    training (:mod:`training.fastshap`) and its faithfulness figures. A test holds the two
+    equal. Runs where ``images`` are; no gradients.
+    """
+    n, k = keep.shape[:2]
+    side = images.shape[-1]
+    bg = background.images.to(images.device).unsqueeze(0)  # (1, B, 3, H, W)
+    weights = background.weights.to(images.device, torch.float32).view(1, -1, 1)
+    b = len(background)
+    w = keep.reshape(n * k, 1, 1, side, side).to(images.dtype)  # one row per (image, coalition)
+    owner = torch.arange(n, device=images.device).repeat_interleave(k)
+    rows = max(1, batch_size // b)
+    parts = []
+    with torch.inference_mode():
+        for start in range(0, n * k, rows):
+            sel = slice(start, start + rows)
+            blended = images[owner[sel]].unsqueeze(1) * w[sel] + bg * (1.0 - w[sel])  # (r, B, 3, H, W)
+            logits = model(blended.reshape(-1, 3, side, side).contiguous(memory_format=torch.channels_last))
+            probs = torch.softmax(logits.float(), dim=-1).view(-1, b, logits.shape[-1])
+            parts.append((probs * weights).sum(dim=1))
+    if not parts:
+        return torch.empty(n, k, 0, device=images.device)
+    return torch.cat(parts).view(n, k, -1)

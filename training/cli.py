@@ -127,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
 
+    f = add("fit-explainer", help="train a version's amortised explainer (method=fast on POST /explain)")
+    f.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
+    f.add_argument("--data", required=True, help="images to fit on: the version's training data, or any like it")
+    f.add_argument("--time-budget", type=_positive_float, metavar="MINUTES", default=30.0,
+                   help="wall-clock budget, loading included (default: 30)")  # fmt: skip
+    f.add_argument("--batch-size", type=_positive_int, help="images per step (default: 32)")
+    f.add_argument("--pairs", type=_positive_int, help="coalition pairs per image and step (default: 4)")
+    f.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 1e-3)")
+    f.add_argument("--width", type=_positive_int, help="the explainer's channel width (default: 48)")
+    f.add_argument("--seed", type=int)
+
     _add_report(add("report", help="write the study's report of a version: one self-contained HTML file"))
     add("list", help="list versions")
     s = add("show", help="print a version's metadata and metrics")
@@ -214,6 +225,18 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
+    from dataclasses import replace
+
+    from training import fastshap
+
+    changes = {"batch_images": args.batch_size, "pairs": args.pairs, "lr": args.lr, "width": args.width,
+               "seed": args.seed}  # fmt: skip
+    cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
+    print(fastshap.run(registry, args.version, args.data, cfg, progress=not args.quiet))
+    return 0
+
+
 def _cuda() -> bool:
     import torch
 
@@ -262,6 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_evaluate(args, registry)
         if args.command == "report":
             return cmd_report(args, registry)
+        if args.command == "fit-explainer":
+            return cmd_fit_explainer(args, registry)
         if args.command == "list":
             return cmd_list(registry)
         if args.command == "show":

@@ -46,7 +46,8 @@ from shapcore.errors import InputError, QueueFull, ShapserveError, TooManyJobs, 
 from shapcore.images import explanation_input
 from shapcore.jobs.artifact import artifact_key, png_key, unpack_artifact
 from shapcore.jobs.image import JobImage
-from shapcore.jobs.options import SAMPLED_METHODS
+from shapcore.jobs.inline import store_inline
+from shapcore.jobs.options import FAST_METHOD, SAMPLED_METHODS
 from shapcore.jobs.queue import STATUS_MAP, JobRequest, job_status, submit, valid_job_id
 from shapcore.jobs.settings import ExplainSettings
 
@@ -126,6 +127,59 @@ async def _enqueue(
     return job, created
 
 
+async def _explain_fast(
+    request: Request,
+    state: ServiceState,
+    settings: ExplainSettings,
+    redis: Any,
+    upload: Any,
+    target: int | None,
+    curves: bool,
+) -> Response:
+    """``method=fast``: the served version's amortised explainer, in the request (:mod:`service.fast_explain`)."""
+    import torch
+
+    from service.fast_explain import explain_fast
+
+    served = state.engine.current
+    if served is None:
+        raise ShapserveError(503, "model_not_ready", "the model is still loading", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(state.decode_executor, served.explainer.get)  # 409 before any work if none
+    with state.batcher.expect(1):
+        pixels, model_input = await loop.run_in_executor(
+            state.decode_executor, explanation_input, upload.data, settings.max_image_pixels,
+            settings.explain_slic_max_side,
+        )  # fmt: skip
+    model_input = torch.from_numpy(model_input)
+    served, rows = await state.batcher.submit(model_input.unsqueeze(0))  # the version that answered
+    explainer = await loop.run_in_executor(state.decode_executor, served.explainer.get)
+    extra = (served.forward, served.explainer.fill()) if curves else None
+    result, artifact = await loop.run_in_executor(
+        state.decode_executor,
+        functools.partial(explain_fast, explainer, pixels, model_input, rows[0], served.class_names, target,
+                          curves=extra),
+    )  # fmt: skip
+    label = served.class_names[target] if target is not None else None
+    params = {"method": FAST_METHOD, "target": target, "players": "grid", "background": "mean",
+              "faithfulness": curves, "target_label": label}  # fmt: skip
+    body: dict[str, Any] = {"job_id": None, "status_url": None, "heatmap_url": None, "faithfulness_url": None,
+                            "status": "finished", "deduplicated": False, "model_version": served.version,
+                            "parameters": params, "result": result}  # fmt: skip
+    try:  # kept for its URLs; without Redis the answer still stands, without them
+        job_id = await _redis_call(
+            settings, store_inline, redis, settings, result, params, artifact, auth.owner_of(request)
+        )
+    except ShapserveError:
+        body["stored"] = False
+    else:
+        url = f"/explain/{job_id}"
+        body.update(job_id=job_id, status_url=url, heatmap_url=f"{url}/heatmap.png", stored=True,
+                    faithfulness_url=f"{url}/faithfulness.png" if curves else None)  # fmt: skip
+    REQUESTS.labels("fast").inc()
+    return Response(json.dumps(body), status_code=200, media_type="application/json")
+
+
 def build_router(explain_settings: ExplainSettings) -> APIRouter:
     """The /explain routes; the parameters' bounds and defaults in OpenAPI are ``explain_settings``'."""
     router = APIRouter(tags=["explain"], route_class=_ExplainRoute)
@@ -136,12 +190,14 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         status_code=202,
         summary="Queue a SHAP explanation",
         description="Multipart field `file` (validated as /predict does) and optional form fields `target`, "
-        "`segments`, `samples`, `background`, `seed`, `method`. Answers 202 with the job's URLs (200 when an identical "
-        "request already finished: the same decoded picture, model version, parameters and API key reuse one "
-        "job). A job can be read only with the key that created it (404 to other keys).",
+        "`segments`, `samples`, `background`, `seed`, `method`, `faithfulness`. Answers 202 with the job's URLs "
+        "(200 when an identical request already finished: the same decoded picture, model version, parameters and "
+        "API key reuse one job). A job can be read only with the key that created it (404 to other keys). "
+        "`method=fast` answers in the request: 200 with the `result` and the same URLs, or 409 when the served "
+        "version has no amortised explainer.",
         responses={
-            200: {"description": "An identical request had already finished: its job, at once."},
-            **error_responses(400, 413, 415, 422, 429, 503),
+            200: {"description": "An identical request had already finished (its job, at once), or method=fast."},
+            **error_responses(400, 409, 413, 415, 422, 429, 503),
         },
         dependencies=[Depends(form_fields_only)],
     )
@@ -157,8 +213,12 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         background: background_field(text["background"]) = s.explain_default_background,
         seed: bounded("seed", ranges["seed"], text["seed"]) = s.explain_default_seed,
         method: method_field(text["method"]) = "kernel",
+        faithfulness: Annotated[bool, Form(description=text["faithfulness"])] = False,
     ) -> Response:
         version, class_names = _model_identity(state, settings)
+        if method == FAST_METHOD:
+            chosen = resolve_target(target, class_names)
+            return await _explain_fast(request, state, settings, redis, upload, chosen, faithfulness)
         params = {"segments": segments, "samples": samples, "background": background, "seed": seed,
                   "target": resolve_target(target, class_names), "method": method,
                   "slic_compactness": settings.explain_slic_compactness}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -47,6 +48,7 @@ async def model_info(request: Request) -> ModelInfo:
         metadata=meta,
         evaluation=served.evaluation,
         report_url="/model/report" if (served.path / REPORT_HTML).is_file() else None,
+        explainer=await asyncio.to_thread(served.explainer.describe) if served.explainer else None,
     )
 
 

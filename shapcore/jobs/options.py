@@ -23,6 +23,10 @@ from importlib import metadata
 
 #: The explainers ``method`` may name. ``kernel`` is the default.
 METHODS = ("kernel", "partition", "gradcam", "integrated_gradients")
+#: The amortised explainer (FastSHAP): answered by the API in the request, never queued.
+FAST_METHOD = "fast"
+#: What ``method`` may name on POST /explain.
+API_METHODS = (*METHODS, FAST_METHOD)
 #: Methods whose cost and accuracy follow ``samples`` (the others ignore it).
 SAMPLED_METHODS = ("kernel", "partition")
 #: Methods that need gradients, so an autograd copy of the model (not the frozen TorchScript one).

@@ -326,6 +326,11 @@ def job_status(
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
+    from shapcore.jobs.inline import inline_status
+
+    inline = inline_status(connection, job_id, owner)  # answered in the request (method=fast)
+    if inline is not None:
+        return inline
     try:
         job = Job.fetch(job_id, connection=connection)
     except NoSuchJobError:

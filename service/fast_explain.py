@@ -1,0 +1,193 @@
+"""``method=fast``: the version's amortised explainer (:mod:`shapcore.fastshap`), answered in the request.
+
+The explainer is read from the served version's folder (``explainer.safetensors``, written by
+``python -m training fit-explainer``) when the version loads, and again whenever the file
+changes, so an explainer fitted while the service runs is picked up by the next request. A
+file that does not fit the version (another version's, a truncated one) is refused at load
+with its reason, and ``method=fast`` then answers 409 with that reason, as it does when there
+is no file at all. Everything else keeps working.
+
+An answer costs one batched forward pass of the model (through the /predict batcher: the
+probabilities that make the values efficient and give the target) and one pass of the small
+explainer. Its result has the queued methods' shape over the 8×8 grid's 64 players
+(:mod:`shapcore.players`). The deletion and insertion curves cost about a hundred model
+evaluations more, so they are computed only when the request asks (``faithfulness=true``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shapcore.background import BackgroundSet, summarize_background
+from shapcore.errors import ShapserveError, UserError
+from shapcore.fastshap import BACKGROUND, EXPLAINER_FILE, FastExplainer, describe, load_explainer
+from shapcore.jobs.artifact import pack_artifact
+from shapcore.players import GRID_CELLS, grid_labels, grid_weights
+from shapcore.registry import BACKGROUND as STORED_BACKGROUND
+
+log = logging.getLogger(__name__)
+
+
+class ExplainerSlot:
+    """The explainer of one served version: loaded when its file appears or changes."""
+
+    def __init__(self, folder: Path, version: str, class_names: list[str]) -> None:
+        self.path = folder / EXPLAINER_FILE
+        self.version = version
+        self.class_names = list(class_names)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._explainer: FastExplainer | None = None
+        self._error: str | None = None
+        self._fill: BackgroundSet | None = None
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def refresh(self) -> None:
+        """(Re)load when the file changed since the last look; cheap when it did not (one stat)."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            explainer, error = None, None
+            if stamp is not None:
+                try:
+                    explainer = load_explainer(self.path, version=self.version, class_names=self.class_names)
+                except UserError as exc:
+                    error = str(exc)
+                    log.warning("explainer of %s refused: %s", self.version, error)
+            self._explainer, self._error, self._stamp = explainer, error, stamp
+
+    def get(self) -> FastExplainer:
+        """The explainer, or 409 saying why there is none."""
+        self.refresh()
+        if self._explainer is not None:
+            return self._explainer
+        if self._error is not None:
+            raise ShapserveError(409, "explainer_unusable", f"method=fast: {self._error}")
+        raise ShapserveError(
+            409,
+            "no_explainer",
+            f"method=fast needs an amortised explainer for model version {self.version}, and it has none: fit one "
+            f"with `python -m training fit-explainer --version {self.version} --data SRC` (the running service "
+            "picks it up), or use method=kernel",
+        )
+
+    def describe(self) -> dict[str, Any] | None:
+        """What /model reports: the explainer's figures, or why it was refused; None without a file."""
+        self.refresh()
+        if self._explainer is not None:
+            return {"available": True, **describe(self._explainer.meta)}
+        if self._error is not None:
+            return {"available": False, "error": self._error}
+        return None
+
+    def fill(self) -> BackgroundSet:
+        """The ``mean`` fill the explainer was trained against (for the faithfulness curves)."""
+        if self._fill is None:
+            from safetensors.torch import load_file
+
+            self._fill = summarize_background(load_file(str(self.path.parent / STORED_BACKGROUND))["images"], 1)
+        return self._fill
+
+
+class _LogProbabilities:
+    """The served forward pass (probabilities) as the value function wants a model (logits):
+    log-probabilities, whose softmax gives the same probabilities back."""
+
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.forward = forward
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward(images).clamp_min(1e-30).log()
+
+
+def explain_fast(
+    explainer: FastExplainer,
+    pixels: np.ndarray,
+    model_input: torch.Tensor,
+    probabilities: list[float],
+    class_names: list[str],
+    target: int | None,
+    *,
+    curves: tuple[Callable[[torch.Tensor], torch.Tensor], BackgroundSet] | None = None,
+) -> tuple[dict[str, Any], bytes]:
+    """One explanation: (JSON-ready result, the heatmap's artifact).
+
+    ``pixels``: the upload (H×W×3 uint8, the heatmap's picture); ``model_input``: uint8
+    (3, 32, 32); ``probabilities``: the model's on it; ``curves``: (the forward pass, the fill)
+    to add the deletion and insertion curves.
+    """
+    started = time.perf_counter()
+    fx = np.asarray(probabilities, dtype=np.float64)
+    x = model_input.float().unsqueeze(0) / 255.0
+    phi = explainer.explain(x, torch.tensor(fx, dtype=torch.float32).unsqueeze(0))[0].double().numpy()  # (64, C)
+    explained = time.perf_counter()
+    base = explainer.null.double().cpu().numpy()
+    target = int(np.argmax(fx)) if target is None else int(target)
+    predicted = int(np.argmax(fx))
+    residuals = np.abs(base + phi.sum(axis=0) - fx)  # float rounding only: efficient by construction
+    m = explainer.players
+    labels = grid_labels(pixels.shape[0], pixels.shape[1], GRID_CELLS)
+    result: dict[str, Any] = {
+        "method": "fast",
+        "players": "grid",
+        "target": {"index": target, "label": class_names[target], "probability": float(fx[target])},
+        "predicted": {"index": predicted, "label": class_names[predicted], "probability": float(fx[predicted])},
+        "base_value": float(base[target]),
+        "shap_values": [float(v) for v in phi[:, target]],
+        "standard_errors": None,
+        "convergence": None,
+        "local_accuracy_residual": float(residuals[target]),
+        "max_local_accuracy_residual": float(residuals.max()),
+        "segments": {"requested": m, "count": m, "height": int(labels.shape[0]), "width": int(labels.shape[1])},
+        "samples": 0,
+        "samples_requested": 0,
+        "samples_raised_to": None,
+        "background": BACKGROUND,
+        "background_images": 1,
+        "seed": None,
+        "explainer": {"fitted": explainer.meta.get("created"), "fit_seconds": explainer.meta.get("fit_seconds")},
+        "classes": [
+            {
+                "index": c,
+                "label": class_names[c],
+                "probability": float(fx[c]),
+                "base_value": float(base[c]),
+                "shap_values": [float(v) for v in phi[:, c]],
+                "standard_errors": None,
+                "local_accuracy_residual": float(residuals[c]),
+            }
+            for c in range(len(class_names))
+        ],
+        "model_evaluations": 1,
+    }
+    timings = {"segmentation": 0.0, "explainer": explained - started, "faithfulness": 0.0, "model_forward": 0.0}
+    if curves is not None:
+        from shapcore.faithfulness import faithfulness
+        from shapcore.value import CoalitionModel
+
+        forward, fill = curves
+        f = CoalitionModel(_LogProbabilities(forward), model_input, grid_weights(GRID_CELLS), fill, fx=fx)
+        result["faithfulness"] = faithfulness(f, phi[:, target], target, seed=0)
+        result["faithfulness_evaluations"] = f.evaluations
+        timings["faithfulness"] = time.perf_counter() - explained
+        timings["model_forward"] = f.forward_seconds
+    result["timings_s"] = timings
+    result["duration_s"] = time.perf_counter() - started
+    return result, pack_artifact(pixels, labels)

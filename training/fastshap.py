@@ -1,0 +1,277 @@
+"""``python -m training fit-explainer``: train a version's amortised explainer (FastSHAP).
+
+The loss is the paper's (Jethani et al., ICLR 2022, eq. 6), against the model's own value
+function (:func:`shapcore.value.masked_probabilities` with the ``mean`` fill, what the
+service's KernelSHAP evaluates), no surrogate:
+
+    E_x E_{s ~ p_Shapley} ‖ v_x(s) − v_x(∅) − sᵀ φ(x) ‖²
+
+with ``φ`` made efficient by the additive normalisation (:func:`shapcore.fastshap.efficient_normalize`).
+Coalitions ``s`` of the 64 grid cells are drawn from the Shapley kernel's distribution (a
+size k with probability ∝ (M − 1) / (k (M − k)), then a uniform subset of that size), each
+with its complement (paired sampling: the paper's variance reduction). Every image gets fresh
+coalitions at every visit, and a random horizontal flip (the values are those of the flipped
+image, so the pair stays exact).
+
+Almost all the cost is the classifier's forward passes (``batch × (1 + 2·pairs)`` per step);
+the explainer itself is small. The run fits a wall-clock budget: the learning rate follows a
+cosine driven by the clock (:class:`training.budget.BudgetProgress`), as ``train``'s does, and
+the best state on a fixed validation set of held-out images and coalitions is kept.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+
+from shapcore.background import BackgroundSet, summarize_background
+from shapcore.errors import UserError
+from shapcore.fastshap import ExplainerNet, efficient_normalize, save_explainer
+from shapcore.inference import fold_batch_norms, freeze_for_inference
+from shapcore.model import SOURCE_SIZE
+from shapcore.players import GRID_CELLS, grid_weights
+from shapcore.registry import LoadedVersion, Registry
+from shapcore.value import masked_probabilities
+from training.budget import BudgetProgress
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    minutes: float = 30.0
+    batch_images: int = 32
+    pairs: int = 4  # coalition pairs (a coalition and its complement) per image and step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    width: int = 48
+    seed: int = 0
+    val_images: int = 256
+    val_pairs: int = 8
+    evaluations: int = 12  # validation passes over the run (the best state is kept)
+
+
+def shapley_sizes(m: int) -> np.ndarray:
+    """P(|s| = k) for k = 1..m−1 under the Shapley kernel: ∝ (m − 1) / (k (m − k))."""
+    k = np.arange(1, m)
+    w = (m - 1) / (k * (m - k))
+    return w / w.sum()
+
+
+def sample_coalitions(n: int, pairs: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 2·pairs, m) 0/1 float coalitions: ``pairs`` Shapley-kernel draws per image, each
+    followed by its complement."""
+    sizes = torch.from_numpy(shapley_sizes(m)).float()
+    k = torch.multinomial(sizes, n * pairs, replacement=True, generator=generator) + 1  # (n·pairs,)
+    ranks = torch.rand(n * pairs, m, generator=generator).argsort(dim=1).argsort(dim=1)
+    s = (ranks < k.unsqueeze(1)).float().view(n, pairs, 1, m)
+    return torch.cat([s, 1.0 - s], dim=2).view(n, 2 * pairs, m)
+
+
+def value_model(loaded: LoadedVersion) -> torch.nn.Module:
+    """The version's network as the worker evaluates it (batch norms folded, frozen)."""
+    model = loaded.model
+    model.net = fold_batch_norms(model.net)
+    model.eval().to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen = freeze_for_inference(model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
+    return frozen if frozen is not None else model
+
+
+class Game:
+    """The value function of the grid's players on a batch of images (``mean`` fill)."""
+
+    def __init__(self, model: torch.nn.Module, fill: BackgroundSet, batch_size: int = 256) -> None:
+        self.model, self.fill, self.batch_size = model, fill, batch_size
+        self.A = torch.from_numpy(grid_weights(GRID_CELLS))  # (64, 1024)
+        self.evaluations = 0
+
+    def grand(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C) probabilities on the images themselves."""
+        keep = torch.ones(len(images), 1, self.A.shape[1])
+        return self.values(images, keep)[:, 0]
+
+    def null(self) -> torch.Tensor:
+        """(C,) probabilities on the fill alone: v(∅), the same for every image."""
+        return self.values(self.fill.images[:1].clone(), torch.zeros(1, 1, self.A.shape[1]))[0, 0]
+
+    def coalitions(self, images: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """(N, K, 64) coalitions -> (N, K, C) values."""
+        return self.values(images, s @ self.A)
+
+    def values(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        self.evaluations += keep.shape[0] * keep.shape[1] * len(self.fill)
+        return masked_probabilities(self.model, images, keep, self.fill, batch_size=self.batch_size)
+
+
+def wls_loss(phi: torch.Tensor, s: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over images and coalitions of the squared error summed over classes:
+    ``phi`` (N, M, C), ``s`` (N, K, M), ``targets`` = v(s) − v(∅) (N, K, C)."""
+    return ((s @ phi - targets) ** 2).sum(dim=-1).mean()
+
+
+def fit(
+    game: Game,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    classes: int,
+    cfg: FitConfig,
+    *,
+    progress: bool = True,
+) -> tuple[ExplainerNet, torch.Tensor, dict[str, Any]]:
+    """Train an explainer on uint8 images (N, 3, 32, 32) within ``cfg.minutes``; returns the
+    best network (by validation loss), v(∅) and the run's figures."""
+    started = time.perf_counter()
+    budget_s = cfg.minutes * 60.0
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    m = GRID_CELLS * GRID_CELLS
+    null = game.null()
+
+    # A fixed validation set: held-out images, fixed coalitions, values computed once.
+    val_x = val_images[: cfg.val_images].float() / 255.0
+    val_s = sample_coalitions(len(val_x), cfg.val_pairs, m, torch.Generator().manual_seed(cfg.seed + 1))
+    val_grand = game.grand(val_x)
+    val_targets = game.coalitions(val_x, val_s) - null
+    setup_s = time.perf_counter() - started
+    if setup_s > 0.5 * budget_s:
+        raise UserError(f"a {cfg.minutes:g}-minute budget is too short: the validation set alone took {setup_s:.0f} s")
+
+    # The targets are differences of probabilities, often ~1e-3 per coalition: the loss is
+    # divided by their variance so that Adam's gradients stay far above its epsilon (unscaled,
+    # a fit on a low-contrast game stalled and weight decay drove the head to a constant).
+    scale = 1.0 / max(float(val_targets.var()), 1e-12)
+    net = ExplainerNet(classes, width=cfg.width)
+    net.scale.fill_(float(val_targets.std()) / math.sqrt(m))
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    clock = BudgetProgress({"train_window_s": budget_s * 0.97 - setup_s})
+
+    # The yardstick: the values split evenly (what efficiency alone gives). It already explains
+    # most of v(s) (bigger coalitions keep more), so an R² would look good for any explainer;
+    # the "gain" is the share of *its* error that the explainer removes (0: learned nothing).
+    uniform = efficient_normalize(torch.zeros(len(val_x), m, classes), val_grand, null)
+    uniform_error = float(((val_s @ uniform - val_targets) ** 2).sum())
+
+    def validate() -> tuple[float, float]:
+        net.eval()
+        with torch.no_grad():
+            phi = efficient_normalize(net(val_x), val_grand, null)
+            residual = float(((val_s @ phi - val_targets) ** 2).sum())
+        net.train()
+        return residual / (len(val_x) * val_s.shape[1]), 1.0 - residual / max(uniform_error, 1e-30)
+
+    best_loss, best_gain = validate()
+    best_state = {k: v.clone() for k, v in net.state_dict().items()}
+    curve: list[dict[str, float]] = [{"seconds": 0.0, "steps": 0, "val_loss": best_loss, "val_gain": best_gain}]
+    steps, seen, next_eval = 0, 0, 1.0 / cfg.evaluations
+    bar = _bar(progress)
+    net.train()
+    while True:
+        frac = clock.fraction()
+        if frac >= next_eval or frac >= 1.0:
+            loss_v, gain = validate()
+            curve.append({"seconds": clock.elapsed(), "steps": steps, "val_loss": loss_v, "val_gain": gain})
+            if loss_v < best_loss:
+                best_loss, best_gain = loss_v, gain
+                best_state = {k: v.clone() for k, v in net.state_dict().items()}
+            next_eval += 1.0 / cfg.evaluations
+            if bar is not None:
+                bar.set_postfix(val_loss=f"{loss_v:.4f}", val_gain=f"{gain:.3f}")
+        if frac >= 1.0:
+            break
+        for group in opt.param_groups:  # cosine over the clock, a short warm-up first
+            group["lr"] = cfg.lr * min(1.0, frac / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        idx = torch.randint(len(train_images), (cfg.batch_images,), generator=gen)
+        x = train_images[idx].float() / 255.0
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x[flip] = x[flip].flip(-1)
+        s = sample_coalitions(len(x), cfg.pairs, m, gen)
+        grand = game.grand(x)
+        targets = game.coalitions(x, s) - null
+        phi = efficient_normalize(net(x), grand, null)
+        loss = wls_loss(phi, s, targets) * scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        seen += len(x)
+        if bar is not None:
+            bar.update(round(100 * frac) - bar.n)
+    if bar is not None:
+        bar.close()
+    net.load_state_dict(best_state)
+    net.eval()
+    figures = {
+        "fit_seconds": time.perf_counter() - started,
+        "steps": steps,
+        "images_seen": seen,
+        "coalitions_seen": seen * 2 * cfg.pairs,
+        "model_evaluations": game.evaluations,
+        "validation_loss": best_loss,
+        "validation_gain": best_gain,
+        "validation": {"images": len(val_x), "coalitions_per_image": 2 * cfg.val_pairs},
+        "curve": curve,
+        "config": asdict(cfg),
+    }
+    return net, null, figures
+
+
+def _bar(progress: bool):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=100, desc="fitting the explainer", unit="%")
+
+
+def forward_ms(net: ExplainerNet, repeats: int = 50) -> float:
+    """p50 milliseconds of one batch-1 forward pass, in this process, as the API runs it."""
+    x = torch.rand(1, 3, SOURCE_SIZE, SOURCE_SIZE)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            t0 = time.perf_counter()
+            net(x)
+            if i >= 5:
+                times.append(time.perf_counter() - t0)
+    return 1000.0 * float(np.median(times))
+
+
+def run(registry: Registry, version: str | None, data_src: str, cfg: FitConfig, *, progress: bool = True) -> str:
+    """Fit and store the explainer of ``version`` from images of ``data_src``; returns its path."""
+    from training.data import load_images, split_train_val
+
+    registry.check_writable()
+    loaded = registry.load(version)
+    meta = loaded.metadata
+    data = load_images(data_src, split=["train"], class_names=loaded.class_names, progress=progress)
+    if data.sha256 == meta["data"]["sha256"] and data.split == meta["data"]["split"]:
+        hp = meta["hyperparameters"]  # the version's own split: fit on its training part
+        train_idx, val_idx = split_train_val(len(data), hp["val_fraction"], hp["seed"])
+        split_note = "the version's training part (validation: its held-out part)"
+    else:
+        train_idx, val_idx = split_train_val(len(data), 0.1, cfg.seed)
+        split_note = "other data than the version's: 90 % to fit, 10 % held out"
+    if len(train_idx) < cfg.batch_images or len(val_idx) == 0:
+        raise UserError(f"{data_src} holds too few images to fit an explainer ({len(data)})")
+    fill = summarize_background(loaded.background(), 1)
+    game = Game(value_model(loaded), fill)
+    net, null, figures = fit(
+        game, data.images[train_idx], data.images[val_idx], len(loaded.class_names), cfg, progress=progress
+    )
+    stored = {
+        "model_version": loaded.version,
+        "class_names": loaded.class_names,
+        "layout": "grid",
+        "players": GRID_CELLS * GRID_CELLS,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {"source": str(data_src), "sha256": data.sha256, "split": split_note},
+        "forward_ms": forward_ms(net),
+        **figures,
+    }
+    return str(save_explainer(loaded.path, net, null, stored))
