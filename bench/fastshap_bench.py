@@ -1,0 +1,193 @@
+"""The amortised explainer (method=fast) against a high-sample KernelSHAP, value for value (issue 17).
+
+    PYTHONPATH=. .venv/bin/python bench/fastshap_bench.py --registry models [--version V]
+        --data ../shared/data/cifar10/train.tar.gz [--images 100] [--reference-images 100]
+        [--reference-samples 20000] [--kernel-samples 5000] [--methods gradcam,integrated_gradients]
+        [--out bench/results/fastshap.jsonl]
+
+Images: ``--images`` held-out validation images of the version (its own 20 % split, a fixed
+random pick, seed 0). Players: the 8×8 grid (64 cells of 4×4 px) for every method, fill
+``mean``: the value function is the one the explainer was fitted against, so all estimate
+the same numbers.
+
+- **reference**: KernelSHAP (``shap.KernelExplainer``, the worker's call) with
+  ``--reference-samples`` coalitions, on the first ``--reference-images`` images;
+- **fast**: the version's explainer (one forward pass); ρ (Spearman, over the 64 players of
+  the predicted class) and the L2 error against the reference;
+- **kernel**: KernelSHAP at the service's default ``--kernel-samples``, another seed; the same
+  figures, so "fast" can be read beside what a default job gives;
+- ``--methods``: other explainers of the worker (partition, gradcam, integrated_gradients)
+  over the same players;
+- every method's deletion and insertion AUC (:mod:`shapcore.faithfulness`: 32 steps, the
+  same fill), beside the random-order baseline;
+- the explainer's forward pass at batch 1 in this process (p50, p90; 1 and all threads).
+
+Every image's figures are appended to ``--out`` as they come (a long run can be cut short and
+summarised with ``--summarise``); the summary is printed as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shapcore.background import summarize_background  # noqa: E402
+from shapcore.faithfulness import faithfulness  # noqa: E402
+from shapcore.fastshap import EXPLAINER_FILE, load_explainer  # noqa: E402
+from shapcore.players import grid_weights  # noqa: E402
+from shapcore.registry import Registry  # noqa: E402
+from shapcore.value import CoalitionModel  # noqa: E402
+from worker.kernel import kernel_shap  # noqa: E402
+from worker.methods import MethodContext, run_method  # noqa: E402
+from worker.runtime import prepare_model  # noqa: E402
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b)[0])
+
+
+def forward_latency(explainer, threads: int, repeats: int = 300) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    x = torch.rand(1, 3, 32, 32)
+    grand = torch.full((1, explainer.net.classes), 1.0 / explainer.net.classes)
+    times = []
+    for i in range(repeats + 20):
+        t0 = time.perf_counter()
+        explainer.explain(x, grand)
+        if i >= 20:
+            times.append(1000.0 * (time.perf_counter() - t0))
+    times.sort()
+    return {"threads": threads, "p50_ms": times[len(times) // 2], "p90_ms": times[int(0.9 * len(times))]}
+
+
+def held_out(registry: Registry, version: str, data: str, count: int) -> torch.Tensor:
+    from training.data import load_images
+    from training.evaluate import holdout_subset
+
+    loaded = registry.load(version)
+    images = holdout_subset(load_images(data, ["train"], class_names=loaded.class_names, progress=False),
+                            loaded.metadata)  # fmt: skip
+    pick = torch.randperm(len(images.images), generator=torch.Generator().manual_seed(0))[:count]
+    return images.images[pick]
+
+
+def summarise(rows: list[dict]) -> dict:
+    methods = sorted({m for r in rows for m in r["methods"]})
+    out: dict = {"images": len(rows), "reference_images": sum(1 for r in rows if "reference" in r["methods"])}
+    for name in methods:
+        got = [r["methods"][name] for r in rows if name in r["methods"]]
+        entry = {
+            "images": len(got),
+            "deletion_auc": statistics.fmean(g["deletion_auc"] for g in got),
+            "insertion_auc": statistics.fmean(g["insertion_auc"] for g in got),
+            "random_deletion_auc": statistics.fmean(g["random_deletion_auc"] for g in got),
+            "random_insertion_auc": statistics.fmean(g["random_insertion_auc"] for g in got),
+            "seconds_per_image": statistics.fmean(g["seconds"] for g in got),
+        }
+        vs = [g for g in got if "rho" in g]
+        if vs:
+            entry.update(
+                compared=len(vs),
+                median_rho=statistics.median(g["rho"] for g in vs),
+                mean_rho=statistics.fmean(g["rho"] for g in vs),
+                median_l2=statistics.median(g["l2"] for g in vs),
+                median_relative_l2=statistics.median(g["relative_l2"] for g in vs),
+            )
+        out[name] = entry
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--registry", default="models")
+    ap.add_argument("--version", default=None)
+    ap.add_argument("--data", default="../shared/data/cifar10/train.tar.gz")
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--reference-images", type=int, default=None, help="default: all --images")
+    ap.add_argument("--reference-samples", type=int, default=20_000)
+    ap.add_argument("--kernel-samples", type=int, default=5000)
+    ap.add_argument("--methods", default="gradcam,integrated_gradients")
+    ap.add_argument("--out", default="bench/results/fastshap.jsonl")
+    ap.add_argument("--summarise", action="store_true", help="only summarise --out")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.summarise:
+        print(json.dumps(summarise([json.loads(line) for line in out.read_text().splitlines()]), indent=2))
+        return
+
+    registry = Registry(args.registry)
+    version = registry.resolve(args.version)
+    loaded = registry.load(version)
+    explainer = load_explainer(loaded.path / EXPLAINER_FILE, version=version, class_names=loaded.class_names)
+    latency = [forward_latency(explainer, 1), forward_latency(explainer, torch.get_num_threads() or 2)]
+    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    header = {"version": version, "explainer": {k: explainer.meta.get(k) for k in
+              ("fit_seconds", "steps", "images_seen", "validation_gain", "config")},
+              "forward_latency": latency, "args": vars(args)}  # fmt: skip
+    print(json.dumps(header), flush=True)
+    loaded, autograd = prepare_model(loaded)
+    fill = summarize_background(loaded.background(), 1)
+    A = grid_weights()
+    images = held_out(registry, version, args.data, args.images)
+    ref_images = args.images if args.reference_images is None else args.reference_images
+    others = [m for m in args.methods.split(",") if m]
+    rows = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as fh:
+        fh.write(json.dumps({"header": header}) + "\n")
+        for i, image in enumerate(images):
+            f = CoalitionModel(loaded.model, image, A, fill)
+            fx = f.fx()
+            target = int(np.argmax(fx))
+            phis: dict[str, np.ndarray] = {}
+            seconds: dict[str, float] = {}
+            t0 = time.perf_counter()
+            grand = torch.tensor(fx, dtype=torch.float32).unsqueeze(0)
+            phis["fast"] = explainer.explain(image.float().unsqueeze(0) / 255.0, grand)[0].double().numpy()
+            seconds["fast"] = time.perf_counter() - t0
+            if i < ref_images:
+                t0 = time.perf_counter()
+                phis["reference"] = kernel_shap(f, A.shape[0], args.reference_samples, seed=10_000 + i)["phi"]
+                seconds["reference"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            phis["kernel"] = kernel_shap(f, A.shape[0], args.kernel_samples, seed=i)["phi"]
+            seconds["kernel"] = time.perf_counter() - t0
+            for name in others:
+                t0 = time.perf_counter()
+                ctx = MethodContext(f=f, autograd_model=autograd, samples=args.kernel_samples, seed=i, target=target)
+                phis[name] = run_method(name, ctx).phi
+                seconds[name] = time.perf_counter() - t0
+            row: dict = {"image": i, "target": target, "probability": float(fx[target]), "methods": {}}
+            for name, phi in phis.items():
+                faith = faithfulness(f, phi[:, target], target, seed=i)
+                entry = {k: faith[k] for k in ("deletion_auc", "insertion_auc", "random_deletion_auc",
+                                               "random_insertion_auc")}  # fmt: skip
+                entry["seconds"] = seconds[name]
+                if "reference" in phis and name != "reference":
+                    ref = phis["reference"][:, target]
+                    diff = float(np.linalg.norm(phi[:, target] - ref))
+                    entry.update(rho=spearman(phi[:, target], ref), l2=diff,
+                                 relative_l2=diff / max(float(np.linalg.norm(ref)), 1e-12))  # fmt: skip
+                row["methods"][name] = entry
+            rows.append(row)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            brief = {n: round(e.get("rho", float("nan")), 3) for n, e in row["methods"].items()}
+            print(f"image {i + 1}/{len(images)}: rho {brief}", file=sys.stderr, flush=True)
+    print(json.dumps(summarise(rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
