@@ -17,12 +17,26 @@ from shapcore.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def resolve_device(preference: str) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+def resolve_device(preference: str, *, setting: str = "DEVICE") -> torch.device:
+    """The device a ``DEVICE`` (API) or ``EXPLAIN_DEVICE`` (worker) preference names.
+
+    ``auto``: CUDA when torch sees a device, else the CPU; ``cpu``; ``cuda`` / ``cuda:N``: that
+    device, or a :class:`UserError` naming ``setting`` when torch sees none (or fewer than N + 1).
+    """
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise UserError(f"{setting}={preference!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("DEVICE=cuda but torch sees no CUDA device")
-        return torch.device("cuda")
-    return torch.device("cpu")
+            raise UserError(f"{setting}={preference} but no CUDA device is visible to torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{setting}={preference} but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise UserError(f"{setting}={preference!r} is not a device (auto, cpu, cuda or cuda:N)")
+    return device
 
 
 def fold_batch_norms(net: nn.Module) -> nn.Module:

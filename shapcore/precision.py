@@ -84,15 +84,24 @@ def top1_agreement(fp32: ForwardFn, bf16: ForwardFn, images: torch.Tensor, batch
 
 def time_forms(forms: dict[str, ForwardFn], batch: torch.Tensor, rounds: int = 5) -> dict[str, float]:
     """Best seconds per call of each form on ``batch``, the forms taking turns (a burst of other
-    work then slows each alike instead of deciding the choice); two untimed calls each first."""
+    work then slows each alike instead of deciding the choice); two untimed calls each first.
+
+    A batch on a CUDA device is timed to the end of the GPU's work (CUDA kernels run
+    asynchronously: a form that leaves its output there would otherwise time only its launches)."""
+
+    def run(fn: ForwardFn) -> None:
+        fn(batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize(batch.device)
+
     for fn in forms.values():
-        fn(batch)
-        fn(batch)
+        run(fn)
+        run(fn)
     best = dict.fromkeys(forms, float("inf"))
     for _ in range(rounds):
         for name, fn in forms.items():
             start = time.perf_counter()
-            fn(batch)
+            run(fn)
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 

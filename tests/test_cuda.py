@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+pytest_plugins = ["test_explain_support"]
 
 
 def test_smoke_training_on_cuda_then_cpu_reload_agrees(small_archive: Path, tmp_path: Path) -> None:
@@ -90,3 +92,38 @@ def test_cuda_graph_training_steps_match_eager_steps() -> None:
     with torch.inference_mode():
         x = prepare_input(batches[0][0], aug, cfg)
         assert torch.allclose(eager.eval()(x), graphed(x), atol=1e-2)
+
+
+def test_explanation_worker_on_cuda(smoke_model: tuple[Path, str], cifar_jpeg: bytes, start_worker,
+                                    explain_redis_url: str) -> None:  # fmt: skip
+    """EXPLAIN_DEVICE=cuda: a real ``python -m worker`` (the real Redis) loads the version onto
+    the GPU, runs its jobs in its own process (no work horse: CUDA does not survive fork),
+    and its explanations (KernelSHAP over the value function's masks built on the GPU, and
+    Grad-CAM through the autograd network there) finish and say they ran on cuda."""
+    from test_explain_support import job_image, wait_for
+
+    from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+    from shapcore.jobs.settings import ExplainSettings
+
+    registry, version = smoke_model
+    queue = "explain-test-cuda"
+    settings = ExplainSettings(redis_url=explain_redis_url, explain_queue=queue, explain_retries=0)
+    conn = connect(explain_redis_url, 2.0)
+    worker = start_worker(registry, env={"EXPLAIN_QUEUE": queue, "EXPLAIN_DEVICE": "cuda"})
+    log = worker.log_tail()
+    assert "preloaded on cuda" in log and "jobs in this process (no fork)" in log, log
+    for method in ("kernel", "gradcam"):
+        request = JobRequest(image=job_image(cifar_jpeg), model_version=version, segments=50, samples=2000,
+                             background="train:8", seed=0, target=None, method=method)  # fmt: skip
+        job, _ = submit(conn, settings, request)
+        doc = wait_for(lambda job=job: (d := job_status(conn, settings, job.id))["status"] in ("finished", "failed")
+                       and d, 180, f"the {method} job on the GPU")  # fmt: skip
+        assert doc["status"] == "finished", (doc, worker.log_tail())
+        result = doc["result"]
+        assert result["device"] == "cuda" and result["precision"] in ("fp32", "bf16"), result["device"]
+        assert result["method"] == method and len(result["shap_values"]) == result["segments"]["count"]
+        assert all(math.isfinite(v) for v in result["shap_values"])
+        if method == "kernel":
+            assert result["local_accuracy_residual"] < 1e-3
+    assert worker.horses() == []  # nothing forked
+    worker.stop()

@@ -25,8 +25,11 @@ import pytest
 from service_fixtures import ROOT, RunningProcess
 
 EXPLAIN_REDIS_URL = os.environ.get("SHAPSERVE_TEST_EXPLAIN_REDIS_URL", "redis://127.0.0.1:6379/14")
-#: Small and fast knobs for tests: quick abandoned-job detection, one torch thread.
+#: Small and fast knobs for tests: quick abandoned-job detection, one torch thread, the CPU's
+#: forking worker (what the tests of horses and kills check) even where a GPU is visible; the
+#: CUDA worker is started by its own tests (tests/test_cuda.py) with EXPLAIN_DEVICE=cuda.
 FAST_WORKER_ENV = {
+    "EXPLAIN_DEVICE": "cpu",
     "EXPLAIN_TORCH_THREADS": "1",
     "EXPLAIN_MONITOR_INTERVAL_S": "1",
     "EXPLAIN_HEARTBEAT_GRACE_S": "3",

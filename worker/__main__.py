@@ -1,9 +1,10 @@
 """``python -m worker``: an RQ worker on the ``explain`` queue with the model preloaded.
 
 Configuration comes from the environment (see :mod:`shapcore.jobs.settings`): ``REDIS_URL``,
-``MODEL_REGISTRY``, ``MODEL_VERSION`` and the ``EXPLAIN_*`` knobs. Run one per core group;
-several workers on one Redis share the queue. SIGTERM/SIGINT: finish the current job, then
-exit (a second one stops at once).
+``MODEL_REGISTRY``, ``MODEL_VERSION`` and the ``EXPLAIN_*`` knobs. Run one per core group (on
+CUDA: per GPU, ``EXPLAIN_DEVICE=cuda:N``); several workers on one Redis share the queue.
+SIGTERM/SIGINT: finish the current job, then exit (a second one stops at once). Exit status 2:
+a configuration error (message on stderr); 3: Redis unreachable at start.
 """
 
 from __future__ import annotations
@@ -30,29 +31,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
 
+    from pydantic import ValidationError
+
     from shapcore.jobs.settings import get_explain_settings
 
-    settings = get_explain_settings()
+    try:
+        settings = get_explain_settings()
+    except ValidationError as exc:
+        print(f"error: invalid settings: {exc}", file=sys.stderr)
+        return 2
     level = (args.log_level or settings.explain_log_level).upper()
 
-    # Imports and model loading happen here, in the parent, before any fork: every work
-    # horse inherits them (torch, shap, scikit-image, the weights, the background set).
-    from worker.runtime import configure_parent_threads, get_runtime
-
-    configure_parent_threads()
-    import shap  # noqa: F401
-    import skimage.segmentation  # noqa: F401
-
     from shapcore.errors import UserError
-    from shapcore.jobs.queue import connect, get_queue, on_work_horse_killed
-    from worker import jobs as _jobs  # noqa: F401  (imported before any fork)
-    from worker.worker import ExplainWorker
 
     try:
-        rt = get_runtime(settings).preload()
+        runtime, rt, fork = _prepare(settings)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+    from shapcore.jobs.queue import connect, get_queue, on_work_horse_killed
+    from worker.worker import ExplainWorker, InProcessExplainWorker
 
     connection = connect(settings.redis_url)
     try:
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
     name = args.name or f"explain-{socket.gethostname()}-{os.getpid()}"
-    worker = ExplainWorker(
+    worker_class = ExplainWorker if fork else InProcessExplainWorker
+    worker = worker_class(
         [get_queue(connection, settings)],
         connection=connection,
         name=name,
@@ -73,27 +73,54 @@ def main(argv: list[str] | None = None) -> int:
         work_horse_killed_handler=on_work_horse_killed,
     )
     worker.heartbeat_grace = settings.explain_heartbeat_grace_s
-    worker.horse_threads = settings.torch_threads()
+    if fork:
+        worker.horse_threads = settings.torch_threads()
     metrics_note = ""
     if settings.explain_metrics_port:
         from worker.metrics import WorkerMetrics, serve_worker_metrics
 
         worker.metrics = WorkerMetrics()
-        worker.metrics.describe_worker(name, settings.explain_queue, rt.version)
+        worker.metrics.describe_worker(name, settings.explain_queue, rt.version, str(runtime.device))
         try:
             serve_worker_metrics(settings.explain_metrics_port, settings.explain_metrics_host)
         except OSError as exc:
             print(f"error: {exc} (EXPLAIN_METRICS_PORT)", file=sys.stderr)
             return 2
         metrics_note = f", metrics on http://{settings.explain_metrics_host}:{settings.explain_metrics_port}/metrics"
+    mode = "a forked work horse per job" if fork else "jobs in this process (no fork)"
     print(
-        f"worker {name}: queue {settings.explain_queue!r} on {settings.redis_url}, model {rt.version} preloaded, "
-        f"{worker.horse_threads} torch thread(s) per job{metrics_note}",
+        f"worker {name}: queue {settings.explain_queue!r} on {settings.redis_url}, model {rt.version} preloaded "
+        f"on {runtime.device} ({rt.precision.chosen if rt.precision else 'fp32'}), {mode}, "
+        f"{settings.torch_threads()} torch thread(s) per job{metrics_note}",
         file=sys.stderr,
         flush=True,
     )
     worker.work(burst=args.burst, logging_level=level, with_scheduler=settings.explain_retry_interval_s > 0)
     return 0
+
+
+def _prepare(settings):
+    """Resolve EXPLAIN_DEVICE and EXPLAIN_FORK, set torch's threads and preload the default
+    version: returns (the runtime, the preloaded version, whether jobs fork). Raises
+    :class:`shapcore.errors.UserError` on a bad setting or version.
+
+    Imports and model loading happen here, in the parent, before any fork: every work horse
+    inherits them (torch, shap, scikit-image, the weights, the background set).
+    """
+    from worker.runtime import configure_horse_threads, configure_parent_threads, forks_jobs, get_runtime
+
+    runtime = get_runtime(settings)  # resolves EXPLAIN_DEVICE
+    fork = forks_jobs(settings, runtime.device)
+    if fork:  # one thread in the parent, each horse sets its own (worker.runtime)
+        configure_parent_threads()
+    else:  # the jobs run in this process: set once, here
+        configure_horse_threads(settings.torch_threads())
+    import shap  # noqa: F401
+    import skimage.segmentation  # noqa: F401
+
+    from worker import jobs as _jobs  # noqa: F401  (imported before any fork)
+
+    return runtime, runtime.preload(), fork
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The RQ job: explain the picture the API decoded with the preloaded model, store the heatmap data.
 
-Runs in a work horse forked from ``python -m worker``, which already holds the model and
-its background set (see :mod:`worker.runtime`). No uploaded bytes reach it: the job holds the
-pixels the API decoded and checked (:class:`shapcore.jobs.image.JobImage`).
+Runs in a work horse forked from ``python -m worker`` (on CUDA: in that process itself),
+which already holds the model and its background set (see :mod:`worker.runtime`). No
+uploaded bytes reach it: the job holds the pixels the API decoded and checked
+(:class:`shapcore.jobs.image.JobImage`).
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         slic_max_side=settings.explain_slic_max_side,
         slic_compactness=request.slic_compactness,
         progress=progress,
+        device=rt.device,
     )
     precision = rt.precision.chosen if rt.precision is not None else "fp32"
-    result = {"model_version": rt.version, "precision": precision, **result, "parameters": request.params()}
+    result = {"model_version": rt.version, "device": str(rt.device), "precision": precision, **result,
+              "parameters": request.params()}  # fmt: skip
     if job is not None:
         conn = job.connection
         result["job_id"] = job.id

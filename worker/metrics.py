@@ -18,7 +18,8 @@ fleet, e.g. ``sum by (status) (rate(shapserve_worker_jobs_total[5m]))`` (recordi
   (``rate(..._deletion_auc_sum[1h]) / rate(..._deletion_auc_count[1h])`` by method: the mean)
 - ``shapserve_worker_busy``                          gauge: 1 while a job runs
 - ``shapserve_worker_last_job_timestamp_seconds``    gauge: when the last job ended
-- ``shapserve_worker_info{name, queue, model_version}`` the worker and its preloaded version
+- ``shapserve_worker_info{name, queue, model_version, device}`` the worker, its preloaded version
+  and where it runs the model (``cpu``, ``cuda``, ``cuda:1``)
 - ``process_*`` (resident memory, CPU seconds, open fds) of the worker's parent process
 
 Nothing else counts jobs: the API's ``/metrics`` carries only the queue's *state*, read from
@@ -90,8 +91,8 @@ class WorkerMetrics:
         )
         self.info = Info("shapserve_worker", "This explanation worker", registry=registry)
 
-    def describe_worker(self, name: str, queue: str, model_version: str) -> None:
-        self._identity = {"name": name, "queue": queue}
+    def describe_worker(self, name: str, queue: str, model_version: str, device: str = "cpu") -> None:
+        self._identity = {"name": name, "queue": queue, "device": device}
         self.model_loaded(model_version)
 
     def model_loaded(self, model_version: str) -> None:

@@ -10,6 +10,11 @@ Torch and fork: the parent pins torch to **one** intra-op thread and never runs 
 region, because GNU OpenMP's thread pool does not survive ``fork()`` (a horse forked after
 the parent ran a multi-threaded op hangs in its first parallel region: checked on this
 machine). Each horse sets its own thread count (:func:`configure_horse_threads`).
+
+The device (``EXPLAIN_DEVICE``, :func:`shapcore.inference.resolve_device`): on CUDA the
+versions are loaded onto the GPU and the worker runs its jobs in its own process
+(:func:`forks_jobs`, :class:`worker.worker.InProcessExplainWorker`): a CUDA context does not
+survive ``fork()``, and building one per job would cost seconds and a fresh weight upload.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 import torch
 
 from shapcore.background import BackgroundSet, make_background
+from shapcore.errors import UserError
+from shapcore.inference import resolve_device
 from shapcore.jobs.options import BackgroundSpec, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
@@ -39,6 +46,8 @@ class VersionRuntime:
     autograd_model: torch.nn.Module | None = None
     #: fp32 or bf16 for the value function's forward passes, and why (shapcore.precision)
     precision: PrecisionChoice | None = None
+    #: where the model runs and the masked images are built (EXPLAIN_DEVICE)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fills: dict[str, BackgroundSet] = field(default_factory=dict)
 
     @property
@@ -65,8 +74,10 @@ class VersionRuntime:
 class Runtime:
     """Loaded versions by id (at most ``keep`` of them, the default one always kept)."""
 
-    def __init__(self, settings: ExplainSettings, keep: int = 2) -> None:
+    def __init__(self, settings: ExplainSettings, keep: int = 2, device: torch.device | str | None = None) -> None:
         self.settings = settings
+        #: where the models, the fills and the masks live (EXPLAIN_DEVICE unless given)
+        self.device = torch.device(device) if device is not None else worker_device(settings)
         self.registry = Registry(settings.model_registry)
         self.keep = keep
         self.versions: dict[str, VersionRuntime] = {}
@@ -78,25 +89,26 @@ class Runtime:
         with self._lock:
             if resolved in self.versions:
                 return self.versions[resolved]
-            loaded, eager = prepare_model(self.registry.load(resolved, device="cpu"), jit=self.settings.explain_jit)
+            on_device = self.registry.load(resolved, device=self.device)
+            loaded, eager = prepare_model(on_device, jit=self.settings.explain_jit)
             precision, loaded.model = self._choose_precision(loaded, eager)
             rt = VersionRuntime(loaded=loaded, stored_background=loaded.background(), autograd_model=eager,
-                                precision=precision)  # fmt: skip
+                                precision=precision, device=self.device)  # fmt: skip
             self.versions[resolved] = rt
             while len(self.versions) > self.keep:
                 oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
                 del self.versions[oldest]
-            log.info("loaded model version %s (%d background images; %s: %s)", resolved, len(rt.stored_background),
-                     precision.chosen, precision.reason)  # fmt: skip
+            log.info("loaded model version %s on %s (%d background images; %s: %s)", resolved, self.device,
+                     len(rt.stored_background), precision.chosen, precision.reason)  # fmt: skip
             return rt
 
     def _choose_precision(self, loaded: LoadedVersion, eager: torch.nn.Module) -> tuple[PrecisionChoice, Any]:
         """fp32 (the prepared model) or bf16 autocast over the eager one, as EXPLAIN_PRECISION says;
         ``auto`` measures both at the explanation batch size (:mod:`shapcore.precision`). The
         forms take float images in [0, 1], as the value function feeds them."""
-        requested = self.settings.explain_precision
-        sample = loaded.validation_sample().float() / 255.0 if requested == "auto" else torch.empty(0)
-        return choose_precision(requested, "cpu", loaded.model, lambda: BF16Autocast(eager, "cpu"), sample,
+        requested, device = self.settings.explain_precision, self.device
+        sample = loaded.validation_sample().to(device).float() / 255.0 if requested == "auto" else torch.empty(0)
+        return choose_precision(requested, device, loaded.model, lambda: BF16Autocast(eager, device.type), sample,
                                 self.settings.explain_batch_size)  # fmt: skip
 
     def preload(self) -> VersionRuntime:
@@ -120,6 +132,11 @@ def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> tuple[LoadedVer
     thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's
     profiling runs (two batches at roughly eager speed) on their first job.
 
+    On CUDA the eager network is kept (``jit`` is ignored), as the service's
+    :func:`service.engine.build_forward` does: the measured gain of freezing is oneDNN's
+    weight pre-packing, a CPU thing, and a frozen graph on a GPU was never measured here (no
+    GPU was lent when this was written); bf16 autocast wraps the eager network anyway.
+
     Returns the version and the eager network (folded, no weight gradients, but autograd
     through it: what Captum's gradient methods need; TorchScript's frozen graph has none).
     """
@@ -130,7 +147,8 @@ def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> tuple[LoadedVer
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     eager = loaded.model
-    if jit:
+    device = next(loaded.model.parameters()).device
+    if jit and device.type == "cpu":
         frozen = freeze_for_inference(loaded.model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
         if frozen is not None:
             loaded.model = frozen
@@ -152,6 +170,24 @@ def get_runtime(settings: ExplainSettings | None = None) -> Runtime:
 def set_runtime(runtime: Runtime | None) -> None:
     global _runtime
     _runtime = runtime
+
+
+def worker_device(settings: ExplainSettings) -> torch.device:
+    """``EXPLAIN_DEVICE`` resolved: ``auto`` is CUDA when torch sees a device, else the CPU;
+    ``cuda`` (or ``cuda:N``) without one is a :class:`UserError` (``python -m worker`` exits 2)."""
+    return resolve_device(settings.explain_device, setting="EXPLAIN_DEVICE")
+
+
+def forks_jobs(settings: ExplainSettings, device: torch.device) -> bool:
+    """Whether jobs run in forked work horses (``EXPLAIN_FORK``; unset: on the CPU only).
+
+    A CUDA context does not survive ``fork()``: a forking worker on CUDA is refused."""
+    if settings.explain_fork is None:
+        return device.type == "cpu"
+    if settings.explain_fork and device.type == "cuda":
+        raise UserError(f"EXPLAIN_FORK=true with EXPLAIN_DEVICE={settings.explain_device} ({device}): a CUDA "
+                        "context does not survive fork; unset EXPLAIN_FORK or set it to false")  # fmt: skip
+    return bool(settings.explain_fork)
 
 
 def configure_parent_threads() -> None:

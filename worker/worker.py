@@ -1,7 +1,12 @@
-"""The RQ worker class for explanations: RQ's forking ``Worker`` with the model preloaded.
+"""The RQ worker classes for explanations: RQ's forking ``Worker`` on the CPU, an in-process one on CUDA.
 
-Why fork (and not a non-forking ``SimpleWorker`` under a supervisor of our own)
-------------------------------------------------------------------------------
+:class:`ExplainWorker` (the CPU's, ``EXPLAIN_FORK`` unset or true) forks a work horse per job;
+:class:`InProcessExplainWorker` (CUDA's, or ``EXPLAIN_FORK=false``) runs each job in its own
+process. Both share :class:`ExplainWorkerMixin`: the version preload, the metrics, the
+heartbeat grace and the riding out of Redis outages.
+
+Why fork on the CPU (and not a non-forking ``SimpleWorker`` under a supervisor of our own)
+-----------------------------------------------------------------------------------------
 - The model and its background set are loaded **once**, in the parent, before any job;
   each job runs in a horse forked from it and shares those pages copy-on-write (the
   weights are never written). Nothing is read from disk per job.
@@ -12,7 +17,8 @@ Why fork (and not a non-forking ``SimpleWorker`` under a supervisor of our own)
 - RQ's parent already *is* the supervision: it heartbeats the job while the horse runs,
   and reclaims abandoned jobs of dead workers. A SimpleWorker runs jobs in the process that
   would have to heartbeat, so it sends none during a job and a SIGKILLed one leaves its job
-  "started" until job timeout + 60 s; we would need a heartbeat thread and a restart loop.
+  "started" until job timeout + 60 s; we would need a heartbeat thread and a restart loop
+  (on CUDA, where forking is not an option, that is what :class:`InProcessExplainWorker` adds).
 
 The price is per job: a fork (milliseconds) and the horse's first forward pass building
 its oneDNN primitives again (measured in BENCHMARKS.md). Torch and fork: the parent keeps
@@ -41,6 +47,36 @@ after a job) ends ``work()`` and the process. :class:`ExplainWorker` instead rid
 out: it logs, keeps its horse running, waits for Redis with a short back-off
 (``max_connection_wait_time``, 5 s) and goes on. A job whose horse could not report its end
 while Redis was away stays "started" and is reclaimed like a killed worker's.
+
+On CUDA: one process, no fork (:class:`InProcessExplainWorker`)
+----------------------------------------------------------------
+A CUDA context does not survive ``fork()``: a horse forked from a parent that initialised CUDA
+cannot use it, and a horse that initialised its own would pay seconds of context creation and a
+fresh upload of the weights on every job. So on CUDA (``EXPLAIN_DEVICE=auto`` with a GPU
+visible, ``cuda`` or ``cuda:N``) the worker runs RQ's non-forking ``SimpleWorker``: the job runs
+in the worker process, which holds the context, the model on the GPU (bf16 autocast where the
+precision gate keeps it: :mod:`worker.runtime`) and the fills; the masks are built there
+(:class:`shapcore.value.CoalitionModel`). What the forking parent did and a ``SimpleWorker``
+does not is added back:
+
+- a heartbeat thread (:class:`JobHeartbeat`) renews the job's entry in the started registry
+  every ``EXPLAIN_MONITOR_INTERVAL_S`` while the job runs, as RQ's parent does in
+  ``monitor_work_horse`` (``maintain_heartbeats``), with the same TTL (monitor + grace). A
+  SIGKILLed worker's job is then reclaimed as quickly as the forking worker's.
+- the job's time limit: RQ's ``SIGALRM`` death penalty raises in the job itself (the main
+  thread). Python runs that handler between bytecodes, so a job stuck in native code is not
+  interrupted; the heartbeat thread ends the process (SIGKILL) once the job is
+  :data:`OVERRUN_KILL_S` past its limit, as RQ's parent kills such a horse, and the job is
+  reclaimed as abandoned (retried or failed) while the process supervisor restarts the worker.
+- torch's intra-op threads are set once at start (there is no horse to protect from OpenMP).
+  RQ's scheduler process (``EXPLAIN_RETRY_INTERVAL_S > 0``) is still forked: it runs no torch,
+  so it touches neither the CUDA context nor an OpenMP pool.
+
+What is lost against a horse: a crash or an out-of-memory kill takes the worker down with the
+job (the job is then reclaimed like a SIGKILLed worker's), and a second SIGTERM/SIGINT (cold
+shutdown) fails the running job instead of leaving it to be retried. ``EXPLAIN_FORK=false``
+runs this worker on the CPU too (the tests do, having no GPU); ``EXPLAIN_FORK=true`` on CUDA is
+refused at start-up.
 """
 
 from __future__ import annotations
@@ -49,10 +85,11 @@ import ctypes
 import logging
 import os
 import signal
+import threading
 import time
 
 import redis
-from rq import Worker
+from rq import SimpleWorker, Worker
 
 from worker.runtime import configure_horse_threads, get_runtime
 
@@ -63,16 +100,20 @@ PR_SET_PDEATHSIG = 1
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
-class ExplainWorker(Worker):
-    """``Worker`` with a configurable heartbeat grace, horses that die with their parent, and a
-    parent that survives Redis outages."""
+#: How far past its time limit a job may run in an in-process worker before the heartbeat thread
+#: ends the process (RQ's forking parent kills the horse at the same point).
+OVERRUN_KILL_S = 60
+
+
+class ExplainWorkerMixin:
+    """What both worker classes add to RQ's: a configurable heartbeat grace, the version preload,
+    the worker's metrics, and a worker that survives Redis outages. Mixed in before RQ's class."""
 
     heartbeat_grace = 20
     #: Longest pause between reconnection attempts (RQ: 60 s, so a worker could idle a minute
     #: after Redis came back).
     max_connection_wait_time = 5.0
     _maintenance_interrupted = False
-    horse_threads = 1
     #: The worker's own Prometheus figures (:class:`worker.metrics.WorkerMetrics`), or None.
     metrics = None
 
@@ -83,7 +124,7 @@ class ExplainWorker(Worker):
         return self.job_monitoring_interval + self.heartbeat_grace
 
     def execute_job(self, job, queue) -> None:
-        """Load the job's model version in the parent first (once), so that the horse inherits it.
+        """Load the job's model version in the worker process first (once), so that a horse inherits it.
 
         After a promotion the API asks for the new version: the first such job pays one load
         here, every later horse gets it for free (two versions are kept).
@@ -202,6 +243,13 @@ class ExplainWorker(Worker):
         except Exception:  # metrics never fail a worker
             log.warning("could not record metrics of job %s", job.id, exc_info=True)
 
+
+class ExplainWorker(ExplainWorkerMixin, Worker):
+    """RQ's forking ``Worker`` (the CPU's): horses that die with their parent and set their own
+    torch threads."""
+
+    horse_threads = 1
+
     def setup_work_horse_signals(self) -> None:
         super().setup_work_horse_signals()
         parent = os.getppid()
@@ -209,6 +257,62 @@ class ExplainWorker(Worker):
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
         configure_horse_threads(self.horse_threads)
+
+
+class InProcessExplainWorker(ExplainWorkerMixin, SimpleWorker):
+    """RQ's ``SimpleWorker`` (CUDA's): each job runs in this process, its heartbeat renewed by a
+    thread while it runs (see the module's docstring)."""
+
+    def perform_job(self, job, queue, execution) -> bool:
+        beat = JobHeartbeat(self, job, execution)
+        beat.start()
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            beat.stop()
+
+
+class JobHeartbeat:
+    """A thread renewing one running job's heartbeat every ``job_monitoring_interval`` seconds.
+
+    It calls the worker's ``maintain_heartbeats`` (the worker's key, the execution's entry in the
+    started registry, the job's ``last_heartbeat``), as RQ's forking parent does between two
+    waits for its horse. The registry entry is only ever updated (``ZADD XX``), never created, so
+    a renewal racing the job's end cannot bring a finished job back.
+    """
+
+    def __init__(self, worker: InProcessExplainWorker, job, execution) -> None:
+        self.worker, self.job, self.execution = worker, job, execution
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+        self._started = time.monotonic()
+
+    def start(self) -> None:
+        self._started = time.monotonic()  # the job's clock starts right after (RQ's perform_job)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)  # a renewal in flight finishes (or its Redis command times out)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.worker.job_monitoring_interval):
+            self._check_overrun()
+            try:
+                self.worker.maintain_heartbeats(self.job, self.execution)  # Redis errors: logged there
+            except Exception:  # the next tick tries again; the entry has the grace to spare
+                log.warning("heartbeat of job %s failed", self.job.id, exc_info=True)
+
+    def _check_overrun(self) -> None:
+        limit = self.job.timeout or self.worker.queue_class.DEFAULT_TIMEOUT  # what perform_job enforces
+        if limit is None or limit < 0:
+            return
+        running = time.monotonic() - self._started
+        if running > limit + OVERRUN_KILL_S:
+            log.critical("job %s has run %.0f s, past its %s s limit, and its time-out did not stop it (stuck in "
+                         "native code?): ending this worker; the job will be reclaimed as abandoned", self.job.id,
+                         running, limit)  # fmt: skip
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _die_with_parent() -> None:

@@ -93,6 +93,19 @@ class ExplainSettings(BaseSettings):
         description="auto: bf16 autocast only where it is faster and agrees with fp32 on >= 99.5 % of the "
         "version's validation sample, measured at load (shapcore/precision.py, as the API's PRECISION).",
     )
+    explain_device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto: the first CUDA device when torch sees one, else the CPU; cpu; cuda or cuda:N "
+        "(refused at start-up when no such device is visible). Resolved by the worker "
+        "(shapcore.inference.resolve_device, as the API's DEVICE).",
+    )
+    explain_fork: Annotated[bool | None, BlankIsNone] = Field(
+        None,
+        description="Run each job in a forked work horse (RQ's Worker) or in the worker process itself "
+        "(a SimpleWorker with a heartbeat thread). Unset: fork on the CPU, in-process on CUDA (a CUDA "
+        "context does not survive fork); true with a CUDA device is refused.",
+    )
     explain_jit: bool = Field(
         True,
         description="Run the TorchScript-frozen model (batch norms folded, weights pre-packed for oneDNN): "
