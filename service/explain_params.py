@@ -18,10 +18,10 @@ from pydantic_core import PydanticCustomError
 
 from shapcore.errors import InputError
 from shapcore.jobs import options
-from shapcore.jobs.options import API_METHODS, parse_background
+from shapcore.jobs.options import API_METHODS, PLAYER_LAYOUTS, parse_background
 from shapcore.jobs.settings import STORED_BACKGROUND, ExplainSettings
 
-PARAMS = ("target", "segments", "samples", "background", "seed", "method", "faithfulness")
+PARAMS = ("target", "segments", "samples", "background", "seed", "method", "faithfulness", "players")
 #: A decimal integer in ASCII digits.
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -70,6 +70,9 @@ def descriptions(settings: ExplainSettings) -> dict[str, str]:
         "(Captum LayerGradCam) or integrated_gradients (Captum). All give per-superpixel values. fast: the "
         "version's amortised explainer (FastSHAP), answered in the request (200 with the result) over an 8x8 grid "
         "of 4x4-pixel cells with the mean background; 409 when the version has no explainer.",
+        "players": "What the values are given to: slic (the image's SLIC superpixels, `segments` of them) or grid "
+        "(the 8x8 grid of 4x4-pixel cells at the model's 32 px: 64 players, `segments` ignored), the players of "
+        "method=fast, so that a queued method can be compared with it value for value.",
         "faithfulness": "method=fast only: also compute the deletion and insertion curves in the request (about a "
         "hundred model evaluations more); the queued methods always compute them.",
     }
@@ -85,6 +88,17 @@ def _canonical_background(raw: str) -> str:
 def background_field(description: str) -> Any:
     """``Annotated[str, ...]`` for ``background``: a name or an integer alias, answered in its canonical name."""
     return Annotated[str, Form(description=description), AfterValidator(_canonical_background)]
+
+
+def players_field(description: str) -> Any:
+    def check(raw: str) -> str:
+        text = raw.strip().lower()
+        if text not in PLAYER_LAYOUTS:
+            raise _refuse(f"players must be one of {', '.join(PLAYER_LAYOUTS)} (got {_shown(raw)})")
+        return text
+
+    return Annotated[str, Form(description=description, json_schema_extra={"enum": list(PLAYER_LAYOUTS)}),
+                     AfterValidator(check)]  # fmt: skip
 
 
 def method_field(description: str) -> Any:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from shapcore.jobs.options import GRID_CELLS, PLAYER_LAYOUTS  # 8 cells per side: 64 players of 4x4 px
 from shapcore.model import SOURCE_SIZE
 
-#: Cells per side: 8 -> 64 players of 4×4 pixels at 32 px.
-GRID_CELLS = 8
-#: What ``players`` may name: SLIC superpixels of the image (the default) or the fixed grid.
-PLAYER_LAYOUTS = ("slic", "grid")
+__all__ = ["GRID_CELLS", "PLAYER_LAYOUTS", "grid_labels", "grid_weights"]
 
 
 def grid_labels(height: int, width: int, cells: int = GRID_CELLS) -> np.ndarray:

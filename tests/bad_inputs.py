@@ -458,8 +458,8 @@ def _cases() -> list[BadInput]:
                                               part("file", s, "a.jpg", "image/jpeg"))), 422,
         "unknown_field", "and 9995 more")  # fmt: skip
     add("explain_misspelt_parameter", "unknown form field", explain(fields={"segmetns": "20"}), 422, "unknown_field",
-        "unknown form field 'segmetns': this route takes background, file, method, samples, seed, segments, "
-        "target")
+        "unknown form field 'segmetns': this route takes background, faithfulness, file, method, players, samples, "
+        "seed, segments, target")
     add("huge_filename", "huge part headers",
         lambda s: multipart_request(multipart(part("file", s, "n" * MIB + ".jpg", "image/jpeg"))), 400,
         "malformed_multipart", "Maximum header size exceeded")
@@ -533,6 +533,10 @@ def _cases() -> list[BadInput]:
         add(f"explain_{name}={value}", "explain parameter among its choices", explain(fields={name: value}), 202)
     add("explain_method=lime", "explain parameter not among its choices", explain(fields={"method": "lime"}), 422,
         "invalid_parameter", "method must be one of kernel, partition, gradcam, integrated_gradients")
+    add("explain_method=fast_without_explainer", "the amortised explainer asked of a version that has none",
+        explain(fields={"method": "fast"}), 409, "no_explainer", "python -m training fit-explainer")
+    add("explain_players=hexagons", "explain parameter not among its choices", explain(fields={"players": "hex"}),
+        422, "invalid_parameter", "players must be one of slic, grid")
     add("explain_background=sky", "explain parameter not among its choices", explain(fields={"background": "sky"}),
         422, "invalid_parameter", "background must be one of mean, blur, train:K or kmeans:K")
     add("explain_samples_under_the_floor", "explain parameters under their joint floor",

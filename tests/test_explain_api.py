@@ -150,6 +150,22 @@ def test_a_gradient_method_runs_in_the_real_worker(explain_service, api_worker, 
     assert curves.status_code == 200 and curves.headers["content-type"] == "image/png"
 
 
+def test_kernel_over_the_grid_players_of_the_fast_explainer(explain_service, api_worker, cifar_jpeg):
+    """players=grid: KernelSHAP over the 64 cells method=fast values, so the two compare value
+    for value; segments is ignored, the heatmap draws the cells."""
+    client = explain_service.client
+    r = client.post("/explain", files=files(cifar_jpeg), data={"players": "grid", "samples": "300", "segments": "9"})
+    assert r.status_code == 202, r.text
+    assert r.json()["parameters"]["players"] == "grid" and r.json()["parameters"]["segments"] == 64
+    doc = wait_finished(client, r.headers["location"])
+    assert doc["status"] == "finished", (doc, api_worker.log_tail())
+    result = doc["result"]
+    assert result["players"] == "grid" and result["segments"]["count"] == 64 and len(result["shap_values"]) == 64
+    assert result["local_accuracy_residual"] < 1e-6
+    png = client.get(r.json()["heatmap_url"])
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+
+
 def test_duplicate_submission_reuses_its_job(explain_service, finished, cifar_jpeg, explain_redis_url):
     client = explain_service.client
     first = finished["post"].json()
@@ -221,7 +237,10 @@ def test_duplicate_of_a_queued_job_is_the_same_job(own_service, explain_redis_ur
         ({"samples": "20000", "background": "train:26"}, "20000 x 26 = 520000 model evaluations"),
         ({"segments": "60", "samples": "200"}, "kernel needs at least 240 (4 x segments"),
         ({"segments": "60", "samples": "200", "method": "partition"}, "partition needs at least 240"),
-        ({"method": "lime"}, "method must be one of kernel, partition, gradcam, integrated_gradients"),
+        ({"method": "lime"}, "method must be one of kernel, partition, gradcam, integrated_gradients, fast"),
+        ({"players": "hexagons"}, "players must be one of slic, grid"),
+        ({"players": "grid", "samples": "200"}, "kernel needs at least 256 (4 x segments"),
+        ({"method": "fast", "players": "slic"}, "method=fast values the 8x8 grid's cells"),
         ({"background": "sky"}, "background must be one of mean, blur, train:K or kmeans:K"),
         ({"background": "train:0"}, "background must be from 1 to 100 images (got 0)"),
         ({"background": "kmeans:101"}, "background must be from 1 to 100 images (got 101)"),

@@ -63,6 +63,18 @@ def _add_report(r: argparse.ArgumentParser) -> None:
     r.add_argument("--background", help="mean, blur, train:K or kmeans:K (default: EXPLAIN_DEFAULT_BACKGROUND)")
 
 
+def _add_fit_explainer(f: argparse.ArgumentParser) -> None:
+    f.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
+    f.add_argument("--data", required=True, help="images to fit on: the version's training data, or any like it")
+    f.add_argument("--time-budget", type=_positive_float, metavar="MINUTES", default=30.0,
+                   help="wall-clock budget, loading included (default: 30)")  # fmt: skip
+    f.add_argument("--batch-size", type=_positive_int, help="images per step (default: 32)")
+    f.add_argument("--pairs", type=_positive_int, help="coalition pairs per image and step (default: 4)")
+    f.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 1e-3)")
+    f.add_argument("--width", type=_positive_int, help="the explainer's channel width (default: 48)")
+    f.add_argument("--seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     parser.add_argument("--registry", help="checkpoint registry (default: $MODEL_REGISTRY or ./models)")
@@ -127,17 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
 
-    f = add("fit-explainer", help="train a version's amortised explainer (method=fast on POST /explain)")
-    f.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
-    f.add_argument("--data", required=True, help="images to fit on: the version's training data, or any like it")
-    f.add_argument("--time-budget", type=_positive_float, metavar="MINUTES", default=30.0,
-                   help="wall-clock budget, loading included (default: 30)")  # fmt: skip
-    f.add_argument("--batch-size", type=_positive_int, help="images per step (default: 32)")
-    f.add_argument("--pairs", type=_positive_int, help="coalition pairs per image and step (default: 4)")
-    f.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 1e-3)")
-    f.add_argument("--width", type=_positive_int, help="the explainer's channel width (default: 48)")
-    f.add_argument("--seed", type=int)
-
+    _add_fit_explainer(add("fit-explainer", help="train a version's amortised explainer (POST /explain method=fast)"))
     _add_report(add("report", help="write the study's report of a version: one self-contained HTML file"))
     add("list", help="list versions")
     s = add("show", help="print a version's metadata and metrics")

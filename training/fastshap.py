@@ -115,6 +115,44 @@ def wls_loss(phi: torch.Tensor, s: torch.Tensor, targets: torch.Tensor) -> torch
     return ((s @ phi - targets) ** 2).sum(dim=-1).mean()
 
 
+class Validation:
+    """A fixed validation set: held-out images, fixed coalitions, their values computed once.
+
+    The yardstick is the values split evenly (what efficiency alone gives). It already explains
+    most of v(s) (bigger coalitions keep more), so an R² would look good for any explainer; the
+    *gain* is the share of the even split's error that the explainer removes (0: learned nothing).
+    """
+
+    def __init__(self, game: Game, images: torch.Tensor, null: torch.Tensor, classes: int, cfg: FitConfig) -> None:
+        m = GRID_CELLS * GRID_CELLS
+        self.x = images[: cfg.val_images].float() / 255.0
+        self.s = sample_coalitions(len(self.x), cfg.val_pairs, m, torch.Generator().manual_seed(cfg.seed + 1))
+        self.grand, self.null = game.grand(self.x), null
+        self.targets = game.coalitions(self.x, self.s) - null
+        even = efficient_normalize(torch.zeros(len(self.x), m, classes), self.grand, null)
+        self.even_error = float(((self.s @ even - self.targets) ** 2).sum())
+
+    def score(self, net: ExplainerNet) -> tuple[float, float]:
+        """(loss per coalition, gain over the even split)."""
+        net.eval()
+        with torch.no_grad():
+            phi = efficient_normalize(net(self.x), self.grand, self.null)
+            residual = float(((self.s @ phi - self.targets) ** 2).sum())
+        net.train()
+        return residual / (len(self.x) * self.s.shape[1]), 1.0 - residual / max(self.even_error, 1e-30)
+
+
+def train_step(net, opt, game: Game, x: torch.Tensor, s: torch.Tensor, null: torch.Tensor, scale: float) -> float:
+    """One step of the loss on images ``x`` (float) and coalitions ``s``; returns the loss."""
+    grand = game.grand(x)
+    targets = game.coalitions(x, s) - null
+    loss = wls_loss(efficient_normalize(net(x), grand, null), s, targets) * scale
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
 def fit(
     game: Game,
     train_images: torch.Tensor,
@@ -132,49 +170,30 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     m = GRID_CELLS * GRID_CELLS
     null = game.null()
-
-    # A fixed validation set: held-out images, fixed coalitions, values computed once.
-    val_x = val_images[: cfg.val_images].float() / 255.0
-    val_s = sample_coalitions(len(val_x), cfg.val_pairs, m, torch.Generator().manual_seed(cfg.seed + 1))
-    val_grand = game.grand(val_x)
-    val_targets = game.coalitions(val_x, val_s) - null
+    val = Validation(game, val_images, null, classes, cfg)
     setup_s = time.perf_counter() - started
     if setup_s > 0.5 * budget_s:
         raise UserError(f"a {cfg.minutes:g}-minute budget is too short: the validation set alone took {setup_s:.0f} s")
 
-    # The targets are differences of probabilities, often ~1e-3 per coalition: the loss is
-    # divided by their variance so that Adam's gradients stay far above its epsilon (unscaled,
-    # a fit on a low-contrast game stalled and weight decay drove the head to a constant).
-    scale = 1.0 / max(float(val_targets.var()), 1e-12)
+    # The targets are differences of probabilities, often ~1e-3 per coalition: the network's
+    # outputs are scaled to their size and the loss divided by their variance, so that the
+    # layers work at unit scale and Adam's gradients stay far above its epsilon (unscaled, a fit
+    # on a low-contrast game stalled and weight decay drove the head to a constant).
+    scale = 1.0 / max(float(val.targets.var()), 1e-12)
     net = ExplainerNet(classes, width=cfg.width)
-    net.scale.fill_(float(val_targets.std()) / math.sqrt(m))
+    net.scale.fill_(float(val.targets.std()) / math.sqrt(m))
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     clock = BudgetProgress({"train_window_s": budget_s * 0.97 - setup_s})
 
-    # The yardstick: the values split evenly (what efficiency alone gives). It already explains
-    # most of v(s) (bigger coalitions keep more), so an R² would look good for any explainer;
-    # the "gain" is the share of *its* error that the explainer removes (0: learned nothing).
-    uniform = efficient_normalize(torch.zeros(len(val_x), m, classes), val_grand, null)
-    uniform_error = float(((val_s @ uniform - val_targets) ** 2).sum())
-
-    def validate() -> tuple[float, float]:
-        net.eval()
-        with torch.no_grad():
-            phi = efficient_normalize(net(val_x), val_grand, null)
-            residual = float(((val_s @ phi - val_targets) ** 2).sum())
-        net.train()
-        return residual / (len(val_x) * val_s.shape[1]), 1.0 - residual / max(uniform_error, 1e-30)
-
-    best_loss, best_gain = validate()
+    best_loss, best_gain = val.score(net)
     best_state = {k: v.clone() for k, v in net.state_dict().items()}
     curve: list[dict[str, float]] = [{"seconds": 0.0, "steps": 0, "val_loss": best_loss, "val_gain": best_gain}]
     steps, seen, next_eval = 0, 0, 1.0 / cfg.evaluations
     bar = _bar(progress)
-    net.train()
     while True:
         frac = clock.fraction()
         if frac >= next_eval or frac >= 1.0:
-            loss_v, gain = validate()
+            loss_v, gain = val.score(net)
             curve.append({"seconds": clock.elapsed(), "steps": steps, "val_loss": loss_v, "val_gain": gain})
             if loss_v < best_loss:
                 best_loss, best_gain = loss_v, gain
@@ -186,20 +205,11 @@ def fit(
             break
         for group in opt.param_groups:  # cosine over the clock, a short warm-up first
             group["lr"] = cfg.lr * min(1.0, frac / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
-        idx = torch.randint(len(train_images), (cfg.batch_images,), generator=gen)
-        x = train_images[idx].float() / 255.0
+        x = train_images[torch.randint(len(train_images), (cfg.batch_images,), generator=gen)].float() / 255.0
         flip = torch.rand(len(x), generator=gen) < 0.5
         x[flip] = x[flip].flip(-1)
-        s = sample_coalitions(len(x), cfg.pairs, m, gen)
-        grand = game.grand(x)
-        targets = game.coalitions(x, s) - null
-        phi = efficient_normalize(net(x), grand, null)
-        loss = wls_loss(phi, s, targets) * scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
-        seen += len(x)
+        train_step(net, opt, game, x, sample_coalitions(len(x), cfg.pairs, m, gen), null, scale)
+        steps, seen = steps + 1, seen + len(x)
         if bar is not None:
             bar.update(round(100 * frac) - bar.n)
     if bar is not None:
@@ -214,7 +224,7 @@ def fit(
         "model_evaluations": game.evaluations,
         "validation_loss": best_loss,
         "validation_gain": best_gain,
-        "validation": {"images": len(val_x), "coalitions_per_image": 2 * cfg.val_pairs},
+        "validation": {"images": len(val.x), "coalitions_per_image": 2 * cfg.val_pairs},
         "curve": curve,
         "config": asdict(cfg),
     }

@@ -34,7 +34,7 @@ from shapcore.jobs.options import SAMPLED_METHODS, min_samples
 from shapcore.value import CoalitionModel
 from worker.kernel import coalition_budget
 from worker.methods import Attribution, MethodContext, run_method
-from worker.segmentation import Segmentation, segment
+from worker.segmentation import Segmentation, grid_segmentation, segment
 
 #: Methods whose values add up to f(x) − base (integrated gradients up to its reported gap).
 EFFICIENT_METHODS = ("kernel", "partition", "integrated_gradients")
@@ -50,6 +50,7 @@ class ExplainParams:
     seed: int
     target: int | None = None  # None: the top-1 prediction
     method: str = "kernel"
+    players: str = "slic"  # or "grid": shapcore.players
 
 
 def explain_image(
@@ -77,7 +78,10 @@ def explain_image(
     started = time.perf_counter()
     if progress:
         progress(0.0, "segmenting")
-    seg = segment(image, params.segments, max_side=slic_max_side, compactness=slic_compactness)
+    if params.players == "grid":
+        seg = grid_segmentation(image, max_side=slic_max_side)
+    else:
+        seg = segment(image, params.segments, max_side=slic_max_side, compactness=slic_compactness)
     segmented = time.perf_counter()
     m = seg.count
     samples = params.samples
@@ -163,6 +167,7 @@ def _result(
     ]
     return {
         "method": params.method,
+        "players": params.players,
         "target": {"index": target, "label": class_names[target], "probability": float(fx[target])},
         "predicted": {"index": predicted, "label": class_names[predicted], "probability": float(fx[predicted])},
         "base_value": float(base[target]),

@@ -61,6 +61,7 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         seed=request.seed,
         target=request.target,
         method=request.method,
+        players=getattr(request, "players", "slic"),  # jobs queued before the field existed
     )
     if request.target is not None and not 0 <= request.target < len(rt.class_names):
         raise ValueError(f"target {request.target} is not a class of version {rt.version}")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from shapcore.images import fit_within
 from shapcore.model import SOURCE_SIZE
+from shapcore.players import grid_labels, grid_weights
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,14 @@ def segment(image: Image.Image, n_segments: int, *, max_side: int = 512, compact
 
 
 _SLIC_OVERSHOOT = (1.0, 1.15, 1.3, 1.5, 1.75, 2.0, 2.5)
+
+
+def grid_segmentation(image: Image.Image, *, max_side: int = 512) -> Segmentation:
+    """The fixed 8×8 grid of :mod:`shapcore.players` as a segmentation of the image (reduced to
+    ``max_side`` as for SLIC): the amortised explainer's players, for ``players=grid``."""
+    pixels = np.asarray(fit_within(image.convert("RGB"), max_side), dtype=np.uint8)
+    labels = grid_labels(pixels.shape[0], pixels.shape[1])
+    return Segmentation(image=pixels, labels=labels, weights=grid_weights())
 
 
 def area_weights(labels: np.ndarray, size: int = SOURCE_SIZE) -> np.ndarray:

@@ -36,7 +36,9 @@ from service.explain_params import (
     descriptions,
     form_fields_only,
     heatmap_classes,
+    invalid,
     method_field,
+    players_field,
     resolve_target,
 )
 from service.images import BINARY, UploadRoute, read_upload, too_many_files
@@ -47,7 +49,7 @@ from shapcore.images import explanation_input
 from shapcore.jobs.artifact import artifact_key, png_key, unpack_artifact
 from shapcore.jobs.image import JobImage
 from shapcore.jobs.inline import store_inline
-from shapcore.jobs.options import FAST_METHOD, SAMPLED_METHODS
+from shapcore.jobs.options import FAST_METHOD, GRID_CELLS, SAMPLED_METHODS
 from shapcore.jobs.queue import STATUS_MAP, JobRequest, job_status, submit, valid_job_id
 from shapcore.jobs.settings import ExplainSettings
 
@@ -214,13 +216,18 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         seed: bounded("seed", ranges["seed"], text["seed"]) = s.explain_default_seed,
         method: method_field(text["method"]) = "kernel",
         faithfulness: Annotated[bool, Form(description=text["faithfulness"])] = False,
+        players: players_field(text["players"]) = "slic",
     ) -> Response:
         version, class_names = _model_identity(state, settings)
         if method == FAST_METHOD:
+            if players != "grid" and "players" in (await request.form()):
+                raise invalid("method=fast values the 8x8 grid's cells: players=slic is not available for it")
             chosen = resolve_target(target, class_names)
             return await _explain_fast(request, state, settings, redis, upload, chosen, faithfulness)
+        if players == "grid":
+            segments = GRID_CELLS * GRID_CELLS  # the grid's cells, whatever segments said
         params = {"segments": segments, "samples": samples, "background": background, "seed": seed,
-                  "target": resolve_target(target, class_names), "method": method,
+                  "target": resolve_target(target, class_names), "method": method, "players": players,
                   "slic_compactness": settings.explain_slic_compactness}  # fmt: skip
         check_samples(method, samples, segments)
         if method in SAMPLED_METHODS:

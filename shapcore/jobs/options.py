@@ -27,6 +27,10 @@ METHODS = ("kernel", "partition", "gradcam", "integrated_gradients")
 FAST_METHOD = "fast"
 #: What ``method`` may name on POST /explain.
 API_METHODS = (*METHODS, FAST_METHOD)
+#: What ``players`` may name: the image's SLIC superpixels (the default) or the fixed grid of
+#: ``GRID_CELLS`` x ``GRID_CELLS`` cells (:mod:`shapcore.players`), the amortised explainer's players.
+PLAYER_LAYOUTS = ("slic", "grid")
+GRID_CELLS = 8
 #: Methods whose cost and accuracy follow ``samples`` (the others ignore it).
 SAMPLED_METHODS = ("kernel", "partition")
 #: Methods that need gradients, so an autograd copy of the model (not the frozen TorchScript one).

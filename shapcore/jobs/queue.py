@@ -63,6 +63,8 @@ class JobRequest:
     seed: int
     target: int | None
     method: str = "kernel"
+    #: the players: ``slic`` superpixels of the image, or the fixed ``grid`` (shapcore.players)
+    players: str = "slic"
     #: SLIC compactness, chosen by the API from its settings so that the key and the work agree
     slic_compactness: float = 10.0
 
