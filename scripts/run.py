@@ -18,6 +18,8 @@ API and the workers unchanged):
 ``TRAIN_MINUTES``    time budget of the first training in ``up`` (default 10); in ``train``
                      unset means the profile's own budget (cpu: 60 min).
 ``TRAIN_PROFILE``    ``up``: cpu (default); ``train``: paper on a CUDA machine, else cpu.
+``EXPLAIN_FIT_MINUTES`` budget of the amortised explainer fitted after the first model in ``up``
+                     (default 5; 0: not fitted, the command to fit one is printed).
 ``HOST``, ``PORT``   where the API listens (default 127.0.0.1:8000).
 ``REDIS_URL``        a Redis to use. Unset: ``LOCAL_REDIS_URL`` (default
                      redis://127.0.0.1:6379/0) when something answers there, else an embedded
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_steps import (
     PY,
     caller_path,
+    fit_explainer,
     http_status,
     port_free,
     registry_versions,
@@ -79,6 +82,16 @@ def first_model(sup: Supervisor, registry: Path) -> None:
         remedy="`make train` trains the full profile (60 min on a CPU; the API switches to it by itself)",
     )  # fmt: skip
     say(f"trained and promoted {version}")
+    fit_minutes = env_float("EXPLAIN_FIT_MINUTES", 5.0)
+    if fit_minutes > 0:
+        say(f"fitting its amortised explainer (method=fast; {fit_minutes:g} min, EXPLAIN_FIT_MINUTES=0 skips it)")
+        fit_explainer(sup, registry, version, fit_minutes, data)
+    else:
+        say(f"no amortised explainer (EXPLAIN_FIT_MINUTES=0): `{fit_command(registry, version, data)}` fits one")
+
+
+def fit_command(registry: Path, version: str, data: str) -> str:
+    return f"python -m training --registry {registry} fit-explainer --version {version} --data {data}"
 
 
 def start_services(sup: Supervisor, env: dict[str, str], host: str, port: int, workers: int) -> list[str]:
@@ -113,6 +126,13 @@ def up(sup: Supervisor) -> int:
     say(f"Redis: {redis_url} ({redis_how})")
     if not registry_versions(registry):
         first_model(sup, registry)
+    else:
+        served = (registry / "PROMOTED").read_text().strip() if (registry / "PROMOTED").is_file() else None
+        served = served or registry_versions(registry)[-1]
+        if not (registry / served / "explainer.safetensors").is_file():
+            data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
+            command = fit_command(registry, served, data)
+            say(f"{served} has no amortised explainer (method=fast answers 409): `{command}` fits one")
 
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": str(registry), "PYTHONUNBUFFERED": "1"}
     env.setdefault("MODEL_WATCH_INTERVAL_S", "5")

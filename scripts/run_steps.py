@@ -223,3 +223,19 @@ def workers_listening(redis_url: str, queue: str) -> int:
             conn.close()
     except Exception:
         return 0
+
+
+def fit_explainer(sup: Supervisor, registry: Path, version: str, minutes: float, data: str) -> None:
+    """Fit ``version``'s amortised explainer (method=fast) within ``minutes``, progress on the terminal.
+    A failure is said and is not fatal: the other methods work without it."""
+    argv = [PY, "-m", "training", "--registry", str(registry), "fit-explainer", "--version", version,
+            "--data", data, "--time-budget", f"{minutes:g}"]  # fmt: skip
+    say("$ python " + " ".join(argv[1:]))
+    child = sup.start("fit-explainer", argv, os.environ.copy(), own_group=False, capture=False,
+                      stop_signals=(0, signal.SIGINT, signal.SIGTERM))  # fmt: skip
+    code = sup.wait_for(child)
+    sup.children.remove(child)
+    if code == 0:
+        say(f"fitted the amortised explainer of {version}: POST /explain method=fast answers in the request")
+    else:
+        say(f"fitting the explainer failed (exit status {code}): method=fast answers 409; the other methods work")

@@ -87,7 +87,7 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
     nobody = free_port()  # no Redis answers there: the script must start its own
     env = run_env(
         tmp_path, token, MODEL_REGISTRY=str(registry), PORT=str(port), LOCAL_REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
-        TRAIN_PROFILE="smoke", DATA=str(small_archive), MODEL_WATCH_INTERVAL_S="1",
+        TRAIN_PROFILE="smoke", DATA=str(small_archive), MODEL_WATCH_INTERVAL_S="1", EXPLAIN_FIT_MINUTES="0.5",
     )  # fmt: skip
     log = tmp_path / "run.log"
     with log.open("wb") as out:
@@ -102,6 +102,7 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
         # the first model's held-out accuracy, and a warning: a smoke model is mostly wrong
         assert re.search(r"held-out accuracy \d+\.\d%, macro F1 0\.\d{3} on \d+ images", text), text[-3000:]
         assert "is low: predictions will often be wrong; `make train` trains the full profile" in text
+        assert "fitted the amortised explainer of" in text, text[-3000:]  # EXPLAIN_FIT_MINUTES after the first model
         redis_url = re.search(r"Redis: (redis://127\.0\.0\.1:(\d+)/0) \(embedded", text).group(1)
         base = f"http://127.0.0.1:{port}"
         for line in (f"API      {base}", f"docs     {base}/docs", f"metrics  {base}/metrics"):
@@ -110,6 +111,7 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
 
         client = httpx.Client(base_url=base, timeout=60)
         first = client.get("/readyz").json()["model"]["version"]
+        assert client.get("/model").json()["explainer"]["available"] is True
         assert [p.name for p in registry.iterdir() if not p.name.startswith(".") and p.is_dir()] == [first]
         assert client.post("/predict", files={"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}).status_code == 200
         assert client.get("/docs").status_code == 200 and client.get("/metrics").status_code == 200
@@ -178,7 +180,8 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
 def test_help_lists_the_settings() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "run.py"), "help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for name in ("MODEL_REGISTRY", "DATA", "TRAIN_MINUTES", "TRAIN_PROFILE", "REDIS_URL", "WORKERS", "PORT"):
+    for name in ("MODEL_REGISTRY", "DATA", "TRAIN_MINUTES", "TRAIN_PROFILE", "REDIS_URL", "WORKERS", "PORT",
+                 "EXPLAIN_FIT_MINUTES"):
         assert f"``{name}``" in proc.stdout
 
 
