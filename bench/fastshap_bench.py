@@ -20,6 +20,10 @@ the same numbers.
   over the same players;
 - every method's deletion and insertion AUC (:mod:`shapcore.faithfulness`: 32 steps, the
   same fill), beside the random-order baseline;
+- each method's *coalition gain*: on 64 held-out coalitions per image (the fit's Shapley-kernel
+  distribution, in pairs), the share of the even split's squared error in ``v(s) − v(∅)`` that
+  the method's values remove (the fit's validation figure; no additive model reaches 1 on a
+  non-additive game, so the reference's own gain is the ceiling to read it against);
 - the explainer's forward pass at batch 1 in this process (p50, p90; 1 and all threads).
 
 Every image's figures are appended to ``--out`` as they come (a long run can be cut short and
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -47,6 +52,7 @@ from shapcore.fastshap import EXPLAINER_FILE, load_explainer  # noqa: E402
 from shapcore.players import grid_weights  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 from shapcore.value import CoalitionModel  # noqa: E402
+from training.fastshap import sample_coalitions  # noqa: E402
 from worker.kernel import kernel_shap  # noqa: E402
 from worker.methods import MethodContext, run_method  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
@@ -95,6 +101,7 @@ def summarise(rows: list[dict]) -> dict:
             "random_deletion_auc": statistics.fmean(g["random_deletion_auc"] for g in got),
             "random_insertion_auc": statistics.fmean(g["random_insertion_auc"] for g in got),
             "seconds_per_image": statistics.fmean(g["seconds"] for g in got),
+            "median_coalition_gain": statistics.median(g["coalition_gain"] for g in got),
         }
         vs = [g for g in got if "rho" in g]
         if vs:
@@ -121,6 +128,9 @@ def main() -> None:
     ap.add_argument("--methods", default="gradcam,integrated_gradients")
     ap.add_argument("--out", default="bench/results/fastshap.jsonl")
     ap.add_argument("--summarise", action="store_true", help="only summarise --out")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="an .npz of the other methods' values per image: reused when present (only fast is "
+                    "recomputed: a refitted explainer is scored against the same reference), written otherwise")
     args = ap.parse_args()
     out = Path(args.out)
     if args.summarise:
@@ -131,8 +141,9 @@ def main() -> None:
     version = registry.resolve(args.version)
     loaded = registry.load(version)
     explainer = load_explainer(loaded.path / EXPLAINER_FILE, version=version, class_names=loaded.class_names)
-    latency = [forward_latency(explainer, 1), forward_latency(explainer, torch.get_num_threads() or 2)]
-    torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+    cores = max(1, len(os.sched_getaffinity(0)))
+    latency = [forward_latency(explainer, 1), forward_latency(explainer, cores)]
+    torch.set_num_threads(cores)
     header = {"version": version, "explainer": {k: explainer.meta.get(k) for k in
               ("fit_seconds", "steps", "images_seen", "validation_gain", "config")},
               "forward_latency": latency, "args": vars(args)}  # fmt: skip
@@ -144,6 +155,7 @@ def main() -> None:
     ref_images = args.images if args.reference_images is None else args.reference_images
     others = [m for m in args.methods.split(",") if m]
     rows = []
+    cache: dict[str, np.ndarray] = dict(np.load(args.cache)) if args.cache and args.cache.is_file() else {}
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as fh:
         fh.write(json.dumps({"header": header}) + "\n")
@@ -157,24 +169,35 @@ def main() -> None:
             grand = torch.tensor(fx, dtype=torch.float32).unsqueeze(0)
             phis["fast"] = explainer.explain(image.float().unsqueeze(0) / 255.0, grand)[0].double().numpy()
             seconds["fast"] = time.perf_counter() - t0
-            if i < ref_images:
+            wanted = (["reference"] if i < ref_images else []) + ["kernel", *others]
+            for name in wanted:
+                if f"{name}/{i}" in cache:
+                    phis[name], seconds[name] = cache[f"{name}/{i}"], float(cache[f"{name}/{i}/seconds"])
+                    continue
                 t0 = time.perf_counter()
-                phis["reference"] = kernel_shap(f, A.shape[0], args.reference_samples, seed=10_000 + i)["phi"]
-                seconds["reference"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            phis["kernel"] = kernel_shap(f, A.shape[0], args.kernel_samples, seed=i)["phi"]
-            seconds["kernel"] = time.perf_counter() - t0
-            for name in others:
-                t0 = time.perf_counter()
-                ctx = MethodContext(f=f, autograd_model=autograd, samples=args.kernel_samples, seed=i, target=target)
-                phis[name] = run_method(name, ctx).phi
+                if name in ("reference", "kernel"):
+                    reference = name == "reference"
+                    samples, seed = (args.reference_samples, 10_000 + i) if reference else (args.kernel_samples, i)
+                    phis[name] = kernel_shap(f, A.shape[0], samples, seed=seed)["phi"]
+                else:
+                    ctx = MethodContext(f=f, autograd_model=autograd, samples=args.kernel_samples, seed=i,
+                                        target=target)  # fmt: skip
+                    phis[name] = run_method(name, ctx).phi
                 seconds[name] = time.perf_counter() - t0
+                cache[f"{name}/{i}"], cache[f"{name}/{i}/seconds"] = phis[name], np.array(seconds[name])
             row: dict = {"image": i, "target": target, "probability": float(fx[target]), "methods": {}}
+            # held-out coalitions (the fit's distribution): how much of v(s) − v(∅) each method's
+            # additive model explains beyond the even split (0: no better; the fit's "gain")
+            held = sample_coalitions(1, 32, A.shape[0], torch.Generator().manual_seed(50_000 + i))[0].numpy()
+            v_held = f(held) - f(np.zeros((1, A.shape[0])))
+            even = np.outer(held.sum(axis=1), (fx - f(np.zeros((1, A.shape[0])))[0]) / A.shape[0])
+            even_error = float(((even - v_held) ** 2).sum())
             for name, phi in phis.items():
                 faith = faithfulness(f, phi[:, target], target, seed=i)
                 entry = {k: faith[k] for k in ("deletion_auc", "insertion_auc", "random_deletion_auc",
                                                "random_insertion_auc")}  # fmt: skip
                 entry["seconds"] = seconds[name]
+                entry["coalition_gain"] = 1.0 - float(((held @ phi - v_held) ** 2).sum()) / max(even_error, 1e-30)
                 if "reference" in phis and name != "reference":
                     ref = phis["reference"][:, target]
                     diff = float(np.linalg.norm(phi[:, target] - ref))
@@ -184,6 +207,8 @@ def main() -> None:
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+            if args.cache:
+                np.savez(args.cache, **cache)
             brief = {n: round(e.get("rho", float("nan")), 3) for n, e in row["methods"].items()}
             print(f"image {i + 1}/{len(images)}: rho {brief}", file=sys.stderr, flush=True)
     print(json.dumps(summarise(rows), indent=2))
