@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from shapcore.errors import UserError
 from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE
@@ -41,7 +42,7 @@ from shapcore.players import GRID_CELLS
 #: The explainer's file in a version's folder.
 EXPLAINER_FILE = "explainer.safetensors"
 #: Bumped when the network or the file's meaning changes; older files are refused at load.
-FORMAT = "shapserve-fastshap/1"
+FORMAT = "shapserve-fastshap/2"
 #: The fill the explainer was trained against (the value function's background).
 BACKGROUND = "mean"
 
@@ -53,7 +54,8 @@ def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class ExplainerNet(nn.Module):
-    """Float images (N, 3, 32, 32) in [0, 1] -> raw values (N, cells², classes).
+    """Float images (N, 3, 32, 32) in [0, 1] and the model's probabilities on them (N, classes)
+    -> raw values (N, cells², classes).
 
     Three stages at 32, 16 and 8 px (two 3×3 convolutions each), then a per-cell head that also
     sees the image as a whole (its globally pooled features): a cell's Shapley value depends on
@@ -83,12 +85,15 @@ class ExplainerNet(nn.Module):
         )
         # SiLU, not ReLU, after the batch norms end: a ReLU head can die whole, and its output is
         # then one constant per class (seen once in a fit).
-        self.context = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4 * w, 4 * w, 1), nn.SiLU())
+        # The context also sees the model's own probabilities on the image (known at every call:
+        # efficiency needs them anyway): what the model believes decides which cells matter.
+        self.context_in = nn.Linear(4 * w + self.classes, 4 * w)
         self.head = nn.Sequential(nn.Conv2d(8 * w, 4 * w, 1), nn.SiLU(), nn.Conv2d(4 * w, self.classes, 1))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
         h = self.features((images - self.mean) / self.std)  # (N, 4w, 8, 8)
-        g = self.context(h).expand_as(h)
+        pooled = torch.cat([h.mean(dim=(2, 3)), probabilities.to(h.dtype)], dim=1)
+        g = F.silu(self.context_in(pooled))[:, :, None, None].expand_as(h)
         out = self.head(torch.cat([h, g], dim=1))  # (N, classes, 8, 8)
         return (out * self.scale).flatten(2).transpose(1, 2)  # (N, 64, classes), cells row by row
 
@@ -119,7 +124,7 @@ class FastExplainer:
         """(N, 3, 32, 32) float images in [0, 1] and the model's probabilities on them (N, C) ->
         Shapley values (N, players, C), efficient by construction."""
         with torch.inference_mode():
-            return efficient_normalize(self.net(images), grand.float(), self.null)
+            return efficient_normalize(self.net(images, grand.float()), grand.float(), self.null)
 
 
 def describe(meta: dict[str, Any]) -> dict[str, Any]:

@@ -75,8 +75,8 @@ def test_the_fitted_explainer_recovers_known_shapley_values(real_images: torch.T
     # the known game is what the value function computes: efficiency holds exactly
     torch.testing.assert_close(exact.sum(dim=1), grand - null, atol=1e-5, rtol=0)
     with torch.no_grad():
-        fitted = efficient_normalize(net(x), grand, null)
-        untrained = efficient_normalize(ExplainerNet(CLASSES, width=16).eval()(x), grand, null)
+        fitted = efficient_normalize(net(x, grand), grand, null)
+        untrained = efficient_normalize(ExplainerNet(CLASSES, width=16).eval()(x, grand), grand, null)
     target = grand.argmax(dim=1)
     rho, rho_untrained = _median_rho(fitted, exact, target), _median_rho(untrained, exact, target)
     assert rho >= 0.95, (rho, figures["curve"][-3:])
@@ -130,7 +130,7 @@ def test_the_stored_explainer_round_trips_and_refuses_another_versions(tmp_path:
     loaded = load_explainer(path, version="v1", class_names=names)
     x, grand = torch.rand(2, 3, 32, 32), torch.softmax(torch.randn(2, CLASSES), dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.explain(x, grand), efficient_normalize(net(x), grand, null))
+        torch.testing.assert_close(loaded.explain(x, grand), efficient_normalize(net(x, grand), grand, null))
     torch.testing.assert_close(loaded.explain(x, grand).sum(dim=1), grand - null)
 
     with pytest.raises(UserError, match="fitted for model version 'v1', not 'v2'"):

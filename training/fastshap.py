@@ -136,7 +136,7 @@ class Validation:
         """(loss per coalition, gain over the even split)."""
         net.eval()
         with torch.no_grad():
-            phi = efficient_normalize(net(self.x), self.grand, self.null)
+            phi = efficient_normalize(net(self.x, self.grand), self.grand, self.null)
             residual = float(((self.s @ phi - self.targets) ** 2).sum())
         net.train()
         return residual / (len(self.x) * self.s.shape[1]), 1.0 - residual / max(self.even_error, 1e-30)
@@ -146,7 +146,7 @@ def train_step(net, opt, game: Game, x: torch.Tensor, s: torch.Tensor, null: tor
     """One step of the loss on images ``x`` (float) and coalitions ``s``; returns the loss."""
     grand = game.grand(x)
     targets = game.coalitions(x, s) - null
-    loss = wls_loss(efficient_normalize(net(x), grand, null), s, targets) * scale
+    loss = wls_loss(efficient_normalize(net(x, grand), grand, null), s, targets) * scale
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -241,12 +241,12 @@ def _bar(progress: bool):
 
 def forward_ms(net: ExplainerNet, repeats: int = 50) -> float:
     """p50 milliseconds of one batch-1 forward pass, in this process, as the API runs it."""
-    x = torch.rand(1, 3, SOURCE_SIZE, SOURCE_SIZE)
+    x, p = torch.rand(1, 3, SOURCE_SIZE, SOURCE_SIZE), torch.full((1, net.classes), 1.0 / net.classes)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 5):
             t0 = time.perf_counter()
-            net(x)
+            net(x, p)
             if i >= 5:
                 times.append(time.perf_counter() - t0)
     return 1000.0 * float(np.median(times))
