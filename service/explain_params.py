@@ -90,6 +90,22 @@ def background_field(description: str) -> Any:
     return Annotated[str, Form(description=description), AfterValidator(_canonical_background)]
 
 
+def flag_field(name: str, description: str) -> Any:
+    """``Annotated[...]`` for a yes/no form field: exactly ``true`` or ``false`` (any case), read as a bool.
+
+    Not FastAPI's lax bool (which also takes 1/0, yes/no, on/off): the schema says a two-value
+    enum, and the route accepts what the schema says, no more."""
+
+    def check(raw: str) -> bool:
+        text = raw.strip().lower()
+        if text not in ("true", "false"):
+            raise _refuse(f"{name} must be true or false (got {_shown(raw)})")
+        return text == "true"
+
+    return Annotated[str, Form(description=description, json_schema_extra={"enum": ["true", "false"]}),
+                     AfterValidator(check)]  # fmt: skip
+
+
 def players_field(description: str) -> Any:
     def check(raw: str) -> str:
         text = raw.strip().lower()

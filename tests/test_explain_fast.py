@@ -123,8 +123,9 @@ def test_fast_with_faithfulness_curves_and_a_chosen_target(fast_service, fitted,
     assert faith["steps"] == 32 and result["faithfulness_evaluations"] > 50
     png = client.get(body["faithfulness_url"])
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
-    bad = client.post("/explain", files=files(cifar_jpeg), data={"method": "fast", "faithfulness": "maybe"})
-    assert bad.status_code == 422
+    for flag in ("maybe", "1", "yes"):  # exactly true or false, as the schema's enum says
+        bad = client.post("/explain", files=files(cifar_jpeg), data={"method": "fast", "faithfulness": flag})
+        assert bad.status_code == 422 and "faithfulness must be true or false" in bad.text
 
 
 def test_an_explainer_of_another_version_is_refused_with_its_reason(own_service, explain_redis_url, fast_registry,

@@ -34,6 +34,7 @@ from service.explain_params import (
     check_evaluations,
     check_samples,
     descriptions,
+    flag_field,
     form_fields_only,
     heatmap_classes,
     invalid,
@@ -215,7 +216,7 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         background: background_field(text["background"]) = s.explain_default_background,
         seed: bounded("seed", ranges["seed"], text["seed"]) = s.explain_default_seed,
         method: method_field(text["method"]) = "kernel",
-        faithfulness: Annotated[bool, Form(description=text["faithfulness"])] = False,
+        faithfulness: flag_field("faithfulness", text["faithfulness"]) = "false",
         players: players_field(text["players"]) = "slic",
     ) -> Response:
         version, class_names = _model_identity(state, settings)
@@ -223,7 +224,7 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
             if players != "grid" and "players" in (await request.form()):
                 raise invalid("method=fast values the 8x8 grid's cells: players=slic is not available for it")
             chosen = resolve_target(target, class_names)
-            return await _explain_fast(request, state, settings, redis, upload, chosen, faithfulness)
+            return await _explain_fast(request, state, settings, redis, upload, chosen, faithfulness is True)
         if players == "grid":
             segments = GRID_CELLS * GRID_CELLS  # the grid's cells, whatever segments said
         params = {"segments": segments, "samples": samples, "background": background, "seed": seed,
