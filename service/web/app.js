@@ -158,6 +158,7 @@ async function explain() {
     const value = $(name).value;
     if (value) form.append(name, value);
   }
+  if ($("method").value === "fast") form.append("faithfulness", "true"); // the page shows the curves
   $("explain").disabled = true;
   $("result").hidden = true;
   $("job").hidden = false;
@@ -166,7 +167,8 @@ async function explain() {
   showError("");
   try {
     page.job = await (await api("/explain", { method: "POST", body: form })).json();
-    const doc = await poll(page.job.status_url);
+    // method=fast answers in the request: its result is already in the answer, nothing to poll
+    const doc = page.job.result ? page.job : await poll(page.job.status_url);
     await showResult(doc.result);
   } catch (err) {
     $("job-state").textContent = "No explanation.";
