@@ -106,26 +106,25 @@ def flag_field(name: str, description: str) -> Any:
                      AfterValidator(check)]  # fmt: skip
 
 
-def players_field(description: str) -> Any:
+def choice_field(name: str, choices: tuple[str, ...], description: str) -> Any:
+    """``Annotated[str, ...]`` for a form field taking one of ``choices`` (any case), answered in lower case."""
+
     def check(raw: str) -> str:
         text = raw.strip().lower()
-        if text not in PLAYER_LAYOUTS:
-            raise _refuse(f"players must be one of {', '.join(PLAYER_LAYOUTS)} (got {_shown(raw)})")
+        if text not in choices:
+            raise _refuse(f"{name} must be one of {', '.join(choices)} (got {_shown(raw)})")
         return text
 
-    return Annotated[str, Form(description=description, json_schema_extra={"enum": list(PLAYER_LAYOUTS)}),
+    return Annotated[str, Form(description=description, json_schema_extra={"enum": list(choices)}),
                      AfterValidator(check)]  # fmt: skip
+
+
+def players_field(description: str) -> Any:
+    return choice_field("players", PLAYER_LAYOUTS, description)
 
 
 def method_field(description: str) -> Any:
-    def check(raw: str) -> str:
-        text = raw.strip().lower()
-        if text not in API_METHODS:
-            raise _refuse(f"method must be one of {', '.join(API_METHODS)} (got {_shown(raw)})")
-        return text
-
-    return Annotated[str, Form(description=description, json_schema_extra={"enum": list(API_METHODS)}),
-                     AfterValidator(check)]  # fmt: skip
+    return choice_field("method", API_METHODS, description)
 
 
 def check_samples(method: str, samples: int, segments: int) -> None:
