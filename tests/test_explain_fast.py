@@ -162,3 +162,19 @@ def _kernel_result(smoke_model: tuple[Path, str], jpeg: bytes) -> dict:
     with torch.inference_mode():
         result, _, _ = explain_image(loaded.model, image, model_input, bg, loaded.class_names, params)
     return result
+
+
+def test_a_fast_answer_is_kept_only_for_its_short_ttl(fast_service, fitted, cifar_jpeg, explain_redis_url):
+    """Every fast request stores its answer for its URLs: for EXPLAIN_FAST_RESULT_TTL_S (10 min), not
+    the day a queued job's result is kept, so a /predict-rate stream of them cannot fill Redis."""
+    import redis
+
+    from shapcore.jobs.artifact import artifact_key
+    from shapcore.jobs.inline import inline_key
+
+    r = fast_service.client.post("/explain", files=files(cifar_jpeg), data={"method": "fast"})
+    assert r.status_code == 200, r.text
+    conn = redis.Redis.from_url(explain_redis_url)
+    job_id = r.json()["job_id"]
+    for key in (inline_key(job_id), artifact_key(job_id)):
+        assert 500 < conn.ttl(key) <= 600

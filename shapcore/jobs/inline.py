@@ -3,7 +3,8 @@
 A fast explanation never enters the queue, yet its answer carries the same URLs as a job's
 (``/explain/<id>``, ``/heatmap.png``, ``/faithfulness.png``). Its result and owner are kept under
 ``shapserve:explain:inline:<id>`` and its heatmap data under the job's artifact key, both for
-``EXPLAIN_RESULT_TTL_S``; :func:`shapcore.jobs.queue.job_status` reads them like a finished job.
+``EXPLAIN_FAST_RESULT_TTL_S`` (10 minutes: every fast request stores one, so a day's TTL would
+fill Redis at /predict's rates); :func:`shapcore.jobs.queue.job_status` reads them like a finished job.
 No torch here (the API imports this module).
 """
 
@@ -35,7 +36,7 @@ def store_inline(
     job_id = str(uuid.uuid4())
     now = datetime.now(UTC).isoformat()
     doc = {"result": result, "parameters": parameters, "owner": owner, "created_at": now}
-    ttl = settings.explain_result_ttl_s
+    ttl = settings.explain_fast_result_ttl_s
     with connection.pipeline(transaction=True) as pipe:
         pipe.set(artifact_key(job_id), artifact, ex=ttl)
         pipe.set(inline_key(job_id), json.dumps(doc), ex=ttl)

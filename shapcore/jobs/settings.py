@@ -58,6 +58,12 @@ class ExplainSettings(BaseSettings):
     explain_retry_interval_s: int = Field(0, ge=0, description="Seconds before a retry is re-queued.")
     explain_result_ttl_s: int = Field(86_400, ge=60, description="How long results (and heatmaps) are kept.")
     explain_failure_ttl_s: int = Field(86_400, ge=60, description="How long failed jobs are kept.")
+    explain_fast_result_ttl_s: int = Field(
+        600,
+        ge=10,
+        description="How long a method=fast answer (result and heatmap data) is kept for its URLs. Short: "
+        "every fast request stores one, at /predict's rates, and the answer itself carries the result.",
+    )
     explain_redis_timeout_s: float = Field(
         1.0, gt=0, description="API side: connect/read timeout towards Redis before answering 503."
     )
