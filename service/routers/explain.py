@@ -156,13 +156,13 @@ async def _explain_fast(
         )  # fmt: skip
     model_input = torch.from_numpy(model_input)
     served, rows = await state.batcher.submit(model_input.unsqueeze(0))  # the version that answered
-    explainer = await loop.run_in_executor(state.decode_executor, served.explainer.get)
-    extra = (served.forward, served.explainer.fill()) if curves else None
-    result, artifact = await loop.run_in_executor(
-        state.decode_executor,
-        functools.partial(explain_fast, explainer, pixels, model_input, rows[0], served.class_names, target,
-                          curves=extra),
-    )  # fmt: skip
+
+    def work() -> tuple[dict[str, Any], bytes]:  # off the event loop: the fill is read from disk once
+        extra = (served.forward, served.explainer.fill()) if curves else None
+        return explain_fast(served.explainer.get(), pixels, model_input, rows[0], served.class_names, target,
+                            curves=extra)  # fmt: skip
+
+    result, artifact = await loop.run_in_executor(state.decode_executor, work)
     label = served.class_names[target] if target is not None else None
     params = {"method": FAST_METHOD, "target": target, "players": "grid", "background": "mean",
               "faithfulness": curves, "target_label": label}  # fmt: skip
