@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shapcore.errors import UserError
+from shapcore.model import SOURCE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,29 @@ def fold_batch_norms(net: nn.Module) -> nn.Module:
                 module[0] = fuse_conv_bn_eval(conv, bn)
                 module[1] = nn.Identity()
     return net
+
+
+def prepare_for_explaining(model: nn.Module, *, jit: bool = True) -> tuple[nn.Module, nn.Module]:
+    """The classifier as the explainers evaluate it: batch norms folded into the convolutions
+    (:func:`fold_batch_norms`; outputs equal to ~1e-7), channels-last weights, no weight
+    gradients; with ``jit`` on the CPU, traced, frozen and optimised for inference as the
+    service's batched path is (:func:`freeze_for_inference`): 1.5x the eager images/s at batch
+    256 on a 2-core CPU. On CUDA the eager network is kept, as the service does: freezing's
+    measured gain is oneDNN's weight pre-packing, a CPU thing.
+
+    Modifies ``model`` in place. Returns (the network to evaluate, the eager one): the eager one
+    keeps autograd through it, what Captum's gradient methods need (a frozen graph has none).
+    Used by the worker (every method) and by the amortised explainer's fit, which must value
+    coalitions exactly as KernelSHAP does.
+    """
+    model.net = fold_batch_norms(model.net)
+    model.eval().to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    frozen = None
+    if jit and next(model.parameters()).device.type == "cpu":
+        frozen = freeze_for_inference(model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
+    return (frozen if frozen is not None else model), model
 
 
 def freeze_for_inference(model: nn.Module, example: torch.Tensor) -> nn.Module | None:

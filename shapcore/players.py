@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from shapcore.jobs.options import GRID_CELLS, PLAYER_LAYOUTS  # 8 cells per side: 64 players of 4x4 px
+from shapcore.jobs.options import GRID_CELLS  # 8 cells per side: 64 players of 4x4 px
 from shapcore.model import SOURCE_SIZE
 
-__all__ = ["GRID_CELLS", "PLAYER_LAYOUTS", "grid_labels", "grid_weights"]
+__all__ = ["GRID_CELLS", "grid_labels", "grid_weights"]
 
 
 def grid_labels(height: int, width: int, cells: int = GRID_CELLS) -> np.ndarray:

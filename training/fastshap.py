@@ -33,7 +33,7 @@ import torch
 from shapcore.background import BackgroundSet, summarize_background
 from shapcore.errors import UserError
 from shapcore.fastshap import ExplainerNet, efficient_normalize, save_explainer
-from shapcore.inference import fold_batch_norms, freeze_for_inference
+from shapcore.inference import prepare_for_explaining
 from shapcore.model import SOURCE_SIZE
 from shapcore.players import GRID_CELLS, grid_weights
 from shapcore.registry import LoadedVersion, Registry
@@ -73,14 +73,8 @@ def sample_coalitions(n: int, pairs: int, m: int, generator: torch.Generator) ->
 
 
 def value_model(loaded: LoadedVersion) -> torch.nn.Module:
-    """The version's network as the worker evaluates it (batch norms folded, frozen)."""
-    model = loaded.model
-    model.net = fold_batch_norms(model.net)
-    model.eval().to(memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    frozen = freeze_for_inference(model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
-    return frozen if frozen is not None else model
+    """The version's network exactly as the worker evaluates it (batch norms folded, frozen)."""
+    return prepare_for_explaining(loaded.model, jit=True)[0]
 
 
 class Game:

@@ -122,36 +122,17 @@ class Runtime:
 
 
 def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> tuple[LoadedVersion, torch.nn.Module]:
-    """The network as the worker runs it: batch norms folded into the convolutions (the
-    service's own :func:`service.engine.fold_batch_norms`; outputs equal to ~1e-7),
-    channels-last weights, no gradients; with ``jit``, traced, frozen and optimised for
-    inference as the service's batched path is (:func:`service.engine.freeze_for_inference`):
-    1.5x the eager images/s at batch 256 here.
+    """The version with its network as the worker runs it (:func:`shapcore.inference.prepare_for_explaining`:
+    batch norms folded, channels-last, frozen by TorchScript on the CPU with ``jit``), and the eager
+    network with autograd for the gradient methods.
 
     Tracing runs one batch-1 forward pass, in the parent process with its single intra-op
     thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's
     profiling runs (two batches at roughly eager speed) on their first job.
-
-    On CUDA the eager network is kept (``jit`` is ignored), as the service's
-    :func:`service.engine.build_forward` does: the measured gain of freezing is oneDNN's
-    weight pre-packing, a CPU thing, and a frozen graph on a GPU was never measured here (no
-    GPU was lent when this was written); bf16 autocast wraps the eager network anyway.
-
-    Returns the version and the eager network (folded, no weight gradients, but autograd
-    through it: what Captum's gradient methods need; TorchScript's frozen graph has none).
     """
-    from shapcore.inference import fold_batch_norms, freeze_for_inference
+    from shapcore.inference import prepare_for_explaining
 
-    loaded.model.net = fold_batch_norms(loaded.model.net)
-    loaded.model.eval().to(memory_format=torch.channels_last)
-    for p in loaded.model.parameters():
-        p.requires_grad_(False)
-    eager = loaded.model
-    device = next(loaded.model.parameters()).device
-    if jit and device.type == "cpu":
-        frozen = freeze_for_inference(loaded.model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE))
-        if frozen is not None:
-            loaded.model = frozen
+    loaded.model, eager = prepare_for_explaining(loaded.model, jit=jit)
     return loaded, eager
 
 

@@ -193,8 +193,8 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         status_code=202,
         summary="Queue a SHAP explanation",
         description="Multipart field `file` (validated as /predict does) and optional form fields `target`, "
-        "`segments`, `samples`, `background`, `seed`, `method`, `faithfulness`. Answers 202 with the job's URLs "
-        "(200 when an identical request already finished: the same decoded picture, model version, parameters and "
+        "`segments`, `samples`, `background`, `seed`, `method`, `players`, `faithfulness`. Answers 202 with the job's "
+        "URLs (200 when an identical request already finished: the same decoded picture, model version, parameters and "
         "API key reuse one job). A job can be read only with the key that created it (404 to other keys). "
         "`method=fast` answers in the request: 200 with the `result` and the same URLs, or 409 when the served "
         "version has no amortised explainer.",

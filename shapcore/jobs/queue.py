@@ -328,15 +328,12 @@ def job_status(
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    from shapcore.jobs.inline import inline_status
-
-    inline = inline_status(connection, job_id, owner)  # answered in the request (method=fast)
-    if inline is not None:
-        return inline
     try:
         job = Job.fetch(job_id, connection=connection)
-    except NoSuchJobError:
-        return None
+    except NoSuchJobError:  # perhaps an answer given in the request (method=fast), kept for its URLs
+        from shapcore.jobs.inline import inline_status
+
+        return inline_status(connection, job_id, owner)
     if job.func_name != JOB_FUNC:
         return None
     if owner is not None and (job.meta if isinstance(job.meta, dict) else {}).get("owner") != owner:
