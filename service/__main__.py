@@ -7,16 +7,16 @@ every core through torch's threads).
 
 ``python -m service keys new NAME [--admin]`` mints an API key instead (service/auth.py).
 
-Overload: uvicorn's ``limit_concurrency`` (``MAX_CONCURRENT_REQUESTS``, default 256) answers
-503 at once, before the app sees the request, when that many connections are open or
-requests in flight, instead of queueing without bound. 256 because the batcher's throughput
-stops growing at about 64 concurrent requests (BENCHMARKS.md: ~300 req/s on 2 cores), so 256
-in flight already means up to ~1 s of queueing at the CPU's rate, and 256 uploads of
-``MAX_UPLOAD_BYTES`` (10 MB) bound the buffered bytes to ~2.5 GB. Idle keep-alive connections
-count too: a proxy's pool of upstream connections must stay well below it. The listen
-``backlog`` (``LISTEN_BACKLOG``) is kept as small: uvicorn accepts at once while its loop
-runs, so the kernel queue only fills when the process is stuck, and then clients should be
-refused, not parked.
+Overload: the application's own gate (service/overload.py) refuses with 503 before reading
+the upload: /predict beyond PREDICT_QUEUE_BUDGET_MS of queueing, any route beyond
+MAX_CONCURRENT_REQUESTS requests in flight (256: at ~300 req/s on 2 cores that is already ~1 s
+of queueing, and 256 uploads of ``MAX_UPLOAD_BYTES`` bound the buffered bytes to ~2.5 GB).
+uvicorn's ``limit_concurrency`` is ``MAX_CONNECTIONS`` (2048), a bound on open connections:
+refusals paced by the gate keep theirs open while they wait, so it must sit well above the
+number of clients a flood brings (1,024 wrk connections in issue 27); each one costs at most
+uvicorn's 64 KiB read-ahead buffer. The listen ``backlog`` (``LISTEN_BACKLOG``) is kept
+small: uvicorn accepts at once while its loop runs, so the kernel queue only fills when the
+process is stuck, and then clients should be refused, not parked.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_keep_alive=30,
-        limit_concurrency=settings.max_concurrent_requests or None,
+        limit_concurrency=settings.max_connections or None,
         backlog=settings.listen_backlog,
     )
     return 0

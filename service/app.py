@@ -12,6 +12,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
@@ -24,7 +25,7 @@ from service.errors import install_error_handlers
 from service.explain_metrics import ExplainCollector
 from service.metrics import HTTPMetricsMiddleware
 from service.openapi import install_openapi
-from service.overload import LoadShedMiddleware
+from service.overload import EdgeGate
 from service.ratelimit import RateLimiter, RateLimitMiddleware
 from service.routers import explain, health, model, predict, web
 from service.settings import Settings, get_settings
@@ -32,6 +33,9 @@ from service.state import ServiceState
 from service.timeout import TimeoutMiddleware
 from shapcore.jobs.queue import connect
 from shapcore.jobs.settings import ExplainSettings, get_explain_settings
+
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("service")
 
@@ -119,9 +123,22 @@ def explain_settings(settings: Settings) -> ExplainSettings:
     )
 
 
+class ShapserveAPI(FastAPI):
+    """FastAPI with :class:`service.overload.EdgeGate` in front of everything, its own
+    middlewares included: under overload, a refusal costs two ``send`` calls."""
+
+    gate: EdgeGate | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gate is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.gate(scope, receive, send, super().__call__)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    app = FastAPI(
+    app = ShapserveAPI(
         title="shapserve",
         version=__version__,
         description=DESCRIPTION,
@@ -135,8 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.explain_settings.redis_url, app.state.explain_settings.explain_redis_timeout_s
     )
     install_error_handlers(app)
-    # Outermost first: metrics -> timeout -> API key -> rate limit -> load shedding -> routes. (add_middleware
-    # wraps what is there, so they are added innermost first.)
+    # Outermost first: the edge gate (before FastAPI's own stack) -> metrics -> timeout -> API key ->
+    # rate limit -> routes. (add_middleware wraps what is there, so they are added innermost first.)
     keyring = KeyRing.from_settings(settings)  # KeyConfigError: unusable keys, or none but required
     keyring.announce()
     limiter = RateLimiter.from_settings(settings)
@@ -144,7 +161,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("%s", limiter.describe())
     app.state.keyring = keyring
     app.state.rate_limiter = limiter
-    app.add_middleware(LoadShedMiddleware, budget_ms=settings.predict_queue_budget_ms)
+    app.gate = EdgeGate(
+        app,
+        budget_ms=settings.predict_queue_budget_ms,
+        refusals_per_s=settings.predict_refusals_per_s,
+        max_concurrent=settings.max_concurrent_requests,
+        keyring=keyring,
+    )
     app.add_middleware(RateLimitMiddleware, limiter=limiter)
     app.add_middleware(AuthMiddleware, keyring=keyring)
     app.add_middleware(TimeoutMiddleware, timeout_s=settings.request_timeout_s)

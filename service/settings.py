@@ -82,8 +82,14 @@ class Settings(BaseSettings):
         500.0,
         ge=0,
         description="Longest a /predict request may expect to queue before its forward pass (the work ahead of it "
-        "at the recent images/s); beyond it the request is refused at once with 503 overloaded and Retry-After "
-        "(service/overload.py). An idle service refuses nothing. 0: never refuse.",
+        "at the recent images/s); beyond it the request is refused before its upload is read, 503 overloaded with "
+        "Retry-After (service/overload.py). An idle service refuses nothing. 0: never refuse.",
+    )
+    predict_refusals_per_s: float = Field(
+        200.0,
+        ge=0,
+        description="Overload refusals sent at once per second; beyond, each waits its turn (at most its own "
+        "Retry-After), so that clients retrying without pause cannot keep the event loop busy refusing (0: no pace).",
     )
     batch_max_wait_ms: float = Field(
         15.0,
@@ -128,8 +134,14 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         256,
         ge=0,
-        description="uvicorn's limit_concurrency: open connections (idle keep-alive ones included) or requests "
-        "beyond which it answers 503 at once (0: no limit).",
+        description="Requests in flight (this one included) at which a new one is refused with 503 before its "
+        "upload is read (service/overload.py; idle keep-alive connections do not count; 0: no limit).",
+    )
+    max_connections: int = Field(
+        2048,
+        ge=0,
+        description="uvicorn's limit_concurrency: open connections (idle keep-alive ones and refusals waiting for "
+        "their turn included) beyond which it answers 503 and closes the connection (0: no limit).",
     )
     listen_backlog: int = Field(
         256, ge=1, description="Connections the kernel queues before the server accepts them (uvicorn's backlog)."
