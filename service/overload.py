@@ -27,8 +27,9 @@ idled, and goodput fell to about half its peak):
   refusal is, refusals alone would keep the event loop busy and the admitted requests would
   wait behind them. :class:`RefusalPacer` sends at most ``PREDICT_REFUSALS_PER_S`` refusals a
   second at once (a tenth of a second's worth in a burst); beyond that pace a refusal waits
-  for its turn, a timer that costs nothing, but never longer than the ``Retry-After`` it
-  carries (a client that honours it would not have come back sooner).
+  for its turn, a timer that costs nothing, and its ``Retry-After`` says at least that long
+  (at most ``MAX_HOLD_S``): a client that honours it is told when its turn comes, and one that
+  does not is made to wait for it.
 
 Counted in ``shapserve_predict_shed_total`` (the budget's refusals), and every refusal in
 ``shapserve_http_requests_total{status="503"}`` under its route.
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 PREDICT = "/predict"
 #: The share of a second of refusals sent at once before pacing starts.
 BURST_S = 0.1
+#: The longest a refusal waits for its turn (then it goes, taking no turn).
+MAX_HOLD_S = 10.0
 
 
 class RefusalPacer:
@@ -58,14 +61,14 @@ class RefusalPacer:
 
     Virtual scheduling (GCRA): ``_next`` is when the refusal after those already scheduled may
     go. A refusal that would have to wait longer than ``max_wait_s`` waits ``max_wait_s`` and
-    takes no slot.
+    takes no turn.
     """
 
     def __init__(self, rate: float) -> None:
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self._next = 0.0
 
-    def delay(self, now: float, max_wait_s: float) -> float:
+    def delay(self, now: float, max_wait_s: float = MAX_HOLD_S) -> float:
         """Seconds the refusal arriving at ``now`` waits before it is sent."""
         if self.interval <= 0:
             return 0.0
@@ -140,7 +143,7 @@ class EdgeGate:
         retry_after = max(1, math.ceil(wait))
         message = (
             f"the service is at capacity: a new request would queue for about {1000 * wait:.0f} ms, over its "
-            f"{1000 * self.budget_s:.0f} ms budget (PREDICT_QUEUE_BUDGET_MS); retry in {retry_after} s"
+            f"{1000 * self.budget_s:.0f} ms budget (PREDICT_QUEUE_BUDGET_MS); retry in ? s"
         )
         await self._send_503(send, message, retry_after)
         self._shed_count.inc()
@@ -150,7 +153,7 @@ class EdgeGate:
         start = time.perf_counter()
         message = (
             f"the service is at capacity: {self.in_flight} requests in flight, the most it takes "
-            f"(MAX_CONCURRENT_REQUESTS); retry in 1 s"
+            f"(MAX_CONCURRENT_REQUESTS); retry in ? s"
         )
         await self._send_503(send, message, 1)
         route = metrics.route_template({**scope, "app": self.app})
@@ -159,9 +162,15 @@ class EdgeGate:
         metrics.HTTP_LATENCY.labels(route, method, "503").observe(time.perf_counter() - start)
 
     async def _send_503(self, send: Send, message: str, retry_after: int) -> None:
-        """The JSON error body of service.errors, sent after the pacer's delay (never read the upload)."""
+        """The JSON error body of service.errors, sent after the pacer's delay (the upload is never read).
+
+        ``Retry-After`` is at least that delay: while refusals are paced, a client is told to come
+        back no sooner than the flood's backlog clears (with C clients in a closed loop and a
+        capacity of R answers a second, each client's fair turn comes every C/R seconds anyway)."""
+        delay = self.pacer.delay(time.monotonic())
+        retry_after = max(retry_after, math.ceil(delay))
+        message = message.replace("retry in ?", f"retry in {retry_after}")
         body = b'{"error": {"code": "overloaded", "message": "' + message.encode() + b'"}}'
-        delay = self.pacer.delay(time.monotonic(), float(retry_after))
         metrics.HTTP_IN_FLIGHT.inc()
         try:
             if delay > 0:

@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     predict_refusals_per_s: float = Field(
         200.0,
         ge=0,
-        description="Overload refusals sent at once per second; beyond, each waits its turn (at most its own "
-        "Retry-After), so that clients retrying without pause cannot keep the event loop busy refusing (0: no pace).",
+        description="Overload refusals sent at once per second; beyond, each waits its turn (at most 10 s, and its "
+        "Retry-After says so), so that clients retrying at once cannot keep the event loop busy refusing (0: no pace).",
     )
     batch_max_wait_ms: float = Field(
         15.0,
