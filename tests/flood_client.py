@@ -18,15 +18,16 @@ from urllib.parse import urlsplit
 BOUNDARY = "floodclientboundary"
 
 
-def predict_request(host: str, image: bytes) -> bytes:
+def predict_request(host: str, image: bytes, headers: dict[str, str] | None = None) -> bytes:
     """The bytes of one ``POST /predict`` with ``image`` as the multipart field ``file``."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     body = (
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="image.jpg"\r\n'
         f"Content-Type: image/jpeg\r\n\r\n"
     ).encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
     head = (
         f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
     ).encode()
     return head + body
 
@@ -71,12 +72,14 @@ async def _client(host: str, port: int, request: bytes, deadline: float, budget:
             writer.close()
 
 
-async def flood_async(url: str, image: bytes, connections: int, seconds: float, max_requests: int) -> Counter:
-    """Statuses (and exception names) of every answer the flood got."""
+async def flood_async(
+    url: str, image: bytes, connections: int, seconds: float, max_requests: int, headers: dict[str, str] | None = None
+) -> Counter:
+    """Statuses (and exception names) of every answer the flood got; ``headers`` go with every request."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     assert host in ("127.0.0.1", "localhost", "::1"), "the flood stays on loopback"
-    request = predict_request(host, image)
+    request = predict_request(host, image, headers)
     out: Counter = Counter()
     budget = [max_requests]
     deadline = time.monotonic() + seconds

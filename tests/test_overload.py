@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from flood_client import flood
+from flood_client import flood, flood_async
 from service_fixtures import image_file, metric
 
 from service.batcher import Batcher
@@ -67,6 +67,30 @@ def test_no_budget_no_refusal(own_service, cifar_jpeg: bytes) -> None:
     svc.client.post("/predict", files=image_file(cifar_jpeg))
     answers = asyncio.run(_flood(svc.url, cifar_jpeg, 16))
     assert [getattr(a, "status_code", a) for a in answers] == [200] * 16
+
+
+def test_under_overload_a_wrong_key_is_still_told_so(own_service, cifar_jpeg: bytes) -> None:
+    """The gate refuses for overload only a request with a valid key: the others go on to be told 403."""
+    from service.auth import mint
+
+    secret, key = mint("flood")
+    svc = own_service(env={"API_KEYS": key.entry(), "BATCH_MAX_SIZE": "1", "PREDICT_QUEUE_BUDGET_MS": "1"})
+    good = {"Authorization": f"Bearer {secret}"}
+    assert svc.client.post("/predict", files=image_file(cifar_jpeg), headers=good).status_code == 200
+
+    async def scenario() -> tuple[list[int], dict]:
+        flooding = asyncio.ensure_future(flood_async(svc.url, cifar_jpeg, 32, 3.0, 5000, headers=good))
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=svc.url, timeout=30) as client:
+            wrong = await asyncio.gather(
+                *(client.post("/predict", files=image_file(cifar_jpeg), headers={"X-API-Key": "sk-wrong"})
+                  for _ in range(8))
+            )  # fmt: skip
+        return [r.status_code for r in wrong], await flooding
+
+    wrong, flooded = asyncio.run(scenario())
+    assert flooded[503] > 0, flooded  # the valid key's flood was refused for overload meanwhile
+    assert wrong == [403] * 8
 
 
 def test_queue_wait_counts_the_work_ahead() -> None:
