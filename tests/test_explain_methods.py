@@ -23,10 +23,12 @@ import torch
 from PIL import Image
 
 from shapcore.background import make_background
-from shapcore.jobs.options import METHODS, parse_background
+from shapcore.explain.background import parse_background
+from shapcore.explain.methods import QUEUED_METHODS as METHODS
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
-from worker.methods import Attribution, MethodContext, per_superpixel, run_method
+from worker.methods import Attribution, MethodContext, run_method
+from worker.methods.base import per_superpixel
 from worker.sanity import cascading_randomisation
 from worker.segmentation import segment
 
@@ -100,15 +102,16 @@ def test_every_method_gives_the_common_shape(explained, cat, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_renders_a_heatmap(explained, models, cat, method):
+    from shapcore.explain.request import ExplainRequest
     from shapcore.heatmap import render_heatmap
-    from worker.core import ExplainParams, _result
+    from worker.explain import _result
 
     ctx, a = explained[method]
     _, _, class_names, _ = models
     _, _, seg = cat
-    params = ExplainParams(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=3, method=method)
+    params = ExplainRequest(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=3, method=method)
     fill = make_background(parse_background("mean", len(models[3])), models[3], cat[1])
-    result = _result(a, seg, params, class_names, fill, ctx.target, SAMPLES[method], {})
+    result = _result(params, class_names, seg, a, ctx.target, SAMPLES[method], len(fill), {})
     assert result["method"] == method and len(result["shap_values"]) == seg.count
     other = (ctx.target + 1) % len(class_names)
     png = render_heatmap(seg.image, seg.labels, result, [ctx.target, other], a.pixel_maps)
@@ -207,15 +210,16 @@ def test_every_method_through_explain_image_gives_the_result_and_its_curves(mode
     """What a job returns, for each method: the common fields, the faithfulness figures of the
     target with curves of steps + 1 points, and both pictures render."""
     from service.explain_faithfulness_plot import render_faithfulness
+    from shapcore.explain.request import ExplainRequest
     from shapcore.heatmap import render_heatmap
-    from worker.core import ExplainParams, explain_image
+    from worker.explain import ModelRuntime, explain_image
 
     frozen, eager, class_names, stored = models
     image, model_input, _ = cat
     fill = make_background(parse_background("mean", len(stored)), stored, model_input)
-    params = ExplainParams(SEGMENTS, SAMPLES[method], "mean", seed=1, method=method)
-    result, seg, attribution = explain_image(frozen, image, model_input, fill, class_names, params,
-                                             autograd_model=eager)  # fmt: skip
+    params = ExplainRequest(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=1, method=method)
+    runtime = ModelRuntime(frozen, class_names, fill, autograd_model=eager)
+    result, seg, attribution = explain_image(runtime, params, image, model_input)
     m = seg.count
     assert result["method"] == method and result["background"] == "mean"
     assert len(result["shap_values"]) == m and len(result["classes"]) == len(class_names)
