@@ -144,7 +144,7 @@ def test_integrated_gradients_is_complete_up_to_its_reported_gap(explained):
 
 def test_gradcam_takes_the_last_stage_with_a_spatial_map(explained):
     from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
-    from worker.attribution import gradcam_layer
+    from worker.methods.gradcam import gradcam_layer
 
     _, a = explained["gradcam"]
     assert (a.extra["gradcam_layer"], a.extra["gradcam_layer_side"]) == ("layer2", 4)  # 32 px input: layer4 is 1×1

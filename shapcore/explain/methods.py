@@ -51,7 +51,7 @@ METHODS: dict[str, Method] = {
         Method("partition", "Partition SHAP", "shap's PartitionExplainer over the pixels, summed per player",
                "worker.methods.partition:attribute", sampled=True),
         Method("gradcam", "Grad-CAM", "Captum's LayerGradCam, summed per player (not efficient)",
-               "worker.attribution:gradcam_attribution", gradients=True, efficient=False),
+               "worker.methods.gradcam:attribute", gradients=True, efficient=False),
         Method("integrated_gradients", "Integrated gradients",
                "Captum's IntegratedGradients from the background to the image, summed per player",
                "worker.methods.integrated_gradients:attribute", gradients=True),

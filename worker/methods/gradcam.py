@@ -1,5 +1,4 @@
-"""Grad-CAM (Captum's ``LayerGradCam`` on the last ResNet stage with a usable spatial size), not
-yet moved into :mod:`worker.methods`.
+"""``gradcam``: Captum's ``LayerGradCam`` on the last ResNet stage with a usable spatial size.
 
 Not efficient (no completeness property): its values are a ranking of the players, and the
 result reports no local-accuracy residual for it.
@@ -51,7 +50,7 @@ def gradcam_layer(model: torch.nn.Module, side: int) -> tuple[str, int]:
     return name, int(sizes[name])
 
 
-def gradcam_attribution(ctx: MethodContext) -> Attribution:
+def attribute(ctx: MethodContext) -> Attribution:
     """Captum's ``LayerGradCam`` for every class's probability, upsampled to 32×32 (bilinear).
 
     The sign is kept (``relu_attributions=False``): positive = the stage's features push the
