@@ -91,13 +91,17 @@ def enumerated_values(f: Callable[[np.ndarray], np.ndarray], m: int) -> np.ndarr
 def shap_kernel_values(game: Game, nsamples: int, seed: int) -> np.ndarray:
     """(M, C) values from ``shap.KernelExplainer`` with ``nsamples`` (``l1_reg`` off), its draws
     seeded through NumPy's global generator (restored afterwards)."""
+    return shap_kernel(game.f, game.players, nsamples, seed)
+
+
+def shap_kernel(f: Callable[[np.ndarray], np.ndarray], m: int, nsamples: int, seed: int) -> np.ndarray:
+    """:func:`shap_kernel_values` for any value function ``f`` over ``m`` players."""
     import shap
 
-    m = game.players
     state = np.random.get_state()
     np.random.seed(seed % 2**32)
     try:
-        explainer = shap.KernelExplainer(game.f, np.zeros((1, m)))
+        explainer = shap.KernelExplainer(f, np.zeros((1, m)))
         phi = explainer.shap_values(np.ones((1, m)), nsamples=nsamples, l1_reg=False, silent=True)
     finally:
         np.random.set_state(state)

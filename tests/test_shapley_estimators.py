@@ -174,3 +174,15 @@ def test_the_package_needs_numpy_only() -> None:
     code = "import sys, shapcore.shapley; print(sorted({'torch', 'scipy', 'shap'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_verdict_travels_in_the_workers_shape() -> None:
+    """``classes`` and ``relative_to="max_abs"`` give the worker's rule today (0.2 of the
+    target's largest |value|); the errors of every class are still reported at the end."""
+    game = unanimity_game(40, seed=2)
+    out = estimate_shapley(game.f, 40, "auto", classes=[0], relative_to="max_abs", tolerance=0.2, seed=0)
+    verdict = out.convergence()
+    assert verdict["converged"] and verdict["criterion"] == "max_stderr_max_abs_ratio"
+    assert verdict["value"] <= 0.2 and verdict["evaluations"] == out.evaluations
+    assert out.stderr[:, 0].max() <= 0.2 * np.abs(out.values[:, 0]).max()
+    assert np.isfinite(out.stderr).all() and (out.stderr[:, 1] > 0).any()

@@ -21,12 +21,12 @@ Methods (:mod:`shapcore.shapley.sampling`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 
-from shapcore.shapley.convergence import DEFAULT_TOLERANCE, converged, stderr_ratio
+from shapcore.shapley.convergence import DEFAULT_TOLERANCE, Scale, converged, stderr_ratio
 from shapcore.shapley.regression import Solution, solve
 from shapcore.shapley.sampling import PairedKernelDraws, StratifiedPairs, total_pairs
 
@@ -64,6 +64,24 @@ class ShapleyEstimate:
     exact: bool
     identified: bool
     history: list[tuple[int, float]] = field(default_factory=list)
+    relative_to: str = "range"
+
+    def convergence(self) -> dict[str, Any]:
+        """The verdict in the shape of the worker's ``Attribution.convergence`` dict."""
+        return {
+            "converged": self.stopped == "converged",
+            "criterion": f"max_stderr_{self.relative_to}_ratio",
+            "value": self.ratio if np.isfinite(self.ratio) else None,
+            "threshold": self.tolerance,
+            "estimator": "sandwich",
+            "method": self.method,
+            "stopped": self.stopped,
+            "evaluations": self.evaluations,
+            "rounds": self.rounds,
+            "exact": self.exact,
+            "identified": self.identified,
+            "history": [[e, r if np.isfinite(r) else None] for e, r in self.history],
+        }
 
 
 def _sampler(method: str, m: int, rng: np.random.Generator) -> StratifiedPairs | PairedKernelDraws:
@@ -117,13 +135,15 @@ def estimate_shapley(
     first_round: int | None = None,
     growth: float = DEFAULT_GROWTH,
     classes: list[int] | None = None,
+    relative_to: Scale = "range",
 ) -> ShapleyEstimate:
     """Shapley values of ``value`` at the full coalition against the empty one.
 
     ``samples``: total evaluations (an int: one round, ``stopped="budget"``) or ``"auto"``
     (rounds from ``first_round`` evaluations, default ``max(8M, 64)``, growing by ``growth``,
-    until :func:`~shapcore.shapley.convergence.stderr_ratio` over ``classes`` (default all) is
-    at most ``tolerance``, or ``cap`` evaluations). ``v_empty``/``v_full``: the endpoints if
+    until :func:`~shapcore.shapley.convergence.stderr_ratio` over ``classes`` (default all;
+    ``relative_to`` the values' range or largest magnitude) is at most ``tolerance``, or ``cap``
+    evaluations). ``v_empty``/``v_full``: the endpoints if
     the caller has them (then not counted); otherwise computed here (2 evaluations).
     """
     m = int(players)
@@ -145,14 +165,17 @@ def estimate_shapley(
             rows = np.concatenate([rows, new])
             values = np.concatenate([values, np.asarray(value(new), dtype=np.float64).reshape(len(new), -1)])
         design = sampler.design(rows, correct=method != "leverage_uncorrected")
-        sol = solve(design, values - base[None, :], delta)
-        ratio = stderr_ratio(sol.values, sol.stderr, classes)
+        sol = solve(design, values - base[None, :], delta, classes)
+        ratio = stderr_ratio(sol.values, sol.stderr, classes, relative_to)
         history.append((spent + len(rows), ratio))
         done = design.exhaustive or (auto and sol.identified and converged(ratio, tolerance))
         if done:
             break
+    if classes is not None and np.isnan(sol.stderr).any():  # the rounds computed some classes' errors
+        sol = solve(design, values - base[None, :], delta)
     stopped: Stopped = "converged" if done else ("cap" if auto else "budget")
-    return _result(sol, base, fx, spent + len(rows), history, stopped, method, auto, tolerance, design.exhaustive)
+    out = _result(sol, base, fx, spent + len(rows), history, stopped, method, auto, tolerance, design.exhaustive)
+    return replace(out, relative_to=relative_to)
 
 
 def _result(

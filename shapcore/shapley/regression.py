@@ -36,9 +36,10 @@ class Solution:
     identified: bool
 
 
-def solve(design: Design, y: np.ndarray, delta: np.ndarray) -> Solution:
+def solve(design: Design, y: np.ndarray, delta: np.ndarray, classes: list[int] | None = None) -> Solution:
     """Values and standard errors from the rows of ``design``, their values minus ``v(∅)``
-    ``y`` (2K, C), and ``Δ = v(N) − v(∅)`` (C,)."""
+    ``y`` (2K, C), and ``Δ = v(N) − v(∅)`` (C,); the errors of ``classes`` only (NaN for the
+    others) when given, which is what the rounds of ``samples="auto"`` need."""
     Z = design.rows.astype(np.float64)
     m = Z.shape[1]
     sizes = Z.sum(axis=1, keepdims=True)
@@ -60,24 +61,31 @@ def solve(design: Design, y: np.ndarray, delta: np.ndarray) -> Solution:
     if not identified:
         return Solution(values, np.full_like(values, np.inf), identified)
     residual = b - A @ x
-    return Solution(values, _sandwich(design, WA, residual, inv), identified)
+    return Solution(values, _sandwich(design, WA, residual, inv, classes), identified)
 
 
-def _sandwich(design: Design, WA: np.ndarray, residual: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """(M, C) standard errors ``sqrt(diag(H⁻¹ V H⁻¹))`` from the pairs' scores."""
+def _sandwich(
+    design: Design, WA: np.ndarray, residual: np.ndarray, inv: np.ndarray, classes: list[int] | None
+) -> np.ndarray:
+    """(M, C) standard errors ``sqrt(diag(H⁻¹ V H⁻¹))`` from the pairs' scores.
+
+    ``H⁻¹ t_u = Σ_{r∈u} (H⁻¹ w_r a_r) e_r``: one (2K, M) product serves every class, and the
+    strata's sums and sums of squares are products with their (groups, K) indicator."""
     pairs = len(design.group)
     m, c = WA.shape[1], residual.shape[1]
-    scores = (WA[:, :, None] * residual[:, None, :]).reshape(pairs, 2, m, c).sum(axis=1)  # (K, M, C)
-    projected = np.einsum("jm,kmc->kjc", inv, scores)  # H⁻¹ t_u
+    lever = WA @ inv  # (2K, M): row r's H⁻¹ w_r a_r (H is symmetric)
     group, fpc = _collapse(design.group, design.fpc)
-    out = np.zeros((m, c))
-    for g in np.unique(group):
-        members = projected[group == g]
-        k = len(members)
-        if k < 2 or fpc[g] >= 1.0:
-            continue
-        centred = members - members.mean(axis=0, keepdims=True)
-        out += (1.0 - fpc[g]) * k / (k - 1) * (centred**2).sum(axis=0)
+    members = np.bincount(group, minlength=len(fpc)).astype(np.float64)
+    live = (members >= 2) & (fpc < 1.0)
+    factor = np.where(live, (1.0 - fpc) * members / np.maximum(members - 1.0, 1.0), 0.0)
+    onehot = np.zeros((len(fpc), pairs))
+    onehot[group, np.arange(pairs)] = 1.0
+    out = np.full((m, c), np.nan)
+    for k in range(c) if classes is None else classes:
+        q = (lever * residual[:, k : k + 1]).reshape(pairs, 2, m).sum(axis=1)  # (K, M)
+        sums, squares = onehot @ q, onehot @ (q * q)
+        centred = np.maximum(squares - sums**2 / np.maximum(members, 1.0)[:, None], 0.0)
+        out[:, k] = factor @ centred
     return np.sqrt(out)
 
 
