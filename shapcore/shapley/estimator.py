@@ -143,8 +143,9 @@ def estimate_shapley(
     (rounds from ``first_round`` evaluations, default ``max(8M, 64)``, growing by ``growth``,
     until :func:`~shapcore.shapley.convergence.stderr_ratio` over ``classes`` (default all;
     ``relative_to`` the values' range or largest magnitude) is at most ``tolerance``, or ``cap``
-    evaluations). ``v_empty``/``v_full``: the endpoints if
-    the caller has them (then not counted); otherwise computed here (2 evaluations).
+    evaluations). ``v_empty``/``v_full``: the endpoints if the caller has them (then not
+    counted); otherwise computed here (2 evaluations). Rows come in complementary pairs, at
+    least one pair, so an odd or tiny budget is rounded down to whole pairs (or up to one).
     """
     m = int(players)
     rng = np.random.default_rng(seed)
