@@ -48,6 +48,9 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("kernel", "KernelSHAP", "KernelSHAP (shap.KernelExplainer) over the players, the default",
                "worker.methods.kernel:attribute", sampled=True),
+        Method("leverage", "Leverage SHAP",
+               "Leverage SHAP (Musco & Witter 2025) over the players, sampled in rounds until its standard errors "
+               "say it converged; samples is its cap", "worker.methods.leverage:attribute", sampled=True),
         Method("partition", "Partition SHAP", "shap's PartitionExplainer over the pixels, summed per player",
                "worker.methods.partition:attribute", sampled=True),
         Method("gradcam", "Grad-CAM", "Captum's LayerGradCam, summed per player (not efficient)",
