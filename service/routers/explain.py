@@ -42,9 +42,9 @@ from service.explain_params import (
     players_field,
     resolve_target,
 )
-from service.images import BINARY, UploadRoute, read_upload, too_many_files
 from service.settings import redact_url
 from service.state import ServiceState
+from service.uploads import BINARY, UploadRoute, read_upload, too_many_files
 from shapcore.errors import InputError, QueueFull, ShapserveError, TooManyJobs, UserError
 from shapcore.images import explanation_input
 from shapcore.jobs.artifact import artifact_key, png_key, unpack_artifact
