@@ -77,7 +77,9 @@ def settings_defaults() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def env_names(settings_defaults: dict[str, object]) -> set[str]:
     """Every environment variable the code reads: settings fields and direct reads."""
-    names = set(settings_defaults)
+    from training.settings import TrainingSettings
+
+    names = set(settings_defaults) | {name.upper() for name in TrainingSettings.model_fields}
     direct = re.compile(
         r"""(?:os\.environ(?:\.get|\.setdefault|\.pop)?\(\s*|os\.environ\[\s*|os\.getenv\(\s*|env_float\(\s*)"""
         r"""["']([A-Z][A-Z0-9_]*)["']"""

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from shapcore.errors import UserError
 from shapcore.registry import Registry
 from training.presets import PROFILES
+from training.settings import TrainingSettings
 
 EXIT_USER_ERROR = 2
 
@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         cfg = cfg.override(time_budget_min=0.0)
     version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet,
                         weights_fallback=args.weights is None)  # fmt: skip
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if TrainingSettings().rank != 0:  # under torchrun, rank 0 reports
         return 0
     if args.promote:
         registry.promote(version)

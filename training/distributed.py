@@ -8,13 +8,13 @@ the same number of steps with the same learning rate; only rank 0 writes to the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from shapcore.errors import UserError
+from training.settings import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,14 @@ class Dist:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingSettings().world_size > 1
 
 
 def setup(requested: str) -> tuple[Dist, torch.device]:
     """Join torchrun's process group (if any) and pick this rank's device."""
     if not launched_by_torchrun():
         return Dist(), _single_device(requested)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = TrainingSettings().local_rank
     cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
     if requested == "cuda" and not cuda:
         raise UserError("--device cuda asked for, but CUDA is not available")
