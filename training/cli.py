@@ -187,6 +187,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
+    from shapcore.inference import resolve_device
     from training import evaluate
 
     metrics = evaluate.run(
@@ -195,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
         args.data,
         split=args.split,
         holdout=args.holdout,
-        device="cuda" if args.device == "cuda" else ("cuda" if args.device == "auto" and _cuda() else "cpu"),
+        device=str(resolve_device(args.device, setting="--device")),
         progress=not args.quiet,
     )
     print(json.dumps(metrics, indent=2) if args.json else evaluate.format_tables(metrics))
@@ -237,12 +238,6 @@ def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
     cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
     print(fastshap.run(registry, args.version, args.data, cfg, progress=not args.quiet))
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_list(registry: Registry) -> int:
