@@ -37,7 +37,7 @@ def test_smoke_training_on_cuda_then_cpu_reload_agrees(small_archive: Path, tmp_
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_service_forward_on_cuda_agrees_with_cpu(smoke_model: tuple[Path, str], precision: str) -> None:
     """The service's prepared forward pass on the GPU gives the CPU's probabilities."""
-    from service.engine import build_forward, warm_up
+    from shapcore.inference import build_forward, warm_up
 
     registry, version = smoke_model
     loaded = Registry(registry).load(version, device="cpu")
@@ -100,9 +100,10 @@ def test_explanation_worker_on_cuda(smoke_model: tuple[Path, str], cifar_jpeg: b
     the GPU, runs its jobs in its own process (no work horse: CUDA does not survive fork),
     and its explanations (KernelSHAP over the value function's masks built on the GPU, and
     Grad-CAM through the autograd network there) finish and say they ran on cuda."""
-    from test_explain_support import job_image, wait_for
+    from test_explain_support import job_doc, job_image, wait_for
 
-    from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+    from shapcore.jobs.client import connect
+    from shapcore.jobs.queue import JobRequest, submit
     from shapcore.jobs.settings import ExplainSettings
 
     registry, version = smoke_model
@@ -113,10 +114,10 @@ def test_explanation_worker_on_cuda(smoke_model: tuple[Path, str], cifar_jpeg: b
     log = worker.log_tail()
     assert "preloaded on cuda" in log and "jobs in this process (no fork)" in log, log
     for method in ("kernel", "gradcam"):
-        request = JobRequest(image=job_image(cifar_jpeg), model_version=version, segments=50, samples=2000,
+        request = JobRequest.of(image=job_image(cifar_jpeg), model_version=version, segments=50, samples=2000,
                              background="train:8", seed=0, target=None, method=method)  # fmt: skip
         job, _ = submit(conn, settings, request)
-        doc = wait_for(lambda job=job: (d := job_status(conn, settings, job.id))["status"] in ("finished", "failed")
+        doc = wait_for(lambda job=job: (d := job_doc(conn, settings, job.id))["status"] in ("finished", "failed")
                        and d, 180, f"the {method} job on the GPU")  # fmt: skip
         assert doc["status"] == "finished", (doc, worker.log_tail())
         result = doc["result"]
