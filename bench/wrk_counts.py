@@ -112,8 +112,8 @@ def p99_upper_bound_ms(fine_us: list[float], ok: int, total: int) -> float | Non
 def p99_lower_bound_ms(fine_us: list[float], ok: int, total: int) -> float | None:
     """A lower bound on the 2xx p99: the fastest ``0.99 * ok`` of all answers are at least as fast
     as the fastest ``0.99 * ok`` 2xx answers, so the quantile of all answers at ``0.99 * ok / total``
-    (rounded up to the grid) is at most the 2xx p99. Tight when refusals are slower than the
-    answers (paced refusals)."""
+    (rounded up to the grid) is at most the 2xx p99. Tight only when every refusal is slower than
+    the answers."""
     if ok <= 0 or total <= 0 or not fine_us:
         return None
     q = 100.0 * 0.99 * min(ok, total) / total

@@ -13,8 +13,8 @@ answer was a 2xx, so it is bounded):
 * from wrk's latency histogram over *all* answers, ``≥ .. ≤``: the 1 % slowest 2xx answers are at
   most as slow as the same number of slowest answers of any kind, so the quantile of all answers
   at rank ``1 - 0.01 * n_2xx / n_all`` is an upper bound (tight when refusals are fast), and the
-  quantile at ``0.99 * n_2xx / n_all`` a lower bound (tight when refusals are slower than answers,
-  as paced ones are).
+  quantile at ``0.99 * n_2xx / n_all`` a lower bound (tight only when every refusal is slower than
+  the answers; with paced refusals some go at once and some wait, and it can be far off).
 * ``server p99 2xx``: the server's own histogram (arrival of the request's headers to the end of
   its answer), interpolated within its buckets; it does not see time spent in the kernel's queues.
 
