@@ -28,7 +28,7 @@ from training import checkpoint, distributed
 from training.budget import SCHEDULE_TICKS, BudgetProgress
 
 # autocast_for, graph_model, prepare_input and train_step are imported from here by
-# bench/train_throughput.py and tests/test_cuda.py.
+# bench/train_throughput.py and tests/e2e/test_cuda.py.
 from training.engine import autocast_for, evaluate_loss, graph_model, prepare_input, train_step  # noqa: F401
 from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, make_scheduler
 from training.setup import RunSetup, fit_budget, resume_info, set_up
