@@ -158,15 +158,38 @@ def test_truncated_images_are_refused(src, fmt):
     assert info.value.status == 422 and info.value.code == "corrupt_image", info.value.message
 
 
-def test_pixel_limit_is_checked_before_decoding():
+def test_pixel_limit_is_checked_before_decoding(monkeypatch):
+    """The bomb is refused from its header: Pillow never loads (decodes) its pixels. A spy on
+    Pillow's ``load`` records every decode and refuses to decode anything over the limit."""
+    from PIL import ImageFile
+
+    decoded: list[tuple[int, int]] = []
+
+    def spy(real):
+        def load(self):
+            decoded.append(self.size)
+            if self.size[0] * self.size[1] > LIMIT:
+                raise AssertionError(f"{self.size[0]}x{self.size[1]} decoded before the pixel limit was checked")
+            return real(self)
+
+        return load
+
     bomb = png(Image.new("L", (12000, 12000)))
     assert len(bomb) < 1_000_000  # small on the wire, 144 Mpx (432 MB as RGB) once decoded
+    fits, one_row_over = png(Image.new("L", (100, 100))), png(Image.new("L", (100, 101)))
+    monkeypatch.setattr(Image.Image, "load", spy(Image.Image.load))
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy(ImageFile.ImageFile.load))
     with pytest.raises(InputError) as info:
         image_to_tensor(bomb, LIMIT)
+    assert info.value.status == 413 and info.value.code == "image_too_large"
     assert "12000x12000" in info.value.message
-    assert image_to_tensor(png(Image.new("L", (100, 100))), 100 * 100).shape == (3, 32, 32)
+    assert decoded == [], f"decoded before the refusal: {decoded}"
+    assert image_to_tensor(fits, 100 * 100).shape == (3, 32, 32)
+    assert (100, 100) in decoded  # the spy sees the decodes that do happen
+    decoded.clear()
     with pytest.raises(InputError):
-        image_to_tensor(png(Image.new("L", (100, 101))), 100 * 100)
+        image_to_tensor(one_row_over, 100 * 100)
+    assert decoded == []
 
 
 def test_allowed_formats_are_known_to_pillow():

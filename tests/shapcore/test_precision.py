@@ -59,11 +59,67 @@ def test_gate_refuses_bf16_when_it_disagrees(monkeypatch: pytest.MonkeyPatch) ->
     assert "agrees with fp32 on" in choice.reason and choice.sample_images == 200
     assert choice.fp32_ms is not None and choice.bf16_ms is not None and choice.timed_batch == 32
 
-    # the same gate with a model bf16 cannot flip: agreement 100 %, the choice left to the clock
+    # refused however fast bf16 is here: the clock is not what decided
+    monkeypatch.setattr(precision, "time_forms", timed(fp32_s=2.0, bf16_s=1.0))
+    choice, form = choose_precision("auto", "cpu", model, lambda: BF16Autocast(model, "cpu"), sample_images(), 32)
+    assert choice.chosen == "fp32" and form is model and "agrees with fp32 on" in choice.reason
+
+
+def timed(fp32_s: float, bf16_s: float):
+    """A stand-in for :func:`precision.time_forms` that reports these seconds per call (the gate's
+    clock, injected: what the host's bf16 speed would otherwise decide), after checking that it
+    is asked to time both forms on the batch the gate built."""
+
+    def time_forms(forms: dict, batch: torch.Tensor, rounds: int = 5) -> dict[str, float]:
+        assert set(forms) == {"fp32", "bf16"} and batch.dtype == torch.uint8
+        return {"fp32": fp32_s, "bf16": bf16_s}
+
+    return time_forms
+
+
+@pytest.mark.parametrize(("fp32_s", "bf16_s", "chosen"), [(2.0, 1.0, "bf16"), (1.0, 1.0, "fp32"), (1.0, 2.0, "fp32")])
+def test_agreeing_bf16_is_chosen_only_when_the_clock_says_faster(
+    monkeypatch: pytest.MonkeyPatch, fp32_s: float, bf16_s: float, chosen: str
+) -> None:
+    """Both branches of the gate on every host: a model bf16 cannot flip (agreement 100 %), the
+    timing injected. Faster: bf16, and the form served is the bf16 one; not faster: fp32 and its form."""
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.setattr(precision, "time_forms", timed(fp32_s, bf16_s))
     clear = Clear()
     choice, form = choose_precision("auto", "cpu", clear, lambda: BF16Autocast(clear, "cpu"), sample_images(), 32)
-    assert choice.agreement == 1.0
-    assert (choice.chosen == "bf16") == isinstance(form, BF16Autocast)
+    assert choice.agreement == 1.0 and choice.chosen == chosen
+    assert (choice.fp32_ms, choice.bf16_ms, choice.timed_batch) == (1000 * fp32_s, 1000 * bf16_s, 32)
+    if chosen == "bf16":
+        assert isinstance(form, BF16Autocast) and form.inner is clear and "faster" in choice.reason
+    else:
+        assert form is clear and "not faster" in choice.reason
+
+
+def test_time_forms_keeps_each_forms_best_call() -> None:
+    """The timing itself, on forms whose cost is known: each call of a form advances a fake clock
+    by its cost (the slowest call first); the best call of each is what is reported."""
+    now = [0.0]
+    costs = {"fp32": [9.0, 3.0], "bf16": [8.0, 1.5]}  # a slow first timed call, then steady
+
+    def form(name: str):
+        calls = []
+
+        def run(batch: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            timed_calls = len(calls) - 2  # two untimed calls first
+            now[0] += costs[name][0] if timed_calls <= 1 else costs[name][1]
+            return batch
+
+        return run
+
+    forms = {"fp32": form("fp32"), "bf16": form("bf16")}
+    clock = pytest.MonkeyPatch()
+    clock.setattr(precision.time, "perf_counter", lambda: now[0])
+    try:
+        best = precision.time_forms(forms, torch.zeros(1), rounds=4)
+    finally:
+        clock.undo()
+    assert best == {"fp32": 3.0, "bf16": 1.5}
 
 
 def test_decision_needs_both_speed_and_agreement() -> None:
