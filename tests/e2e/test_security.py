@@ -1,7 +1,8 @@
 """API keys, rate limits, per-key job caps, request timeouts and the concurrency limit (issue 6).
 
-Real HTTP against ``python -m service`` subprocesses and the real Redis (database 11, its
-own, flushed once). Two configurations, each started once for the module:
+Real HTTP against ``python -m service`` subprocesses and a real ``redis-server`` of this
+module's own (tests/support/private_redis.py: the tests read and scan everything in it, so
+nothing of anyone else's may be there). Two configurations, each started once for the module:
 
 ``secured``  two replicas sharing one Redis, keys from a file *and* API_KEYS, REQUIRE_API_KEYS,
              low rate limits (8/minute per key), EXPLAIN_MAX_JOBS_PER_KEY=2, no worker (jobs
@@ -29,12 +30,12 @@ import httpx
 import pytest
 import redis
 
+from tests.support.private_redis import PrivateRedis
+from tests.support.redisdb import DEAD_REDIS_URL
 from tests.support.services import ROOT, RunningService, metric, metric_or
 from tests.support.services import image_file as image
 from tests.support.workers import wait_for
 
-SECURITY_REDIS_URL = os.environ.get("SHAPSERVE_TEST_SECURITY_REDIS_URL", "redis://127.0.0.1:6379/11")
-DEAD_REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once
 SMALL = {"segments": "12", "samples": "60"}
 FAST_START = {"JIT": "false", "WARMUP": "false"}
 OPEN_TIMEOUT_S = 5
@@ -146,13 +147,16 @@ def test_keys_cli_mints_a_key_once_and_startup_refuses_bad_key_setups(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def security_redis() -> Iterator[redis.Redis]:
-    conn = redis.Redis.from_url(SECURITY_REDIS_URL)
-    try:
-        conn.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {SECURITY_REDIS_URL}: {exc}")
-    conn.flushdb()
+def security_redis_server(tmp_path_factory) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path_factory.mktemp("security-redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def security_redis(security_redis_server: PrivateRedis) -> Iterator[redis.Redis]:
+    conn = redis.Redis.from_url(security_redis_server.url())
     yield conn
     conn.close()
 
@@ -174,11 +178,11 @@ def keys(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def secured(start_service, security_redis, keys) -> Iterator[tuple[RunningService, RunningService]]:
+def secured(start_service, security_redis_server, keys) -> Iterator[tuple[RunningService, RunningService]]:
     """Two replicas of the secured configuration, started side by side."""
     env = {
         **FAST_START,
-        "REDIS_URL": SECURITY_REDIS_URL,
+        "REDIS_URL": security_redis_server.url(),
         "API_KEYS_FILE": keys["_file"],
         "API_KEYS": keys["_env"],
         "REQUIRE_API_KEYS": "true",
