@@ -29,7 +29,8 @@ def test_batching_off_runs_every_request_alone(start_service, small_archive):
 def test_two_inference_workers_answer_each_request_with_its_own_image(start_service, small_archive):
     """The code exposes no count of forward passes running at once (no metric, no /model
     field), so what is checked is that this mode answers every concurrent request with its
-    own image's prediction (batches are formed per free worker)."""
+    own image's prediction (batches are formed per free worker). That the two passes really
+    run at once is counted in-process: tests/service/test_inference_workers.py."""
     svc = start_service(env={**QUICK, "INFERENCE_WORKERS": "2"})
     images, alone = distinct_images(svc.client, small_archive, N)
     _, images0, _ = batch_counts(svc.client)

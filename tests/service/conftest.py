@@ -13,10 +13,11 @@ from tests.support.processes import wait_for
 
 
 @pytest.fixture
-def app_client(service_registry: Path, redis_url: str) -> Iterator[Callable[..., object]]:
+def app_client(smoke_model: tuple[Path, str], redis_url: str) -> Iterator[Callable[..., object]]:
     """Factory: ``app_client(**settings)`` -> a ``TestClient`` over ``create_app(Settings(...))``
-    with its lifespan running and the ``service_registry`` model loaded (no JIT, no warm-up, fp32,
-    one torch thread: quick to load). Every client is closed (lifespan ended) after the test."""
+    with its lifespan running and the smoke model loaded from its registry, read only (no JIT, no
+    warm-up, fp32, one torch thread: quick to load). Every client is closed (lifespan ended)
+    after the test."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -26,7 +27,7 @@ def app_client(service_registry: Path, redis_url: str) -> Iterator[Callable[...,
 
     def start(**overrides: object) -> TestClient:
         fields = {
-            "model_registry": service_registry,
+            "model_registry": smoke_model[0],
             "redis_url": redis_url,
             "jit": False,
             "warmup": False,

@@ -23,8 +23,6 @@ import pytest
 
 from tests.support.processes import RunningProcess, alive, child_env, children, python_module, spawn, wait_for
 
-__all__ = ["alive", "wait_for"]  # re-exported for the tests that import them from here
-
 #: Small and fast knobs for tests: quick abandoned-job detection, one torch thread, the CPU's
 #: forking worker (what the tests of horses and kills check) even where a GPU is visible; the
 #: CUDA worker is started by its own tests (tests/e2e/test_cuda.py) with EXPLAIN_DEVICE=cuda.
