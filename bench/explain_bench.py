@@ -6,7 +6,7 @@ pattern and against the model's raw batched forward time, plus seed-to-seed stab
 
 For each background size B (default 1 and 100), on the same images and in the same run:
 
-- ``batched``: :func:`worker.core.explain_image` as a job runs it (SLIC, KernelExplainer with
+- ``batched``: :func:`worker.explain.explain_image` as a job runs it (SLIC, KernelExplainer with
   the vectorised f, model in batches of ``--batch-size``), warm, threads = every core;
 - ``plain``: the shap docs' image example: KernelExplainer over the same segments with an
   ``f`` that masks each coalition in Python (``mask_image``) and calls the model once per
@@ -45,11 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shapcore.background import summarize_background  # noqa: E402
+from shapcore.explain.background import parse_background  # noqa: E402
+from shapcore.explain.request import ExplainRequest  # noqa: E402
 from shapcore.jobs.settings import ExplainSettings  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
-from worker.core import ExplainParams, explain_image  # noqa: E402
-from worker.kernel import seeded_numpy  # noqa: E402
+from worker.explain import ModelRuntime, explain_image  # noqa: E402
+from worker.methods.kernel import seeded_numpy  # noqa: E402
 from worker.reference import plain_value_function  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 
@@ -85,10 +87,17 @@ def load_image_bytes(archive: Path) -> bytes:
     return last[sorted(last)[0]]
 
 
+def _request(segments: int, samples: int, background: int | str, seed: int) -> ExplainRequest:
+    """A KernelSHAP request; ``background`` by name or integer alias (its canonical name)."""
+    name = parse_background(background).name
+    return ExplainRequest(segments=segments, samples=samples, background=name, seed=seed)
+
+
 def explain(model, loaded, image, bg, params, batch_size):
     start = time.perf_counter()
     x = to_source_size(image)
-    result, seg, _ = explain_image(model, image, x, bg, loaded.class_names, params, batch_size=batch_size)
+    runtime = ModelRuntime(model, loaded.class_names, bg)
+    result, seg, _ = explain_image(runtime, params, image, x, batch_size=batch_size)
     return time.perf_counter() - start, result, seg
 
 
@@ -127,7 +136,7 @@ def stability(model, loaded, images, bg, segments, samples, batch_size, seeds=(1
     for _, image in images:
         values = []
         for seed in seeds:
-            params = ExplainParams(segments, samples, str(len(bg)), seed)
+            params = _request(segments, samples, len(bg), seed)
             t, result, _ = explain(model, loaded, image, bg, params, batch_size)
             times.append(t)
             values.append(result["shap_values"])
@@ -150,8 +159,9 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
     import uuid
 
     from shapcore.images import explanation_input
+    from shapcore.jobs.client import ExplainClient
     from shapcore.jobs.image import JobImage
-    from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+    from shapcore.jobs.queue import JobRequest
 
     queue = f"explain-bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": registry, "MODEL_VERSION": version,
@@ -169,14 +179,14 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
                 raise RuntimeError(f"worker did not start:\n{log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.2)
         settings = ExplainSettings(redis_url=redis_url, explain_queue=queue)
-        conn = connect(redis_url, 2.0)
+        client = ExplainClient.connect(settings, 2.0)
         decoded = JobImage.from_arrays(  # what POST /explain hands the worker
             *explanation_input(image, settings.max_image_pixels, settings.explain_slic_max_side)
         )
         walls, computes = [], []
         seed_base = uuid.uuid4().int % 2**31
         for seed in range(count):
-            request = JobRequest(
+            request = JobRequest.of(
                 image=decoded,
                 model_version=version,
                 segments=settings.explain_default_segments,
@@ -186,16 +196,12 @@ def worker_jobs(registry: str, version: str, image: bytes, redis_url: str, count
                 target=None,
             )
             start = time.perf_counter()
-            job, _ = submit(conn, settings, request)
-            while True:
-                doc = job_status(conn, settings, job.id)
-                if doc["status"] in ("finished", "failed") or time.perf_counter() - start > timeout:
-                    break
-                time.sleep(0.05)
-            if doc["status"] != "finished":
-                raise RuntimeError(f"bench job {doc['status']}: {doc['error']}")
+            job, _ = client.submit(request)
+            doc = client.wait([job.id], timeout, poll_s=0.05)[job.id]
+            if doc.status != "finished":
+                raise RuntimeError(f"bench job {doc.status}: {doc.error}")
             walls.append(time.perf_counter() - start)
-            computes.append(doc["result"]["duration_s"])
+            computes.append(doc.result.duration_s)
         return {"jobs": count, "wall_s": walls, "compute_s": computes, "queue": queue}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up: oneDNN primitives for every batch shape used below
     bg1 = summarize_background(loaded.background(), 1)
-    explain(model, loaded, images[0][1], bg1, ExplainParams(args.segments, 300, "1", 0), args.batch_size)
+    explain(model, loaded, images[0][1], bg1, _request(args.segments, 300, 1, 0), args.batch_size)
 
     if args.sweep:
         bg = summarize_background(loaded.background(), args.default_background)
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     report["runs"] = []
     for b in args.backgrounds:
         bg = summarize_background(loaded.background(), b)
-        params = ExplainParams(args.segments, args.samples, str(b), seed=0)
+        params = _request(args.segments, args.samples, b, 0)
         batched, raw, plain, evals, agree = [], [], [], [], []
         for i, (_, image) in enumerate(images[: args.images]):
             t, result, seg = explain(model, loaded, image, bg, params, args.batch_size)
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stability at samples={args.samples}, B={len(bg)}: Spearman rho mean {s['rho_mean']:.3f}, "
           f"min {s['rho_min']:.3f} over {len(s['rhos'])} images", flush=True)  # fmt: skip
 
-    params = ExplainParams(args.segments, args.samples, str(args.default_background), seed=0)
+    params = _request(args.segments, args.samples, args.default_background, 0)
     warm = [explain(model, loaded, image, bg, params, args.batch_size)[0] for _, image in images[: args.images]]
     report["defaults"] = {"in_process_s": warm, "in_process_mean_s": statistics.mean(warm)}
     print(f"all defaults (segments {args.segments}, samples {args.samples}, background {args.default_background}): "

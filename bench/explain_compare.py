@@ -3,7 +3,7 @@
 For each image (the first ``--images`` of a seeded shuffle of the version's held-out 20 %):
 a high-sample KernelSHAP reference (``--reference-samples``, ≥ 20000) over the image's
 superpixels, then every method at the service's defaults through
-:func:`worker.core.explain_image`, exactly as a job runs it. Per method: seconds per
+:func:`worker.explain.explain_image`, exactly as a job runs it. Per method: seconds per
 explanation (the explainer; faithfulness curves apart), model evaluations, deletion and
 insertion AUC against the random-order baseline, Spearman ρ of the target class's values
 against the reference, the median standard error (sampled methods) and how often
@@ -37,12 +37,14 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shapcore.background import make_background
-from shapcore.jobs.options import METHODS, parse_background
+from shapcore.explain.background import parse_background
+from shapcore.explain.methods import QUEUED_METHODS as METHODS
+from shapcore.explain.request import ExplainRequest
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
-from worker.core import ExplainParams, explain_image
-from worker.kernel import kernel_shap
+from worker.explain import ModelRuntime, explain_image
+from worker.methods.kernel import kernel_shap
 from worker.runtime import prepare_model
 from worker.segmentation import segment
 
@@ -160,11 +162,11 @@ def main() -> None:
             continue
         line = [f"[{n}/{len(picked)}] {data['class_names'][int(data['labels'][n - 1])]}"]
         for method in args.methods:
-            params = ExplainParams(args.segments, args.samples, spec.name, seed=n, method=method)
-            result, _, _ = explain_image(loaded.model, image, x, fill, loaded.class_names, params,
-                                         autograd_model=eager, batch_size=args.batch_size,
-                                         slic_max_side=args.slic_max_side,
-                                         slic_compactness=args.slic_compactness, device=args.device)  # fmt: skip
+            params = ExplainRequest(segments=args.segments, samples=args.samples, background=spec.name, seed=n,
+                                    method=method, slic_compactness=args.slic_compactness)  # fmt: skip
+            runtime = ModelRuntime(loaded.model, loaded.class_names, fill, autograd_model=eager, device=args.device)
+            result, _, _ = explain_image(runtime, params, image, x, batch_size=args.batch_size,
+                                         slic_max_side=args.slic_max_side)  # fmt: skip
             target = result["target"]["index"]
             ours = np.asarray(result["shap_values"])
             assert ours.shape == ref[:, target].shape, "the segmentation differs from the reference's"

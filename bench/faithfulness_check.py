@@ -4,7 +4,7 @@
         [--images 10] [--samples 5000] [--method kernel] [--orders 30] [--png out.png]
 
 One real CIFAR-10 training image per class (the first ``--images`` classes), explained as a
-job does (:func:`worker.core.explain_image`, the worker's frozen model, background ``mean``,
+job does (:func:`worker.explain.explain_image`, the worker's frozen model, background ``mean``,
 50 segments, seed 0). For each: the AUCs against the 3-order random baseline the result
 carries, the faithfulness step's share of the job's time and model evaluations, and the same
 baseline recomputed with ``--orders`` orders (how far the 3-order mean is from it).
@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shapcore.background import make_background  # noqa: E402
+from shapcore.explain.background import parse_background  # noqa: E402
+from shapcore.explain.request import ExplainRequest  # noqa: E402
 from shapcore.faithfulness import faithfulness  # noqa: E402
 from shapcore.images import explanation_input  # noqa: E402
-from shapcore.jobs.options import parse_background  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 from shapcore.value import CoalitionModel  # noqa: E402
-from worker.core import ExplainParams, explain_image  # noqa: E402
+from worker.explain import ModelRuntime, explain_image  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 
 
@@ -70,9 +71,9 @@ def main() -> None:
         pixels, model_input = explanation_input(data, 16_777_216, 512)
         tensor = torch.from_numpy(model_input)
         bg = make_background(spec, loaded.background(), tensor)
-        params = ExplainParams(segments=50, samples=args.samples, background="mean", seed=0, method=args.method)
-        result, seg, attribution = explain_image(loaded.model, Image.fromarray(pixels), tensor, bg,
-                                                 loaded.class_names, params, autograd_model=eager)  # fmt: skip
+        params = ExplainRequest(segments=50, samples=args.samples, background="mean", seed=0, method=args.method)
+        runtime = ModelRuntime(loaded.model, loaded.class_names, bg, autograd_model=eager)
+        result, seg, attribution = explain_image(runtime, params, Image.fromarray(pixels), tensor)
         faith, target = result["faithfulness"], result["target"]["index"]
         f = CoalitionModel(loaded.model, tensor, seg.weights, bg)
         many = faithfulness(f, attribution.phi[:, target], target, seed=1, random_orders=args.orders)

@@ -54,8 +54,8 @@ from shapcore.players import grid_weights  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 from shapcore.value import CoalitionModel  # noqa: E402
 from training.fastshap import sample_coalitions  # noqa: E402
-from worker.kernel import kernel_shap  # noqa: E402
 from worker.methods import MethodContext, run_method  # noqa: E402
+from worker.methods.kernel import kernel_shap  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 
 

@@ -36,11 +36,13 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 from explain_bench import cpu_name, load_images  # noqa: E402  (bench/ is this script's folder)
 
 from shapcore.background import make_background  # noqa: E402
-from shapcore.jobs.options import METHODS, parse_background  # noqa: E402
+from shapcore.explain.background import parse_background  # noqa: E402
+from shapcore.explain.methods import QUEUED_METHODS as METHODS  # noqa: E402
 from shapcore.model import to_source_size  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 from shapcore.value import CoalitionModel  # noqa: E402
-from worker.methods import Attribution, MethodContext, per_superpixel, run_method  # noqa: E402
+from worker.methods import Attribution, MethodContext, run_method  # noqa: E402
+from worker.methods.base import per_superpixel  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
 from worker.sanity import cascading_randomisation  # noqa: E402
 from worker.segmentation import segment  # noqa: E402

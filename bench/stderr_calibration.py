@@ -37,11 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "support"))
 
-from shapley_games import pairwise_game, saturating_game  # noqa: E402
-
-from worker.kernel import kernel_shap, kernel_uncertainty  # noqa: E402
+from tests.support.shapley_games import pairwise_game, saturating_game  # noqa: E402
+from worker.methods.kernel import kernel_shap, kernel_uncertainty  # noqa: E402
 from worker.uncertainty import bootstrap_stderr, design_from, sandwich_stderr  # noqa: E402
 
 SYNTHETIC = [  # (game, M, samples)
@@ -113,7 +111,7 @@ def load_real(registry: str, version: str, data: str, count: int, offset: int = 
     from PIL import Image
 
     from shapcore.background import make_background
-    from shapcore.jobs.options import parse_background
+    from shapcore.explain.background import parse_background
     from shapcore.registry import Registry
     from training.data import load_images
     from training.evaluate import holdout_subset
@@ -158,7 +156,7 @@ def real_calibration(loaded, bg, images, seeds: int, halves_seeds: int, samples:
 
 def convergence_sweep(loaded, bg, images, settings: list[tuple[int, int]]) -> list[dict]:
     """The convergence verdict (worker code path: floor, bootstrap, rule) per image and setting."""
-    from shapcore.jobs.options import min_samples
+    from shapcore.explain.request import min_samples
 
     rows = []
     for segments, samples in settings:

@@ -30,7 +30,7 @@ from service.routers import explain, health, model, predict, web
 from service.settings import Settings, get_settings
 from service.state import ServiceState
 from service.timeout import TimeoutMiddleware
-from shapcore.jobs.queue import connect
+from shapcore.jobs.client import connect
 from shapcore.jobs.settings import ExplainSettings, get_explain_settings
 
 log = logging.getLogger("service")

@@ -12,8 +12,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from service.explanations import Explanations
 from service.settings import Settings
 from service.state import ServiceState
+from shapcore.jobs.client import ExplainClient
 from shapcore.jobs.settings import ExplainSettings
 
 
@@ -33,11 +35,18 @@ def get_explain_settings(request: Request) -> ExplainSettings:
 
 
 def get_redis(request: Request) -> Any:
-    """The explanation queue's Redis client (short timeouts: see ``shapcore.jobs.queue.connect``)."""
+    """The explanation queue's Redis client (short timeouts: see ``shapcore.jobs.client.connect``)."""
     return request.app.state.explain_redis
+
+
+def get_explanations(request: Request) -> Explanations:
+    """The explanation service over the one queue client (:mod:`service.explanations`)."""
+    app = request.app.state
+    return Explanations(app.service, ExplainClient(app.explain_redis, app.explain_settings))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ExplainSettingsDep = Annotated[ExplainSettings, Depends(get_explain_settings)]
 RedisDep = Annotated[Any, Depends(get_redis)]
+ExplanationsDep = Annotated[Explanations, Depends(get_explanations)]

@@ -1,6 +1,6 @@
 """One error format for every route: a JSON body ``{"error": {"code": ..., "message": ...}}``.
 
-``code`` is stable and machine-readable (see :mod:`service.images` for the upload codes);
+``code`` is stable and machine-readable (see :mod:`service.uploads` for the upload codes);
 ``message`` says what is wrong in words; validation errors add ``details`` (FastAPI's
 list of offending fields). Refused inputs are logged and counted in
 ``shapserve_rejected_inputs_total{reason=<code>}``.

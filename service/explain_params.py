@@ -17,9 +17,10 @@ from pydantic import AfterValidator, BeforeValidator
 from pydantic_core import PydanticCustomError
 
 from shapcore.errors import InputError
-from shapcore.jobs import options
-from shapcore.jobs.options import API_METHODS, PLAYER_LAYOUTS, parse_background
-from shapcore.jobs.settings import STORED_BACKGROUND, ExplainSettings
+from shapcore.explain.background import STORED_BACKGROUND, parse_background
+from shapcore.explain.layouts import PLAYER_LAYOUTS
+from shapcore.explain.methods import METHODS, describe_methods
+from shapcore.jobs.settings import ExplainSettings
 
 PARAMS = ("target", "segments", "samples", "background", "seed", "method", "faithfulness", "players")
 #: A decimal integer in ASCII digits.
@@ -59,17 +60,14 @@ def bounded(name: str, bounds: tuple[int, int], description: str) -> Any:
 def descriptions(settings: ExplainSettings) -> dict[str, str]:
     limit = settings.explain_max_evaluations
     return {
-        "segments": "SLIC superpixels asked for.",
+        "segments": "Players asked for with players=slic (SLIC superpixels); the grid has 64.",
         "samples": f"Coalitions evaluated by the sampled methods (kernel: KernelSHAP nsamples; partition: "
         f"max_evals), at least 4 x segments. samples x background images may not exceed {limit}.",
-        "background": "What fills a hidden superpixel: mean (the mean training image), blur (the image blurred), "
+        "background": "What fills a hidden player: mean (the mean training image), blur (the image blurred), "
         f"train:K (K of the version's {STORED_BACKGROUND} stored training images, averaged; train:100 is the "
         "study's), kmeans:K (K centroids). Integers are aliases: 1 = mean, 100 = train:100, 2-99 = kmeans:K.",
         "seed": "Seed of the coalition sampling.",
-        "method": "kernel (KernelSHAP, the default), partition (shap's PartitionExplainer), gradcam "
-        "(Captum LayerGradCam) or integrated_gradients (Captum). All give per-superpixel values. fast: the "
-        "version's amortised explainer (FastSHAP), answered in the request (200 with the result) over an 8x8 grid "
-        "of 4x4-pixel cells with the mean background; 409 when the version has no explainer.",
+        "method": "All give per-player values. " + describe_methods(),
         "players": "What the values are given to: slic (the image's SLIC superpixels, `segments` of them) or grid "
         "(the 8x8 grid of 4x4-pixel cells at the model's 32 px: 64 players, `segments` ignored), the players of "
         "method=fast, so that a queued method can be compared with it value for value.",
@@ -124,15 +122,7 @@ def players_field(description: str) -> Any:
 
 
 def method_field(description: str) -> Any:
-    return choice_field("method", API_METHODS, description)
-
-
-def check_samples(method: str, samples: int, segments: int) -> None:
-    """The sampled methods need at least :func:`~shapcore.jobs.options.min_samples` coalitions: 422."""
-    try:
-        options.check_samples(method, samples, segments)
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
+    return choice_field("method", tuple(METHODS), description)
 
 
 TARGET_DESCRIPTION = "Class label (any case) or index of the served model; default: the top-1 prediction."
@@ -159,15 +149,6 @@ def resolve_target(raw: str | None, class_names: list[str]) -> int | None:
         f"unknown target class {_shown(text)}: use a label ({', '.join(class_names)}) "
         f"or an index from 0 to {len(class_names) - 1}"
     )
-
-
-def check_evaluations(samples: int, background: str, settings: ExplainSettings) -> None:
-    """422 beyond ``EXPLAIN_MAX_EVALUATIONS`` model evaluations."""
-    try:
-        options.check_evaluations(samples, parse_background(background, STORED_BACKGROUND),
-                                  settings.explain_max_evaluations)  # fmt: skip
-    except ValueError as exc:
-        raise invalid(str(exc)) from None
 
 
 def form_fields_only(request: Request) -> None:

@@ -28,6 +28,8 @@ import torch
 
 from shapcore.background import BackgroundSet, summarize_background
 from shapcore.errors import ShapserveError, UserError
+from shapcore.explain.request import ExplainRequest
+from shapcore.explain.result import attribution_fields
 from shapcore.fastshap import BACKGROUND, EXPLAINER_FILE, FastExplainer, describe, load_explainer
 from shapcore.jobs.artifact import pack_artifact
 from shapcore.players import GRID_CELLS, grid_labels, grid_weights
@@ -140,21 +142,14 @@ def explain_fast(
     explained = time.perf_counter()
     base = explainer.null.double().cpu().numpy()
     target = int(np.argmax(fx)) if target is None else int(target)
-    predicted = int(np.argmax(fx))
-    residuals = np.abs(base + phi.sum(axis=0) - fx)  # float rounding only: efficient by construction
     m = explainer.players
     labels = grid_labels(pixels.shape[0], pixels.shape[1], GRID_CELLS)
     result: dict[str, Any] = {
         "method": "fast",
         "players": "grid",
-        "target": {"index": target, "label": class_names[target], "probability": float(fx[target])},
-        "predicted": {"index": predicted, "label": class_names[predicted], "probability": float(fx[predicted])},
-        "base_value": float(base[target]),
-        "shap_values": [float(v) for v in phi[:, target]],
-        "standard_errors": None,
+        # efficient by construction: the residuals show float rounding only
+        **attribution_fields(phi, base, fx, class_names, target, efficient=True),
         "convergence": None,
-        "local_accuracy_residual": float(residuals[target]),
-        "max_local_accuracy_residual": float(residuals.max()),
         "segments": {"requested": m, "count": m, "height": int(labels.shape[0]), "width": int(labels.shape[1])},
         "samples": 0,
         "samples_requested": 0,
@@ -163,18 +158,6 @@ def explain_fast(
         "background_images": 1,
         "seed": None,
         "explainer": {"fitted": explainer.meta.get("created"), "fit_seconds": explainer.meta.get("fit_seconds")},
-        "classes": [
-            {
-                "index": c,
-                "label": class_names[c],
-                "probability": float(fx[c]),
-                "base_value": float(base[c]),
-                "shap_values": [float(v) for v in phi[:, c]],
-                "standard_errors": None,
-                "local_accuracy_residual": float(residuals[c]),
-            }
-            for c in range(len(class_names))
-        ],
         "model_evaluations": 1,
     }
     timings = {"segmentation": 0.0, "explainer": explained - started, "faithfulness": 0.0, "model_forward": 0.0}
@@ -191,3 +174,33 @@ def explain_fast(
     result["timings_s"] = timings
     result["duration_s"] = time.perf_counter() - started
     return result, pack_artifact(pixels, labels)
+
+
+async def answer_fast(
+    state: Any, request: ExplainRequest, upload: Any, decode: Callable[[Any], Any]
+) -> tuple[Any, dict[str, Any], bytes]:
+    """``method=fast`` for one upload: (the served version that answered, the result, the artifact).
+
+    The probabilities come through the /predict batcher (one batched forward pass); the explainer
+    and, with ``request.faithfulness``, the curves run on the decode pool, off the event loop."""
+    import asyncio
+
+    served = state.engine.current
+    if served is None:
+        raise ShapserveError(503, "model_not_ready", "the model is still loading", headers={"Retry-After": "1"})
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(state.decode_executor, served.explainer.get)  # 409 before any work if none
+    with state.batcher.expect(1):
+        pixels, model_input = await decode(upload)
+    model_input = torch.from_numpy(model_input)
+    served, rows = await state.batcher.submit(model_input.unsqueeze(0))  # the version that answered
+    if request.target is not None and request.target >= len(served.class_names):
+        raise ShapserveError(422, "invalid_parameter", f"target {request.target} is not a class of {served.version}")
+
+    def work() -> tuple[dict[str, Any], bytes]:  # off the event loop: the fill is read from disk once
+        extra = (served.forward, served.explainer.fill()) if request.faithfulness else None
+        return explain_fast(served.explainer.get(), pixels, model_input, rows[0], served.class_names,
+                            request.target, curves=extra)  # fmt: skip
+
+    result, artifact = await loop.run_in_executor(state.decode_executor, work)
+    return served, result, artifact

@@ -3,7 +3,7 @@
 Anything else registered there (the explanation endpoints' metrics, the process collector's
 ``process_*`` series) is exposed by ``GET /metrics`` too. Labels are bounded: routes are
 route templates (``/predict``, never a raw path; ``<unmatched>`` for 404s), statuses are
-HTTP codes, reasons are :mod:`service.images` codes, classes are the model's class names.
+HTTP codes, reasons are :mod:`service.uploads` codes, classes are the model's class names.
 
 Names follow Prometheus conventions: ``_seconds`` for durations, ``_total`` for counters,
 ``_info`` for the model identity.
@@ -28,7 +28,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-#: Every value the ``reason`` label of REJECTED_INPUTS can take (see service.images).
+#: Every value the ``reason`` label of REJECTED_INPUTS can take (see service.uploads).
 REJECT_REASONS: tuple[str, ...] = (
     "empty_body",
     "malformed_multipart",

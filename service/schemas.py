@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, StrictBool
 
 
 class ErrorDetail(BaseModel):
-    code: str = Field(description="Stable, machine-readable (see service.errors and service.images).")
+    code: str = Field(description="Stable, machine-readable (see service.errors and service.uploads).")
     message: str = Field(description="What is wrong, in words.")
     details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields.")
 

@@ -1,5 +1,5 @@
-"""What fills a hidden superpixel: the background named by ``background`` (see
-:mod:`shapcore.jobs.options`), built from the version's stored training images (the study
+"""What fills a hidden player: the background named by ``background`` (see
+:mod:`shapcore.explain.background`), built from the version's stored training images (the study
 used 100 of them) or, for ``blur``, from the image itself.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shapcore.jobs.options import BackgroundSpec
+from shapcore.explain.background import BackgroundSpec
 
 
 @dataclass(frozen=True)

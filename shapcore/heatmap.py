@@ -22,6 +22,16 @@ MIN_PANEL_PX = 256
 DPI = 100
 #: Panel width in inches: 300 px at DPI 100, over MIN_PANEL_PX.
 PANEL_IN = 3.0
+#: The layout in inches: side margins, the gap between panels, room for titles above and the colour bar below.
+MARGIN_IN, GAP_IN, TOP_IN, BOTTOM_IN = 0.1, 0.15, 0.45, 0.95
+
+
+def panel_box(index: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) in PNG pixels of panel ``index`` (0: the input, 1..: the classes)
+    of a heatmap of an ``height`` x ``width`` picture: where a client finds a class's map."""
+    panel_w, panel_h = PANEL_IN, PANEL_IN * height / width
+    left = MARGIN_IN + index * (panel_w + GAP_IN)
+    return round(left * DPI), round(TOP_IN * DPI), round(panel_w * DPI), round(panel_h * DPI)
 
 
 def _cmap():
@@ -76,7 +86,7 @@ def render_heatmap(
     # Laid out in inches: panels PANEL_IN wide side by side, room for titles above and the
     # colour bar below.
     panel_w, panel_h = PANEL_IN, PANEL_IN * height / width
-    margin, gap, top, bottom = 0.1, 0.15, 0.45, 0.95
+    margin, gap, top, bottom = MARGIN_IN, GAP_IN, TOP_IN, BOTTOM_IN
     fig_w = 2 * margin + n * panel_w + (n - 1) * gap
     fig_h = top + panel_h + bottom
     fig = Figure(figsize=(fig_w, fig_h), dpi=DPI)

@@ -187,7 +187,7 @@ def fit_within(image: Image.Image, max_side: int) -> Image.Image:
     """``image`` reduced (bicubic, no reducing gap) until its longer side is at most ``max_side``.
 
     The one reduction before SLIC: the API applies it to the upload it validated, and
-    ``worker.core.segment`` to whatever it is given, so both produce the same pixels.
+    ``worker.segmentation.segment`` to whatever it is given, so both produce the same pixels.
     """
     if max(image.size) <= max_side:
         return image

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shapcore.jobs.options import GRID_CELLS  # 8 cells per side: 64 players of 4x4 px
+from shapcore.explain.layouts import GRID_CELLS  # 8 cells per side: 64 players of 4x4 px
 from shapcore.model import SOURCE_SIZE
 
 __all__ = ["GRID_CELLS", "grid_labels", "grid_weights"]

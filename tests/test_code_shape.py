@@ -82,6 +82,13 @@ def test_import_contracts_hold_on_the_tree(tree_copy: Path) -> None:
         ("service/engine.py", "import training.train", "never import each other"),
         ("shapcore/registry.py", "import training.presets", "imports no room"),
         ("shapcore/jobs/queue.py", "import torch", "free of torch"),
+        ("shapcore/explain/request.py", "import torch", "free of torch"),
+        ("shapcore/explain/result.py", "import shapcore.jobs.queue", "know no queue"),
+        ("shapcore/value.py", "import shapcore.jobs.settings", "know no queue"),
+        ("shapcore/jobs/keys.py", "import shapcore.jobs.client", "No import cycles"),
+        ("worker/segmentation.py", "import worker.explain", "No import cycles"),
+        ("worker/methods/base.py", "import worker.methods.kernel", "No import cycles"),
+        ("shapcore/shapley/estimator.py", "import scipy", "NumPy-only"),
     ],
 )
 def test_import_contracts_catch_a_forbidden_import(tree_copy: Path, module: str, line: str, contract: str) -> None:

@@ -207,10 +207,10 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
 
     from shapcore.jobs.settings import ExplainSettings
     from training import report
-    from training.explain_jobs import JobParams
+    from training.explain_jobs import report_request
 
     settings = ExplainSettings()
-    params = JobParams.from_settings(settings, args.segments, args.samples, args.background)
+    params = report_request(settings, args.segments, args.samples, args.background)
     out = report.build(
         registry,
         args.version,

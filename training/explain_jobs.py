@@ -1,8 +1,9 @@
 """Explanations for the report, computed by the RQ workers as ordinary ``POST /explain`` jobs.
 
 The report asks the running workers (``python -m worker``, or ``make run``) through the
-job contract the API uses (:mod:`shapcore.jobs`): the same explainer code, the same
-deduplication (a second report of the same version and images reuses the finished jobs),
+one queue client the API uses (:class:`shapcore.jobs.client.ExplainClient`) with the one
+checked request (:class:`shapcore.explain.request.ExplainRequest`): the same explainer code,
+the same rules, the same deduplication (a second report of the same version and images reuses the finished jobs),
 and as many workers as listen on the queue share the work. It reads each finished job's
 result and its heatmap data (segmented pixels, superpixel labels) back from Redis.
 
@@ -21,12 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from shapcore.errors import QueueFull, UserError
+from shapcore.explain.request import ExplainRequest, InvalidRequest
 from shapcore.heatmap import resample_nearest
-from shapcore.jobs.artifact import artifact_key, unpack_artifact
+from shapcore.jobs.client import ExplainClient
 from shapcore.jobs.image import JobImage
-from shapcore.jobs.options import check_evaluations, check_samples, parse_background
-from shapcore.jobs.queue import JobRequest, connect, get_queue, job_status, submit
-from shapcore.jobs.settings import STORED_BACKGROUND, ExplainSettings
+from shapcore.jobs.queue import JobRequest
+from shapcore.jobs.settings import ExplainSettings
 
 #: Seconds without any live worker on the queue, with jobs still open, before the report gives up.
 NO_WORKER_GRACE_S = 60.0
@@ -50,50 +51,22 @@ class Explained:
         return values[self.labels]
 
 
-@dataclass(frozen=True)
-class JobParams:
-    """What every report job asks for (the API's defaults unless the report's options say otherwise)."""
-
-    segments: int
-    samples: int
-    background: str
-    seed: int
-    method: str = "kernel"
-
-    @classmethod
-    def from_settings(
-        cls,
-        settings: ExplainSettings,
-        segments: int | None = None,
-        samples: int | None = None,
-        background: str | None = None,
-    ) -> JobParams:
-        params = cls(
-            segments=segments or settings.explain_default_segments,
-            samples=samples or settings.explain_default_samples,
-            background=background or settings.explain_default_background,
-            seed=settings.explain_default_seed,
-        )
-        if not settings.explain_min_segments <= params.segments <= settings.explain_max_segments:
-            raise UserError(f"--segments must be from {settings.explain_min_segments} to "
-                            f"{settings.explain_max_segments} (got {params.segments})")  # fmt: skip
-        if not settings.explain_min_samples <= params.samples <= settings.explain_max_samples:
-            raise UserError(f"--samples must be from {settings.explain_min_samples} to "
-                            f"{settings.explain_max_samples} (got {params.samples})")  # fmt: skip
-        try:  # the API's own checks of a request
-            spec = parse_background(params.background, STORED_BACKGROUND)
-            check_samples(params.method, params.samples, params.segments)
-            check_evaluations(params.samples, spec, settings.explain_max_evaluations)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        return cls(params.segments, params.samples, spec.name, params.seed, params.method)
+def report_request(
+    settings: ExplainSettings, segments: int | None = None, samples: int | None = None, background: str | None = None
+) -> ExplainRequest:
+    """What every report job asks for (the API's defaults unless the report's options say
+    otherwise), checked by the API's own rules; :class:`UserError` naming the option at fault."""
+    try:
+        return ExplainRequest.build(settings, segments=segments, samples=samples, background=background)
+    except InvalidRequest as exc:
+        raise UserError(f"--{exc.field}: {exc}") from None
 
 
 def explain_images(
     images: np.ndarray,
     targets: Sequence[int | None],
     version: str,
-    params: JobParams,
+    request: ExplainRequest,
     settings: ExplainSettings,
     *,
     progress: bool = True,
@@ -108,20 +81,19 @@ def explain_images(
 
     if len(images) == 0:
         return []
-    conn = connect(settings.redis_url, timeout=max(5.0, settings.explain_redis_timeout_s))
+    client = ExplainClient.connect(settings, timeout=max(5.0, settings.explain_redis_timeout_s))
     try:
-        conn.ping()
+        client.connection.ping()
     except redis.RedisError as exc:
         raise UserError(f"the report's explanations need Redis at {settings.redis_url} ({exc}); set REDIS_URL, "
                         "or --explain 0 for a report without them") from None  # fmt: skip
-    queue = get_queue(conn, settings)
-    _require_workers(conn, queue, settings)
-    requests = job_requests(images, targets, version, params, settings)
+    _require_workers(client)
+    requests = job_requests(images, targets, version, request)
     job_ids: list[str | None] = [None] * len(requests)
     done: dict[int, Explained] = {}
     # Keep a few jobs per live worker queued, not all of them: the queue's depth limit is the
     # API's too, and other users' jobs still get their turn between the report's.
-    window = max(4, 2 * _worker_count(conn, queue))
+    window = max(4, 2 * client.workers())
     bar = tqdm(total=len(requests), desc="explain", unit="image", disable=not progress)
     no_worker_since: float | None = None
     try:
@@ -132,32 +104,32 @@ def explain_images(
                     break
                 if job_ids[i] is None:
                     try:
-                        job, _ = submit(conn, settings, requests[i])
+                        job, _ = client.submit(requests[i])
                     except QueueFull:
                         break  # the queue is busy: submit the rest as it drains
                     job_ids[i] = job.id
                     open_jobs.append(i)
             running = 0.0
             for i in open_jobs:
-                doc = job_status(conn, settings, job_ids[i])
+                doc = client.status(job_ids[i])
                 if doc is None:
                     raise UserError(f"explanation job {job_ids[i]} vanished from Redis (expired or flushed)")
-                if doc["status"] == "failed":
+                if doc.status == "failed":
                     raise UserError(
-                        f"the worker could not explain image {i} with version {version}: {doc['error']} "
+                        f"the worker could not explain image {i} with version {version}: {doc.error} "
                         f"(the workers must read this registry: MODEL_REGISTRY)"
                     )
-                if doc["status"] == "finished":
-                    done[i] = _fetch(conn, job_ids[i], doc["result"])
+                if doc.status == "finished":
+                    done[i] = _fetch(client, job_ids[i], doc.result.model_dump())
                     bar.update(1)
                 else:
-                    running += doc["progress"]
+                    running += doc.progress
             bar.set_postfix_str(f"running {running:.1f}", refresh=False)
             if len(done) < len(requests):
-                if _worker_count(conn, queue) == 0:
+                if client.workers() == 0:
                     no_worker_since = no_worker_since or time.monotonic()
                     if time.monotonic() - no_worker_since > NO_WORKER_GRACE_S:
-                        _require_workers(conn, queue, settings)
+                        _require_workers(client)
                 else:
                     no_worker_since = None
                 time.sleep(POLL_S)
@@ -167,41 +139,29 @@ def explain_images(
 
 
 def job_requests(
-    images: np.ndarray, targets: Sequence[int | None], version: str, params: JobParams, settings: ExplainSettings
+    images: np.ndarray, targets: Sequence[int | None], version: str, request: ExplainRequest
 ) -> list[JobRequest]:
     """The jobs of ``images`` (CHW uint8, 32 x 32): the picture a 32 x 32 upload gives the API."""
     return [
         JobRequest(
             image=JobImage.from_arrays(np.ascontiguousarray(image.transpose(1, 2, 0)), np.ascontiguousarray(image)),
             model_version=version,
-            segments=params.segments,
-            samples=params.samples,
-            background=params.background,
-            seed=params.seed,
-            target=None if target is None else int(target),
-            method=params.method,
-            slic_compactness=settings.explain_slic_compactness,
+            explain=request.model_copy(update={"target": None if target is None else int(target)}),
         )
         for image, target in zip(images, targets, strict=True)
     ]
 
 
-def _fetch(conn: Any, job_id: str, result: dict[str, Any]) -> Explained:
-    data = conn.get(artifact_key(job_id))
-    if data is None:
+def _fetch(client: ExplainClient, job_id: str, result: dict[str, Any]) -> Explained:
+    art = client.artifact(job_id)
+    if art is None:
         raise UserError(f"explanation job {job_id} finished without its heatmap data (expired from Redis?)")
-    image, labels, pixel_maps = unpack_artifact(data)
-    return Explained(result, image, labels, pixel_maps)
+    return Explained(result, art.image, art.labels, art.pixel_maps)
 
 
-def _worker_count(conn: Any, queue: Any) -> int:
-    from rq import Worker
-
-    return Worker.count(connection=conn, queue=queue)
-
-
-def _require_workers(conn: Any, queue: Any, settings: ExplainSettings) -> None:
-    if _worker_count(conn, queue) == 0:
+def _require_workers(client: ExplainClient) -> None:
+    settings = client.settings
+    if client.workers() == 0:
         raise UserError(
             f"no worker listens on queue {settings.explain_queue!r} at {settings.redis_url}: start one with "
             "`python -m worker` (`make run` starts one) on this registry, or pass --explain 0 for a report "

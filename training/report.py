@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
+from shapcore.explain.request import ExplainRequest
 from shapcore.heatmap import render_heatmap, resample_nearest
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import REPORT_HTML, Registry
 from training import plots
 from training.evaluate import compute_metrics, load_eval_images, predict_probabilities
-from training.explain_jobs import Explained, JobParams, explain_images
+from training.explain_jobs import Explained, explain_images, report_request
 
 #: Images per class in the examples grid.
 EXAMPLES_PER_CLASS = 8
@@ -329,7 +330,7 @@ def build(
     split: str | None = None,
     holdout: bool = False,
     explain: int = 3,
-    params: JobParams | None = None,
+    params: ExplainRequest | None = None,
     settings: ExplainSettings | None = None,
     out: Path | None = None,
     progress: bool = True,
@@ -337,7 +338,7 @@ def build(
     """Score ``version`` on ``data_src``, explain ``explain`` images per class and the mistakes
     on the workers, write the HTML report to ``out`` (default: the version's report.html)."""
     settings = settings or ExplainSettings()
-    params = params or JobParams.from_settings(settings)
+    params = params or report_request(settings)
     loaded = registry.load(version)
     version = loaded.version
     data = load_eval_images(loaded, data_src, split=split, holdout=holdout, progress=progress)

@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    from shapcore.jobs.queue import connect, get_queue, on_work_horse_killed
+    from shapcore.jobs.client import connect
+    from shapcore.jobs.failures import on_work_horse_killed
+    from shapcore.jobs.queue import get_queue
     from worker.worker import ExplainWorker, InProcessExplainWorker
 
     connection = connect(settings.redis_url)

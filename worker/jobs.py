@@ -12,11 +12,12 @@ import logging
 import time
 from typing import Any
 
-from shapcore.jobs.artifact import artifact_key, pack_artifact
-from shapcore.jobs.options import parse_background
+from shapcore.explain.result import ExplainResult
+from shapcore.jobs.artifact import pack_artifact
+from shapcore.jobs.keys import artifact_key
 from shapcore.jobs.queue import JobRequest
 from shapcore.jobs.settings import get_explain_settings
-from worker.core import ExplainParams, explain_image
+from worker.explain import explain_image
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -52,33 +53,17 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
 
     rt = get_runtime().load(request.model_version)
     pixels, model_input = request.image.arrays()
-    image = Image.fromarray(pixels, "RGB")
-    spec = parse_background(request.background, len(rt.stored_background))
-    params = ExplainParams(
-        segments=request.segments,
-        samples=request.samples,
-        background=spec.name,
-        seed=request.seed,
-        target=request.target,
-        method=request.method,
-        players=getattr(request, "players", "slic"),  # jobs queued before the field existed
-    )
-    if request.target is not None and not 0 <= request.target < len(rt.class_names):
-        raise ValueError(f"target {request.target} is not a class of version {rt.version}")
-    model_tensor = torch.from_numpy(model_input)
+    explain = request.explain
+    if explain.target is not None and not 0 <= explain.target < len(rt.class_names):
+        raise ValueError(f"target {explain.target} is not a class of version {rt.version}")
     result, seg, attribution = explain_image(
-        rt.model,
-        image,
-        model_tensor,
-        rt.background(spec, model_tensor),
-        rt.class_names,
-        params,
-        autograd_model=rt.autograd_model,
+        rt,
+        explain,
+        Image.fromarray(pixels, "RGB"),
+        torch.from_numpy(model_input),
         batch_size=settings.explain_batch_size,
         slic_max_side=settings.explain_slic_max_side,
-        slic_compactness=request.slic_compactness,
         progress=progress,
-        device=rt.device,
     )
     precision = rt.precision.chosen if rt.precision is not None else "fp32"
     result = {"model_version": rt.version, "device": str(rt.device), "precision": precision, **result,
@@ -88,6 +73,10 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         result["job_id"] = job.id
         artifact = pack_artifact(seg.image, seg.labels, attribution.pixel_maps)
         conn.set(artifact_key(job.id), artifact, ex=settings.explain_result_ttl_s)
+    # Checked against the published schema here, in the worker, not when a client reads it.
+    result = ExplainResult.model_validate(result).model_dump(mode="json")
+    # Checked against the published schema here, in the worker, not when a client reads it.
+    result = ExplainResult.model_validate(result).model_dump(mode="json")
     log.info(
         "explained (%s) with %d segments, %s samples, background %s: %.2f s, %d evaluations, converged %s",
         result["method"],

@@ -33,7 +33,7 @@ import logging
 import time
 from typing import Any
 
-from shapcore.jobs.options import METHODS
+from shapcore.explain.methods import QUEUED_METHODS as METHODS
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``mask_image`` loops over coalitions and superpixels and the model is called once per
 coalition (on that coalition's B masked images, one per background image). Nothing here is
-used to serve requests: :mod:`worker.core` computes the same values in batches.
+used to serve requests: :mod:`worker.explain` computes the same values in batches.
 """
 
 from __future__ import annotations

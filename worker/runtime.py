@@ -28,8 +28,8 @@ import torch
 
 from shapcore.background import BackgroundSet, make_background
 from shapcore.errors import UserError
+from shapcore.explain.background import BackgroundSpec, parse_background
 from shapcore.inference import resolve_device
-from shapcore.jobs.options import BackgroundSpec, parse_background
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
 from shapcore.precision import BF16Autocast, PrecisionChoice, choose_precision

@@ -16,10 +16,10 @@ from fastapi.responses import Response
 from service import metrics
 from service.deps import StateDep
 from service.errors import error_responses
-from service.images import BINARY_ITEMS, Upload, UploadRoute, read_upload
 from service.schemas import PredictResponse
 from service.settings import Settings
 from service.state import ServiceState
+from service.uploads import BINARY_ITEMS, Upload, UploadRoute, read_upload
 from shapcore.errors import InputError, ShapserveError
 from shapcore.images import image_to_tensor
 

@@ -1,11 +1,11 @@
 """Explanations answered in the request (``method=fast``), kept so that their URLs work.
 
-A fast explanation never enters the queue, yet its answer carries the same URLs as a job's
-(``/explain/<id>``, ``/heatmap.png``, ``/faithfulness.png``). Its result and owner are kept under
-``shapserve:explain:inline:<id>`` and its heatmap data under the job's artifact key, both for
-``EXPLAIN_FAST_RESULT_TTL_S`` (10 minutes: every fast request stores one, so a day's TTL would
-fill Redis at /predict's rates); :func:`shapcore.jobs.queue.job_status` reads them like a finished job.
-No torch here (the API imports this module).
+An inline answer never enters the queue, yet it carries the same URLs as a job's
+(``/explain/<id>``, ``/heatmap.png``, ``/segments.png``, ``/faithfulness.png``). Its result and
+owner are kept under :func:`~shapcore.jobs.keys.inline_key` and its picture data under the
+artifact key, both for ``EXPLAIN_FAST_RESULT_TTL_S`` (10 minutes: every fast request stores one,
+so a day's TTL would fill Redis at /predict's rates); :func:`shapcore.jobs.status.job_status`
+reads them like a finished job. No torch here (the API imports this module).
 """
 
 from __future__ import annotations
@@ -15,13 +15,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from shapcore.jobs.artifact import artifact_key
-from shapcore.jobs.queue import PREFIX
+from shapcore.jobs.keys import artifact_key, inline_key
 from shapcore.jobs.settings import ExplainSettings
-
-
-def inline_key(job_id: str) -> str:
-    return f"{PREFIX}inline:{job_id}"
 
 
 def store_inline(
@@ -42,29 +37,3 @@ def store_inline(
         pipe.set(inline_key(job_id), json.dumps(doc), ex=ttl)
         pipe.execute()
     return job_id
-
-
-def inline_status(connection: Any, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
-    """The status document of a kept inline result (always finished), or None: unknown, expired,
-    or (``owner`` given) another key's."""
-    raw = connection.get(inline_key(job_id))
-    if raw is None:
-        return None
-    doc = json.loads(raw)
-    if owner is not None and doc.get("owner") != owner:
-        return None
-    created = doc.get("created_at")
-    return {
-        "job_id": job_id,
-        "status": "finished",
-        "queue_position": None,
-        "progress": 1.0,
-        "stage": "finished",
-        "result": doc["result"],
-        "error": None,
-        "parameters": doc.get("parameters"),
-        "attempts": 1,
-        "created_at": created,
-        "started_at": created,
-        "ended_at": created,
-    }

@@ -1,14 +1,7 @@
-"""The explanation job contract, shared by the API (submit, status) and the worker (run).
+"""Submitting explanation jobs to the RQ queue: the payload, the dedupe key, the limits.
 
-Redis layout (all keys under ``shapserve:explain:``):
-
-- the RQ queue ``explain`` (``rq:queue:explain``) and RQ's job hashes and registries;
-- ``dedup:<sha256>`` -> job id, for ``SET NX``: one job per (decoded pixels, model version,
-  normalised parameters), kept as long as the job's result can be;
-- ``artifact:<job id>`` -> npz (segmented image, superpixel labels, pixel maps) for the heatmap;
-- ``png:<job id>:<variant>`` -> a rendered heatmap or faithfulness plot, cached
-  (both in :mod:`shapcore.jobs.artifact`).
-
+Shared by the API (submit), the worker (run) and :mod:`shapcore.jobs.client` (the one client
+the service, the report and ``bench/`` use). The Redis layout is :mod:`shapcore.jobs.keys`.
 Nothing here counts jobs: job counts and durations are the workers' own Prometheus series
 (:mod:`worker.metrics`). The Retry-After of a full queue reads the durations of recently
 finished jobs from RQ's own finished-job registry and job timestamps
@@ -23,55 +16,56 @@ import hashlib
 import json
 import math
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from shapcore.errors import QueueFull, TooManyJobs
+from shapcore.explain.methods import EXPLAINER_REVISION
+from shapcore.explain.request import ExplainRequest
+from shapcore.jobs import keys
 from shapcore.jobs.image import JobImage
-from shapcore.jobs.options import explainer_fingerprint
 from shapcore.jobs.settings import ExplainSettings
 
-PREFIX = "shapserve:explain:"
 #: How many of the last finished jobs the Retry-After estimate averages.
 RECENT_JOBS = 20
 #: Seconds per job the Retry-After estimate assumes before any job has finished.
 DEFAULT_JOB_SECONDS = 10.0
 JOB_FUNC = "worker.jobs.explain_job"
-#: RQ statuses as the API reports them.
-STATUS_MAP = {
-    "created": "queued",
-    "queued": "queued",
-    "deferred": "queued",
-    "scheduled": "queued",
-    "started": "started",
-    "finished": "finished",
-    "failed": "failed",
-    "stopped": "failed",
-    "canceled": "failed",
-}
+#: RQ statuses of a job that will not give a result.
+_FAILED = frozenset({"failed", "stopped", "canceled"})
 
 
 @dataclass(frozen=True)
 class JobRequest:
-    """What a job needs, pickled into the RQ job (the picture travels decoded: :class:`JobImage`)."""
+    """What a job needs, pickled into the RQ job: the picture (decoded: :class:`JobImage`), the
+    version it is explained with, and the checked :class:`ExplainRequest`."""
 
     image: JobImage
     model_version: str
-    segments: int
-    samples: int
-    background: str  # a canonical name: shapcore.jobs.options.BackgroundSpec.name
-    seed: int
-    target: int | None
-    method: str = "kernel"
-    #: the players: ``slic`` superpixels of the image, or the fixed ``grid`` (shapcore.players)
-    players: str = "slic"
-    #: SLIC compactness, chosen by the API from its settings so that the key and the work agree
-    slic_compactness: float = 10.0
+    explain: ExplainRequest
+
+    @classmethod
+    def of(cls, image: JobImage, model_version: str, **fields: Any) -> JobRequest:
+        """A job of ``fields`` taken as given (unchecked: tests and ``bench/``; the API checks with
+        :meth:`ExplainRequest.build`)."""
+        return cls(image, model_version, ExplainRequest(**fields))
 
     def params(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.pop("image")
-        return d
+        return {"model_version": self.model_version, **self.explain.params()}
+
+
+def explainer_fingerprint() -> dict[str, str | int]:
+    """What, beside the request, decides a result: this package's and shap's versions and the
+    explainer revision. Part of the dedupe key, so an upgrade never serves an older result."""
+    return {"shapserve": _version("shapserve"), "shap": _version("shap"), "revision": EXPLAINER_REVISION}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def dedup_key(request: JobRequest, owner: str | None = None) -> str:
@@ -81,7 +75,7 @@ def dedup_key(request: JobRequest, owner: str | None = None) -> str:
     The pixels, not the uploaded bytes, are hashed: the same picture sent as PNG and as a
     re-saved PNG (or with other metadata) is one job. Every setting that changes a result is in
     the request (method, background, SLIC compactness; the SLIC size limit is in the pixels),
-    and the code that computes it in :func:`~shapcore.jobs.options.explainer_fingerprint`.
+    and the code that computes it in :func:`explainer_fingerprint`.
     """
     h = hashlib.sha256()
     h.update(request.image.digest())
@@ -89,7 +83,7 @@ def dedup_key(request: JobRequest, owner: str | None = None) -> str:
     h.update(json.dumps(explainer_fingerprint(), sort_keys=True).encode())
     if owner is not None:
         h.update(b"\0owner\0" + owner.encode())
-    return f"{PREFIX}dedup:{h.hexdigest()}"
+    return keys.dedup_key(h.hexdigest())
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -97,29 +91,6 @@ def valid_job_id(job_id: str) -> bool:
         return str(uuid.UUID(job_id)) == job_id.lower()
     except ValueError:
         return False
-
-
-def connect(url: str, timeout: float | None = None):
-    """A Redis client; ``timeout`` bounds connect and each command (the API uses short ones).
-
-    With a ``timeout`` a failed command is retried once, not redis-py's ten times (about 4 s
-    against a refused port, 15 s against a silent host): the API answers 503 quickly while
-    Redis is away, and the one retry still replaces a pooled connection that a Redis restart
-    closed. Without one (the worker) redis-py's retries ride out short outages.
-    """
-    import redis
-
-    kwargs: dict[str, Any] = {"health_check_interval": 30}
-    if timeout is not None:
-        from redis.backoff import ExponentialBackoff
-        from redis.retry import Retry
-
-        kwargs.update(
-            socket_connect_timeout=timeout,
-            socket_timeout=max(timeout, 2.0),
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1),
-        )
-    return redis.Redis.from_url(url, **kwargs)
 
 
 def get_queue(connection: Any, settings: ExplainSettings):
@@ -226,7 +197,7 @@ def _live_job(connection: Any, job_id: str) -> Any | None:
         job = Job.fetch(job_id, connection=connection)
     except NoSuchJobError:
         return None
-    return job if STATUS_MAP.get(job.get_status(refresh=False) or "", "failed") != "failed" else None
+    return None if (job.get_status(refresh=False) or "failed") in _FAILED else job
 
 
 def _enqueue(queue: Any, settings: ExplainSettings, request: JobRequest, job_id: str, key: str, owner: str | None):
@@ -243,10 +214,10 @@ def _enqueue(queue: Any, settings: ExplainSettings, request: JobRequest, job_id:
         result_ttl=settings.explain_result_ttl_s,
         failure_ttl=settings.explain_failure_ttl_s,
         retry=retry,
-        on_failure=Callback("shapcore.jobs.queue.on_job_failure"),
+        on_failure=Callback("shapcore.jobs.failures.on_job_failure"),
         meta={"progress": 0.0, "stage": "queued", "dedup_key": key, "params": request.params(), "owner": owner},
-        description=f"explain segments={request.segments} samples={request.samples} "
-        f"background={request.background} version={request.model_version}",
+        description=f"explain method={request.explain.method} segments={request.explain.segments} "
+        f"samples={request.explain.samples} background={request.explain.background} version={request.model_version}",
     )
 
 
@@ -255,135 +226,3 @@ _CAD = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', K
 
 def _compare_and_delete(connection: Any, key: str, value: str) -> None:
     connection.eval(_CAD, 1, key, value)
-
-
-# -- failures -------------------------------------------------------------------------------
-
-
-def on_job_failure(job: Any, connection: Any, exc_type: Any, exc_value: Any, tb: Any) -> None:
-    """RQ failure callback (a raised error, a timeout, or an abandoned job found by cleanup)."""
-    reason = describe_exception(exc_type, exc_value)
-    _note_failure(job, reason)
-
-
-def on_work_horse_killed(job: Any, retpid: Any, ret_val: Any, rusage: Any) -> None:
-    """Worker(work_horse_killed_handler=...): the horse died without reporting (SIGKILL, OOM, crash)."""
-    import os
-
-    sig = os.WTERMSIG(ret_val) if ret_val and os.WIFSIGNALED(ret_val) else None
-    reason = f"the work horse died (signal {sig})" if sig else f"the work horse exited with status {ret_val}"
-    _note_failure(job, reason)
-
-
-def _note_failure(job: Any, reason: str) -> None:
-    """Keep the reason and the attempt count in the job's meta (the worker counts the outcome)."""
-    try:
-        job.meta["last_failure"] = reason
-        job.meta["failures"] = int(job.meta.get("failures", 0)) + 1
-        job.save_meta()
-    except Exception:
-        pass
-
-
-def describe_exception(exc_type: Any, exc_value: Any) -> str:
-    name = getattr(exc_type, "__name__", str(exc_type))
-    if name == "AbandonedJobError":
-        return "the worker running this job died (killed or crashed) before it finished"
-    if name == "JobTimeoutException":
-        return f"the job ran over its time limit ({exc_value})"
-    text = str(exc_value).strip()
-    return f"{name}: {text}" if text else name
-
-
-def failure_reason(job: Any) -> str:
-    """One line for a failed job: what RQ recorded, made readable."""
-    raw = ""
-    try:
-        result = job.latest_result()
-        if result is not None and result.exc_string:
-            raw = result.exc_string.strip().splitlines()[-1]
-    except Exception:
-        pass
-    last = job.meta.get("last_failure") if isinstance(job.meta, dict) else None
-    if "AbandonedJobError" in raw:
-        raw = "the worker running this job died (killed or crashed) before it finished"
-    elif raw.startswith("Work-horse terminated unexpectedly"):
-        raw = f"the work horse died: {raw}"
-    reason = raw or last or "the job failed (no reason recorded)"
-    attempts = int(job.meta.get("failures", 0)) if isinstance(job.meta, dict) else 0
-    if attempts > 1:
-        reason += f" (after {attempts} attempts)"
-    return reason
-
-
-# -- status -----------------------------------------------------------------------------------
-
-
-def job_status(
-    connection: Any, settings: ExplainSettings, job_id: str, owner: str | None = None
-) -> dict[str, Any] | None:
-    """The public status document of a job, or None when it is unknown (or expired), or, when
-    ``owner`` is given (authentication on), when another key created it: None either way, so
-    that a job id tells nothing to whoever did not create it."""
-    from rq.exceptions import NoSuchJobError
-    from rq.job import Job
-
-    try:
-        job = Job.fetch(job_id, connection=connection)
-    except NoSuchJobError:  # perhaps an answer given in the request (method=fast), kept for its URLs
-        from shapcore.jobs.inline import inline_status
-
-        return inline_status(connection, job_id, owner)
-    if job.func_name != JOB_FUNC:
-        return None
-    if owner is not None and (job.meta if isinstance(job.meta, dict) else {}).get("owner") != owner:
-        return None
-    raw = job.get_status(refresh=False)
-    if raw == "started":
-        # A worker that was SIGKILLed cannot report: its job's heartbeat entry expires
-        # EXPLAIN_HEARTBEAT_GRACE_S later. Reclaim it now rather than at the next worker's
-        # maintenance tick (RQ retries it, or fails it with AbandonedJobError).
-        queue = get_queue(connection, settings)
-        queue.started_job_registry.cleanup()
-        job = Job.fetch(job_id, connection=connection)
-        raw = job.get_status(refresh=False)
-    status = STATUS_MAP.get(raw or "", "queued")
-    meta = job.meta if isinstance(job.meta, dict) else {}
-    doc: dict[str, Any] = {
-        "job_id": job.id,
-        "status": status,
-        "queue_position": None,
-        "progress": 0.0,
-        "stage": meta.get("stage"),
-        "result": None,
-        "error": None,
-        "parameters": meta.get("params"),
-        "attempts": int(meta.get("failures", 0)) + (1 if status in ("started", "finished") else 0),
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at) if status != "queued" else None,
-        "ended_at": _iso(job.ended_at) if status in ("finished", "failed") else None,
-    }
-    if status == "queued":
-        position = get_queue(connection, settings).get_job_position(job.id)
-        doc["queue_position"] = position + 1 if position is not None else None
-        doc["stage"] = "queued"
-        if meta.get("last_failure"):
-            doc["error"] = f"attempt {meta.get('failures', 1)} failed and is being retried: {meta['last_failure']}"
-    elif status == "started":
-        doc["progress"] = float(meta.get("progress", 0.0))
-    elif status == "finished":
-        doc["progress"] = 1.0
-        doc["stage"] = "finished"
-        doc["result"] = job.return_value()
-    else:
-        doc["stage"] = "failed"
-        doc["progress"] = float(meta.get("progress", 0.0))
-        doc["error"] = failure_reason(job)
-    return doc
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-# -- heatmap artefacts -----------------------------------------------------------------------------

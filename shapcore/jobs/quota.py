@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-PREFIX = "shapserve:explain:inflight:"
+from shapcore.jobs.keys import inflight_key
+
 #: How long a reserved id may wait for its job hash before it stops counting.
 RESERVATION_GRACE_S = 60
 
@@ -39,10 +40,6 @@ redis.call('ZADD', KEYS[1], ARGV[5], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return live + 1
 """
-
-
-def inflight_key(queue_name: str, principal: str) -> str:
-    return f"{PREFIX}{queue_name}:{principal}"
 
 
 def reserve(connection: Any, queue_name: str, principal: str, job_id: str, limit: int, ttl_s: int) -> int:

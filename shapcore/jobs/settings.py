@@ -16,11 +16,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shapcore.jobs.options import parse_background
+from shapcore.explain.background import STORED_BACKGROUND, parse_background
 from shapcore.settings import BlankIsNone
-
-#: Background images stored with every registry version (the study's explainer background).
-STORED_BACKGROUND = 100
 
 
 class ExplainSettings(BaseSettings):
@@ -82,7 +79,7 @@ class ExplainSettings(BaseSettings):
     explain_max_samples: int = Field(20_000, ge=20)
     explain_default_background: str = Field(
         "mean",
-        description="Background by default: mean, blur, train:K or kmeans:K (shapcore.jobs.options); "
+        description="Background by default: mean, blur, train:K or kmeans:K (shapcore.explain.background); "
         "the study's is train:100.",
     )
     explain_max_background: int = Field(STORED_BACKGROUND, ge=1, le=STORED_BACKGROUND)

@@ -99,9 +99,10 @@ def test_explanation_worker_on_cuda(smoke_model: tuple[Path, str], cifar_jpeg: b
     the GPU, runs its jobs in its own process (no work horse: CUDA does not survive fork),
     and its explanations (KernelSHAP over the value function's masks built on the GPU, and
     Grad-CAM through the autograd network there) finish and say they ran on cuda."""
-    from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+    from shapcore.jobs.client import connect
+    from shapcore.jobs.queue import JobRequest, submit
     from shapcore.jobs.settings import ExplainSettings
-    from tests.support.workers import job_image, wait_for
+    from tests.support.workers import job_doc, job_image, wait_for
 
     registry, version = smoke_model
     queue = "explain-test-cuda"
@@ -111,10 +112,10 @@ def test_explanation_worker_on_cuda(smoke_model: tuple[Path, str], cifar_jpeg: b
     log = worker.log_tail()
     assert "preloaded on cuda" in log and "jobs in this process (no fork)" in log, log
     for method in ("kernel", "gradcam"):
-        request = JobRequest(image=job_image(cifar_jpeg), model_version=version, segments=50, samples=2000,
+        request = JobRequest.of(image=job_image(cifar_jpeg), model_version=version, segments=50, samples=2000,
                              background="train:8", seed=0, target=None, method=method)  # fmt: skip
         job, _ = submit(conn, settings, request)
-        doc = wait_for(lambda job=job: (d := job_status(conn, settings, job.id))["status"] in ("finished", "failed")
+        doc = wait_for(lambda job=job: (d := job_doc(conn, settings, job.id))["status"] in ("finished", "failed")
                        and d, 180, f"the {method} job on the GPU")  # fmt: skip
         assert doc["status"] == "finished", (doc, worker.log_tail())
         result = doc["result"]

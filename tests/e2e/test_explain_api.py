@@ -90,6 +90,57 @@ def test_round_trip_to_a_valid_png(explain_service, finished, smoke_model):
     assert bad.status_code == 422 and "zebra" in bad.json()["error"]["message"]
 
 
+def test_a_finished_status_matches_its_published_schema(explain_service, finished):
+    """GET /explain/{id} publishes its 200 body in /openapi.json, naming the result's fields; a
+    real finished document validates against it, and a corrupted one does not."""
+    import jsonschema_rs
+
+    spec = explain_service.client.get("/openapi.json").json()
+    get = spec["paths"]["/explain/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    validator = jsonschema_rs.Draft202012Validator({**get, "components": spec["components"]})
+    validator.validate(finished["status"])
+    schemas = spec["components"]["schemas"]
+    named = set(schemas["ExplainResult"]["properties"])
+    assert {"shap_values", "segments", "classes", "base_value", "target", "standard_errors"} <= named
+    assert {"segments_url", "heatmap_url", "result", "status"} <= set(schemas["JobStatus"]["properties"])
+    with pytest.raises(jsonschema_rs.ValidationError):
+        validator.validate({**finished["status"], "progress": "half"})
+    broken = {**finished["status"]["result"], "shap_values": "none"}
+    with pytest.raises(jsonschema_rs.ValidationError):
+        validator.validate({**finished["status"], "result": broken})
+
+
+def test_the_players_map_reconstructs_the_heatmaps_sign_pattern(explain_service, finished):
+    """segments.png: a 16-bit map of the explained picture's size whose values 0..count-1 index
+    ``shap_values``; reading the target panel of the heatmap through it, each strong player's
+    mean colour is red where its value is positive and blue where it is negative."""
+    from shapcore.heatmap import panel_box
+
+    client = explain_service.client
+    body, doc = finished["post"].json(), finished["status"]
+    result = doc["result"]
+    assert body["segments_url"] == doc["segments_url"] == f"/explain/{body['job_id']}/segments.png"
+    r = client.get(body["segments_url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(r.content))
+    assert picture.mode == "I;16"
+    players = np.asarray(picture).astype(np.int64)
+    height, width, m = result["segments"]["height"], result["segments"]["width"], result["segments"]["count"]
+    assert players.shape == (height, width)
+    assert set(np.unique(players).tolist()) == set(range(m))
+
+    heat = np.asarray(Image.open(io.BytesIO(client.get(body["heatmap_url"]).content)).convert("RGB"), dtype=np.int64)
+    left, top, w, h = panel_box(1, height, width)
+    panel = heat[top : top + h, left : left + w]
+    owner = players[(np.arange(h) * height) // h][:, (np.arange(w) * width) // w]  # the player under each pixel
+    redness = panel[..., 0] - panel[..., 2]
+    values = np.asarray(result["shap_values"])
+    strong = np.flatnonzero(np.abs(values) > 0.2 * np.abs(values).max())
+    assert len(strong) >= 2
+    colours = [float(redness[owner == i].mean()) for i in strong]
+    assert [np.sign(c) for c in colours] == [np.sign(values[i]) for i in strong], (colours, values[strong])
+
+
 def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worker, cifar_jpeg, service_registry):
     """The served values against shap.KernelExplainer used the plain way (the docs' per-coalition
     f) on the same segments, background and samples, recomputed here in the test process."""
@@ -98,7 +149,7 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
 
     from shapcore.background import summarize_background
     from shapcore.registry import Registry
-    from worker.kernel import seeded_numpy
+    from worker.methods.kernel import seeded_numpy
     from worker.reference import plain_value_function
     from worker.segmentation import segment
 
@@ -237,10 +288,10 @@ def test_duplicate_of_a_queued_job_is_the_same_job(own_service, explain_redis_ur
         ({"samples": "20000", "background": "train:26"}, "20000 x 26 = 520000 model evaluations"),
         ({"segments": "60", "samples": "200"}, "kernel needs at least 240 (4 x segments"),
         ({"segments": "60", "samples": "200", "method": "partition"}, "partition needs at least 240"),
-        ({"method": "lime"}, "method must be one of kernel, partition, gradcam, integrated_gradients, fast"),
+        ({"method": "lime"}, "method must be one of kernel, leverage, partition, gradcam, integrated_gradients, fast"),
         ({"players": "hexagons"}, "players must be one of slic, grid"),
         ({"players": "grid", "samples": "200"}, "kernel needs at least 256 (4 x segments"),
-        ({"method": "fast", "players": "slic"}, "method=fast values the 8x8 grid's cells"),
+        ({"method": "fast", "players": "slic"}, "method=fast values the grid layout's players"),
         ({"background": "sky"}, "background must be one of mean, blur, train:K or kmeans:K"),
         ({"background": "train:0"}, "background must be from 1 to 100 images (got 0)"),
         ({"background": "kmeans:101"}, "background must be from 1 to 100 images (got 101)"),
@@ -332,7 +383,7 @@ def test_the_api_redis_client_tries_once_more_not_ten_times():
 
     import redis
 
-    from shapcore.jobs.queue import connect
+    from shapcore.jobs.client import connect
 
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     accepted = []
@@ -360,14 +411,15 @@ def test_the_api_redis_client_tries_once_more_not_ten_times():
 def test_failed_job_reports_its_reason(explain_service, api_worker, cifar_jpeg, explain_redis_url):
     """A job that raises (here: a version the registry does not have) fails with the reason;
     its heatmap answers 409 with that reason."""
-    from shapcore.jobs.queue import JobRequest, connect, submit
+    from shapcore.jobs.client import connect
+    from shapcore.jobs.queue import JobRequest, submit
     from shapcore.jobs.settings import ExplainSettings
 
     settings = ExplainSettings(redis_url=explain_redis_url, explain_queue="explain-api", explain_retries=0)
     job, _ = submit(
         connect(explain_redis_url, 2.0),
         settings,
-        JobRequest(
+        JobRequest.of(
             job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background="mean", seed=0,
             target=None
         ),

@@ -82,11 +82,12 @@ def test_409_until_finished_or_when_failed_and_404_when_unknown(api, job, cifar_
     assert early.status_code == 409 and early.json()["error"]["code"] == "not_ready", early.text
     assert int(early.headers["retry-after"]) >= 1
 
-    from shapcore.jobs.queue import JobRequest, connect, submit
+    from shapcore.jobs.client import connect
+    from shapcore.jobs.queue import JobRequest, submit
     from shapcore.jobs.settings import ExplainSettings
 
     settings = ExplainSettings(redis_url=explain_redis_url, explain_queue=QUEUE, explain_retries=0)
-    unknown_version = JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30,
+    unknown_version = JobRequest.of(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30,
                                  background=1, seed=0, target=None)  # fmt: skip
     failed, _ = submit(connect(explain_redis_url, 2.0), settings, unknown_version)
     doc = wait_finished(api.client, f"/explain/{failed.id}")

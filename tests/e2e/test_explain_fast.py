@@ -148,18 +148,19 @@ def _kernel_result(smoke_model: tuple[Path, str], jpeg: bytes) -> dict:
     import torch
 
     from shapcore.background import make_background
-    from shapcore.jobs.options import parse_background
+    from shapcore.explain.background import parse_background
+    from shapcore.explain.request import ExplainRequest
     from shapcore.model import to_source_size
     from shapcore.registry import Registry
-    from worker.core import ExplainParams, explain_image
+    from worker.explain import ModelRuntime, explain_image
 
     loaded = Registry(smoke_model[0]).load(smoke_model[1])
     image = Image.open(io.BytesIO(jpeg)).convert("RGB")
     model_input = to_source_size(image)
     bg = make_background(parse_background("mean", 100), loaded.background(), model_input)
-    params = ExplainParams(segments=8, samples=40, background="mean", seed=0)
+    params = ExplainRequest(segments=8, samples=40, background="mean", seed=0)
     with torch.inference_mode():
-        result, _, _ = explain_image(loaded.model, image, model_input, bg, loaded.class_names, params)
+        result, _, _ = explain_image(ModelRuntime(loaded.model, loaded.class_names, bg), params, image, model_input)
     return result
 
 
@@ -168,8 +169,7 @@ def test_a_fast_answer_is_kept_only_for_its_short_ttl(fast_service, fitted, cifa
     the day a queued job's result is kept, so a /predict-rate stream of them cannot fill Redis."""
     import redis
 
-    from shapcore.jobs.artifact import artifact_key
-    from shapcore.jobs.inline import inline_key
+    from shapcore.jobs.keys import artifact_key, inline_key
 
     r = fast_service.client.post("/explain", files=files(cifar_jpeg), data={"method": "fast"})
     assert r.status_code == 200, r.text

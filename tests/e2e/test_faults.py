@@ -23,11 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shapcore.jobs.queue import JobRequest, connect, job_status, submit
+from shapcore.jobs.client import connect
+from shapcore.jobs.queue import JobRequest, submit
 from shapcore.jobs.settings import ExplainSettings
 from tests.support.services import ROOT, class_probabilities, clone_version
 from tests.support.services import image_file as files
-from tests.support.workers import alive, job_image, wait_for
+from tests.support.workers import alive, job_doc, job_image, wait_for
 
 pytestmark = pytest.mark.timeout(900)  # a guard against a hang
 
@@ -104,7 +105,7 @@ def test_sigkill_of_a_worker_mid_job_is_retried_on_another_within_a_minute(
         w.wait_listening()
     settings = ExplainSettings(_env_file=None, redis_url=redis_url, explain_queue=queue, explain_retries=1)
     conn = connect(redis_url, 2.0)
-    request = JobRequest(
+    request = JobRequest.of(
         job_image(cifar_jpeg), smoke_model[1], segments=50, samples=KILL_SAMPLES, background="mean", seed=6101,
         target=None
     )
@@ -145,7 +146,7 @@ def test_sigkill_of_a_worker_mid_job_is_retried_on_another_within_a_minute(
     assert done.worker_name == worker_name(survivor.pid)  # another worker ran it
     # No timing asserted: the events are the reclaim (failures == 1, by our monitor) and the
     # retry finishing on the survivor; how fast is measured in bench/, not here.
-    doc = job_status(conn, settings, job.id)
+    doc = job_doc(conn, settings, job.id)
     assert doc["status"] == "finished" and doc["attempts"] == 2, doc
     assert doc["result"]["local_accuracy_residual"] < 1e-3
     assert survivor.proc.poll() is None

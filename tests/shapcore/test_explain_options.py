@@ -1,5 +1,6 @@
-"""What an explanation may be asked for (``shapcore.jobs.options``) and the fills it names
-(``shapcore.background``): names and aliases, the dedupe key, k-means with an empty cluster."""
+"""What an explanation may be asked for (``shapcore.explain``: the request's rules, the method
+registry, the background names) and the fills it names (``shapcore.background``): names and
+aliases, every rule of :meth:`ExplainRequest.build`, the dedupe key, k-means with an empty cluster."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 import torch
 
 from shapcore.background import make_background, summarize_background
-from shapcore.jobs import options
+from shapcore.explain.background import BackgroundSpec, parse_background
+from shapcore.explain.methods import METHODS, QUEUED_METHODS
+from shapcore.explain.request import ExplainRequest, InvalidRequest, min_samples
+from shapcore.jobs import queue
 from shapcore.jobs.image import JobImage
-from shapcore.jobs.options import BackgroundSpec, min_samples, parse_background
 from shapcore.jobs.queue import JobRequest, dedup_key
+from shapcore.jobs.settings import ExplainSettings
 
 
 @pytest.mark.parametrize(
@@ -46,11 +50,62 @@ def test_min_samples_is_four_per_segment():
     assert min_samples(50) == 200 and min_samples(200) == 800
 
 
+SETTINGS = ExplainSettings(_env_file=None)
+
+
+@pytest.mark.parametrize(
+    ("given", "field", "words"),
+    [
+        ({"method": "lime"}, "method", "method must be one of kernel"),
+        ({"segments": 1}, "segments", "from 2 to 200"),
+        ({"samples": 100_000}, "samples", "from 20 to 20000"),
+        ({"seed": -1}, "seed", "from 0 to"),
+        ({"samples": 199, "segments": 50}, "samples", "needs at least 200"),
+        ({"samples": 20_000, "background": "train:100"}, "samples", "over the limit of 500000"),
+        ({"background": "sky"}, "background", "background must be one of"),
+        ({"players": "hexagons"}, "players", "players must be one of slic, grid"),
+        ({"method": "fast", "players": "slic"}, "players", "players=slic is not available"),
+        ({"method": "fast", "background": "blur"}, "background", "mean background only"),
+        ({"target": 10, "class_count": 10}, "target", "from 0 to 9"),
+    ],
+)
+def test_every_rule_of_a_request_is_checked_in_one_place(given, field, words):
+    with pytest.raises(InvalidRequest, match=words) as refused:
+        ExplainRequest.build(SETTINGS, **given)
+    assert refused.value.field == field
+
+
+def test_a_request_takes_the_settings_defaults_and_the_methods_bound_players():
+    default = ExplainRequest.build(SETTINGS)
+    assert (default.method, default.players, default.segments, default.samples, default.background) == (
+        "kernel", "slic", 50, 5000, "mean")  # fmt: skip
+    grid = ExplainRequest.build(SETTINGS, players="grid", segments=10)
+    assert grid.segments == 64  # the grid's cells, whatever segments said
+    fast = ExplainRequest.build(SETTINGS, method="FAST")
+    assert (fast.method, fast.players, fast.background) == ("fast", "grid", "mean")
+    assert ExplainRequest.build(SETTINGS, background="100").background == "train:100"
+    # the sample floor applies to the sampled methods only
+    assert ExplainRequest.build(SETTINGS, method="gradcam", samples=20).samples == 20
+
+
+def test_the_method_registry_declares_each_method_once():
+    """Every queued method's entry point resolves to its module's ``attribute`` (the worker runs
+    methods by name through the registry); inline methods are not the worker's."""
+    from worker.methods import resolve
+
+    assert set(QUEUED_METHODS) | {"fast"} == set(METHODS)
+    for name in QUEUED_METHODS:
+        assert callable(resolve(name)) and resolve(name).__module__ == f"worker.methods.{name}"
+    with pytest.raises(ValueError, match="answered by the API"):
+        resolve("fast")
+
+
 def _request(**changes) -> JobRequest:
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
-    base = JobRequest(JobImage.from_arrays(pixels, np.zeros((3, 32, 32), dtype=np.uint8)), "v1", segments=50,
-                      samples=5000, background="mean", seed=0, target=None)  # fmt: skip
-    return dataclasses.replace(base, **changes)
+    base = JobRequest.of(JobImage.from_arrays(pixels, np.zeros((3, 32, 32), dtype=np.uint8)), "v1", segments=50,
+                         samples=5000, background="mean", seed=0, target=None)  # fmt: skip
+    version = changes.pop("model_version", base.model_version)
+    return dataclasses.replace(base, model_version=version, explain=base.explain.model_copy(update=changes))
 
 
 @pytest.mark.parametrize(
@@ -61,6 +116,8 @@ def _request(**changes) -> JobRequest:
         {"background": "train:100"},
         {"samples": 5001},
         {"model_version": "v2"},
+        {"players": "grid"},
+        {"target": 3},
     ],
 )
 def test_the_dedupe_key_changes_with_every_setting_that_changes_a_result(change):
@@ -70,10 +127,10 @@ def test_the_dedupe_key_changes_with_every_setting_that_changes_a_result(change)
 
 def test_the_dedupe_key_changes_with_the_explainer_code(monkeypatch):
     before = dedup_key(_request())
-    monkeypatch.setattr(options, "EXPLAINER_REVISION", options.EXPLAINER_REVISION + 1)
+    monkeypatch.setattr(queue, "EXPLAINER_REVISION", queue.EXPLAINER_REVISION + 1)
     assert dedup_key(_request()) != before
     monkeypatch.undo()
-    monkeypatch.setattr(options, "_version", lambda package: "9.9.9" if package == "shap" else "0")
+    monkeypatch.setattr(queue, "_version", lambda package: "9.9.9" if package == "shap" else "0")
     assert dedup_key(_request()) != before
 
 

@@ -155,16 +155,17 @@ def test_a_finished_result_is_observed_by_the_worker_metrics(cifar_jpeg: bytes) 
     from PIL import Image
     from prometheus_client import CollectorRegistry
 
+    from shapcore.explain.request import ExplainRequest
     from shapcore.images import explanation_input
-    from worker.core import ExplainParams, explain_image
+    from worker.explain import ModelRuntime, explain_image
     from worker.metrics import WorkerMetrics
 
     pixels, model_input = explanation_input(cifar_jpeg, 16_777_216, 512)
     model = RegionLogits(shuffled(), area_weights(blocks(4), 32))
     black = BackgroundSet(images=torch.zeros(1, 3, 32, 32), weights=torch.ones(1))
-    params = ExplainParams(segments=12, samples=100, background="black", seed=0, target=TARGET)
-    result, _, _ = explain_image(model, Image.fromarray(pixels), torch.from_numpy(model_input), black,
-                                 ["a", "b", "c"], params)  # fmt: skip
+    params = ExplainRequest(segments=12, samples=100, background="mean", seed=0, target=TARGET)
+    runtime = ModelRuntime(model, ["a", "b", "c"], black)  # a black fill, whatever the name says
+    result, _, _ = explain_image(runtime, params, Image.fromarray(pixels), torch.from_numpy(model_input))
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry=registry)
     metrics.job_ended("failed", 1.0, None)

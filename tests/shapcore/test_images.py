@@ -1,4 +1,4 @@
-"""service.images in-process: every odd mode/format converts to what the model expects,
+"""service.uploads in-process: every odd mode/format converts to what the model expects,
 and bad images are refused with the right status and code (no server needed)."""
 
 from __future__ import annotations

@@ -532,7 +532,7 @@ def _cases() -> list[BadInput]:
         name = "background" if value in ("blur", "train:100", "kmeans:5") else "method"
         add(f"explain_{name}={value}", "explain parameter among its choices", explain(fields={name: value}), 202)
     add("explain_method=lime", "explain parameter not among its choices", explain(fields={"method": "lime"}), 422,
-        "invalid_parameter", "method must be one of kernel, partition, gradcam, integrated_gradients")
+        "invalid_parameter", "method must be one of kernel, leverage, partition, gradcam, integrated_gradients")
     add("explain_method=fast_without_explainer", "the amortised explainer asked of a version that has none",
         explain(fields={"method": "fast"}), 409, "no_explainer", "python -m training fit-explainer")
     add("explain_players=hexagons", "explain parameter not among its choices", explain(fields={"players": "hex"}),

@@ -25,9 +25,12 @@ from tests.support.processes import RunningProcess, alive, child_env, children, 
 
 #: Small and fast knobs for tests: quick abandoned-job detection, one torch thread, the CPU's
 #: forking worker (what the tests of horses and kills check) even where a GPU is visible; the
-#: CUDA worker is started by its own tests (tests/e2e/test_cuda.py) with EXPLAIN_DEVICE=cuda.
+#: CUDA worker is started by its own tests (tests/e2e/test_cuda.py) with EXPLAIN_DEVICE=cuda. fp32:
+#: the tests compare served values with fp32 references, and ``auto`` times bf16 against fp32 at
+#: start-up, which a loaded machine can tip either way (tests/shapcore/test_precision.py tests the gate).
 FAST_WORKER_ENV = {
     "EXPLAIN_DEVICE": "cpu",
+    "EXPLAIN_PRECISION": "fp32",
     "EXPLAIN_TORCH_THREADS": "1",
     "EXPLAIN_MONITOR_INTERVAL_S": "1",
     "EXPLAIN_HEARTBEAT_GRACE_S": "3",
@@ -42,6 +45,14 @@ def job_image(data: bytes, max_pixels: int = 16_777_216, max_side: int = 512):
     from shapcore.jobs.image import JobImage
 
     return JobImage.from_arrays(*explanation_input(data, max_pixels, max_side))
+
+
+def job_doc(conn, settings, job_id: str) -> dict | None:
+    """The status document of a job as GET /explain/{id} answers it (JSON), or None."""
+    from shapcore.jobs.client import ExplainClient
+
+    doc = ExplainClient(conn, settings).status(job_id)
+    return None if doc is None else doc.model_dump(mode="json")
 
 
 @dataclass

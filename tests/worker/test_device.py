@@ -19,11 +19,12 @@ import torch
 from pydantic import ValidationError
 
 from shapcore.errors import UserError
-from shapcore.jobs.queue import JobRequest, connect, get_queue, job_status, submit
+from shapcore.jobs.client import connect
+from shapcore.jobs.queue import JobRequest, get_queue, submit
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import Registry
 from tests.support.services import ROOT, free_port
-from tests.support.workers import job_image, wait_for
+from tests.support.workers import job_doc, job_image, wait_for
 from worker.runtime import forks_jobs, worker_device
 
 pytestmark = pytest.mark.timeout(300)
@@ -75,7 +76,7 @@ def test_worker_asked_for_cuda_without_cuda_exits_2(smoke_model, explain_redis_u
 
 
 def _request(version: str, image: bytes, samples: int) -> JobRequest:
-    return JobRequest(image=job_image(image), model_version=version, segments=50, samples=samples,
+    return JobRequest.of(image=job_image(image), model_version=version, segments=50, samples=samples,
                       background="mean", seed=5, target=None)  # fmt: skip
 
 
@@ -108,11 +109,11 @@ def test_in_process_worker_explains_and_renews_the_heartbeat(smoke_model, cifar_
 
     # seconds on one torch thread (more on a busy machine): several 1-s monitoring intervals
     job, _ = submit(conn, settings, _request(version, cifar_jpeg, samples=5000))
-    wait_for(lambda: _entry_expiry(conn, queue, job.id) or job_status(conn, settings, job.id)["status"] == "failed",
+    wait_for(lambda: _entry_expiry(conn, queue, job.id) or job_doc(conn, settings, job.id)["status"] == "failed",
              60, "the job to start", interval=0.05)  # fmt: skip
     first = _entry_expiry(conn, queue, job.id)
     expiries, horses = [first], set()
-    while (doc := job_status(conn, settings, job.id))["status"] == "started":  # reclaims an expired entry
+    while (doc := job_doc(conn, settings, job.id))["status"] == "started":  # reclaims an expired entry
         horses.update(worker.horses())
         if (now := _entry_expiry(conn, queue, job.id)) is not None and now != expiries[-1]:
             expiries.append(now)

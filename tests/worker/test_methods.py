@@ -23,16 +23,18 @@ import torch
 from PIL import Image
 
 from shapcore.background import make_background
-from shapcore.jobs.options import METHODS, parse_background
+from shapcore.explain.background import parse_background
+from shapcore.explain.methods import QUEUED_METHODS as METHODS
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
-from worker.methods import Attribution, MethodContext, per_superpixel, run_method
+from worker.methods import Attribution, MethodContext, run_method
+from worker.methods.base import per_superpixel
 from worker.sanity import cascading_randomisation
 from worker.segmentation import segment
 
 SEGMENTS = 50
 #: Budgets small enough for a 2-core machine (``kernel`` needs at least 2M; SLIC gives ~60).
-SAMPLES = {"kernel": 300, "partition": 400, "gradcam": 0, "integrated_gradients": 0}
+SAMPLES = {"kernel": 300, "leverage": 300, "partition": 400, "gradcam": 0, "integrated_gradients": 0}
 PIXEL_METHODS = ("partition", "gradcam", "integrated_gradients")
 #: After the whole network is re-initialised, |Spearman ρ| of the target class's per-area values
 #: with the trained model's stays under this. Measured on this cat at these budgets: kernel 0.14,
@@ -100,15 +102,16 @@ def test_every_method_gives_the_common_shape(explained, cat, method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_renders_a_heatmap(explained, models, cat, method):
+    from shapcore.explain.request import ExplainRequest
     from shapcore.heatmap import render_heatmap
-    from worker.core import ExplainParams, _result
+    from worker.explain import _result
 
     ctx, a = explained[method]
     _, _, class_names, _ = models
     _, _, seg = cat
-    params = ExplainParams(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=3, method=method)
+    params = ExplainRequest(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=3, method=method)
     fill = make_background(parse_background("mean", len(models[3])), models[3], cat[1])
-    result = _result(a, seg, params, class_names, fill, ctx.target, SAMPLES[method], {})
+    result = _result(params, class_names, seg, a, ctx.target, SAMPLES[method], len(fill), {})
     assert result["method"] == method and len(result["shap_values"]) == seg.count
     other = (ctx.target + 1) % len(class_names)
     png = render_heatmap(seg.image, seg.labels, result, [ctx.target, other], a.pixel_maps)
@@ -141,7 +144,7 @@ def test_integrated_gradients_is_complete_up_to_its_reported_gap(explained):
 
 def test_gradcam_takes_the_last_stage_with_a_spatial_map(explained):
     from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model
-    from worker.attribution import gradcam_layer
+    from worker.methods.gradcam import gradcam_layer
 
     _, a = explained["gradcam"]
     assert (a.extra["gradcam_layer"], a.extra["gradcam_layer_side"]) == ("layer2", 4)  # 32 px input: layer4 is 1×1
@@ -207,21 +210,22 @@ def test_every_method_through_explain_image_gives_the_result_and_its_curves(mode
     """What a job returns, for each method: the common fields, the faithfulness figures of the
     target with curves of steps + 1 points, and both pictures render."""
     from service.explain_faithfulness_plot import render_faithfulness
+    from shapcore.explain.request import ExplainRequest
     from shapcore.heatmap import render_heatmap
-    from worker.core import ExplainParams, explain_image
+    from worker.explain import ModelRuntime, explain_image
 
     frozen, eager, class_names, stored = models
     image, model_input, _ = cat
     fill = make_background(parse_background("mean", len(stored)), stored, model_input)
-    params = ExplainParams(SEGMENTS, SAMPLES[method], "mean", seed=1, method=method)
-    result, seg, attribution = explain_image(frozen, image, model_input, fill, class_names, params,
-                                             autograd_model=eager)  # fmt: skip
+    params = ExplainRequest(segments=SEGMENTS, samples=SAMPLES[method], background="mean", seed=1, method=method)
+    runtime = ModelRuntime(frozen, class_names, fill, autograd_model=eager)
+    result, seg, attribution = explain_image(runtime, params, image, model_input)
     m = seg.count
     assert result["method"] == method and result["background"] == "mean"
     assert len(result["shap_values"]) == m and len(result["classes"]) == len(class_names)
     assert all(len(c["shap_values"]) == m for c in result["classes"])
     assert isinstance(result["convergence"]["converged"], bool) and result["convergence"]["criterion"]
-    assert (result["standard_errors"] is not None) == (method == "kernel")
+    assert (result["standard_errors"] is not None) == (method in ("kernel", "leverage"))
     faith = result["faithfulness"]
     for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
         assert 0.0 <= faith[key] <= 1.0

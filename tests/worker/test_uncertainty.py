@@ -19,8 +19,8 @@ from shapcore.model import to_source_size
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
 from tests.support.shapley_games import exact_values, pairwise_game, saturating_game
-from worker.kernel import kernel_attribution, kernel_shap, kernel_uncertainty
 from worker.methods import MethodContext
+from worker.methods.kernel import attribute, kernel_shap, kernel_uncertainty
 from worker.segmentation import segment
 from worker.uncertainty import MAX_STDERR_RATIO, design_from, enumerated_sizes, solve_values, undetermined_variance
 
@@ -150,7 +150,8 @@ def test_real_model_stderr_for_every_class_aligned_with_values(cat_model):
     """The real (smoke) model on a real cat: ``stderr`` is (M, classes), aligned with the values
     in the result for every class, and covers the errors against the exact values (all 2^M
     coalitions of the image's superpixels enumerated through the same value function)."""
-    from worker.core import ExplainParams, _result
+    from shapcore.explain.request import ExplainRequest
+    from worker.explain import _result
 
     loaded, cat = cat_model
     bg = summarize_background(loaded.background(), 1)
@@ -159,15 +160,15 @@ def test_real_model_stderr_for_every_class_aligned_with_values(cat_model):
     assert 6 <= m <= 12
     f = CoalitionModel(loaded.model, to_source_size(cat), seg.weights, bg)
     target = int(np.argmax(f.fx()))
-    a = kernel_attribution(MethodContext(f=f, autograd_model=None, samples=6 * m, seed=3, target=target))
+    a = attribute(MethodContext(f=f, autograd_model=None, samples=6 * m, seed=3, target=target))
     classes = len(loaded.class_names)
     assert a.stderr is not None and a.stderr.shape == a.phi.shape == (m, classes)
     assert np.isfinite(a.stderr).all() and (a.stderr > 0).all()
     exact = exact_values(f, m)
     assert within(a.phi, exact, a.stderr, 3).mean() >= 0.85
 
-    params = ExplainParams(segments=10, samples=6 * m, background="mean", seed=3)
-    result = _result(a, seg, params, loaded.class_names, bg, target, 6 * m, {})
+    params = ExplainRequest(segments=10, samples=6 * m, background="mean", seed=3)
+    result = _result(params, loaded.class_names, seg, a, target, 6 * m, len(bg), {})
     assert result["standard_errors"] == pytest.approx(list(a.stderr[:, target]))
     for c, entry in enumerate(result["classes"]):
         assert len(entry["standard_errors"]) == len(entry["shap_values"]) == m

@@ -16,23 +16,17 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from shapcore.background import summarize_background
-from shapcore.jobs.queue import (
-    DEFAULT_JOB_SECONDS,
-    JobRequest,
-    connect,
-    get_queue,
-    job_status,
-    retry_after_estimate,
-    submit,
-)
+from shapcore.explain.request import ExplainRequest
+from shapcore.jobs.client import connect
+from shapcore.jobs.queue import DEFAULT_JOB_SECONDS, JobRequest, get_queue, retry_after_estimate, submit
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import to_source_size
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
 from tests.support.services import free_port
-from tests.support.workers import assert_nontrivial, job_image, wait_for
-from worker.core import ExplainParams, explain_image
-from worker.kernel import kernel_shap, seeded_numpy
+from tests.support.workers import assert_nontrivial, job_doc, job_image, wait_for
+from worker.explain import ModelRuntime, explain_image
+from worker.methods.kernel import kernel_shap, seeded_numpy
 from worker.reference import plain_value_function
 from worker.segmentation import area_weights, segment
 
@@ -59,8 +53,8 @@ def test_batched_values_agree_with_the_plain_kernel_explainer(loaded, cat, backg
     """Same segments, background and samples: shap.KernelExplainer over the docs' per-coalition
     f gives the same values (all classes) as the batched worker path."""
     bg = summarize_background(loaded.background(), background)
-    params = ExplainParams(segments=10, samples=80, background=str(background), seed=7)
-    result, seg, _ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    params = ExplainRequest(segments=10, samples=80, background=str(background), seed=7)
+    result, seg, _ = explain_image(ModelRuntime(loaded.model, loaded.class_names, bg), params, cat, to_source_size(cat))
     m = seg.count
 
     import shap
@@ -97,9 +91,9 @@ def test_the_frozen_worker_model_explains_as_the_eager_one(smoke_model, loaded, 
             got = torch.softmax(frozen(batch.contiguous(memory_format=torch.channels_last)), -1)
             np.testing.assert_allclose(got, torch.softmax(loaded.model(batch), -1), atol=1e-5)
     bg = summarize_background(loaded.background(), 2)
-    params = ExplainParams(segments=10, samples=80, background="kmeans:2", seed=3)
-    ours, *_ = explain_image(frozen, cat, to_source_size(cat), bg, loaded.class_names, params)
-    ref, *_ = explain_image(loaded.model, cat, to_source_size(cat), bg, loaded.class_names, params)
+    params = ExplainRequest(segments=10, samples=80, background="kmeans:2", seed=3)
+    ours, *_ = explain_image(ModelRuntime(frozen, loaded.class_names, bg), params, cat, to_source_size(cat))
+    ref, *_ = explain_image(ModelRuntime(loaded.model, loaded.class_names, bg), params, cat, to_source_size(cat))
     assert_nontrivial([c["shap_values"] for c in ref["classes"]], atol=1e-5)
     np.testing.assert_allclose(
         [c["shap_values"] for c in ours["classes"]], [c["shap_values"] for c in ref["classes"]], atol=1e-5
@@ -175,7 +169,7 @@ def test_background_summaries(loaded):
 
 
 def _request(loaded, image: bytes, samples: int, seed: int = 0) -> JobRequest:
-    return JobRequest(
+    return JobRequest.of(
         image=job_image(image),
         model_version=loaded.version,
         segments=50,
@@ -191,7 +185,7 @@ def _settings(url: str, queue: str, **extra) -> ExplainSettings:
 
 
 def _started_with_progress(conn, settings, job_id):
-    doc = job_status(conn, settings, job_id)
+    doc = job_doc(conn, settings, job_id)
     return doc if doc["status"] == "started" and doc["progress"] > 0.05 else None
 
 
@@ -212,7 +206,7 @@ def test_sigkill_of_a_worker_mid_job_retries_it_on_another(
     first.kill()  # SIGKILL, mid-job
     wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in horses), 10, "the horse to die with its worker")
     doc = wait_for(
-        lambda: (d := job_status(conn, settings, job.id))["status"] == "queued" and d,
+        lambda: (d := job_doc(conn, settings, job.id))["status"] == "queued" and d,
         60,
         "the abandoned job to be requeued",
     )
@@ -220,7 +214,7 @@ def test_sigkill_of_a_worker_mid_job_retries_it_on_another(
 
     second = start_worker(registry, env={"EXPLAIN_QUEUE": queue})
     doc = wait_for(
-        lambda: (d := job_status(conn, settings, job.id))["status"] in ("finished", "failed") and d,
+        lambda: (d := job_doc(conn, settings, job.id))["status"] in ("finished", "failed") and d,
         300,
         "the retried job to finish",
         interval=1.0,
@@ -242,7 +236,7 @@ def test_sigkill_without_retries_left_fails_with_the_reason(
     job, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=20_000, seed=12))
     wait_for(lambda: _started_with_progress(conn, settings, job.id), 120, "the job to start")
     worker.kill()
-    doc = wait_for(lambda: (d := job_status(conn, settings, job.id))["status"] == "failed" and d, 60, "the job to fail")
+    doc = wait_for(lambda: (d := job_doc(conn, settings, job.id))["status"] == "failed" and d, 60, "the job to fail")
     assert "worker running this job died" in doc["error"], doc
     assert doc["result"] is None
 
@@ -261,12 +255,12 @@ def test_sigkill_of_the_work_horse_is_seen_at_once(smoke_model, loaded, cifar_jp
     wait_for(lambda: _started_with_progress(conn, settings, job.id), 120, "the job to start")
     (horse,) = worker.horses()
     os.kill(horse, signal.SIGKILL)
-    doc = wait_for(lambda: (d := job_status(conn, settings, job.id))["status"] == "failed" and d, 30, "the job to fail")
+    doc = wait_for(lambda: (d := job_doc(conn, settings, job.id))["status"] == "failed" and d, 30, "the job to fail")
     assert "signal 9" in doc["error"], doc
     assert worker.proc.poll() is None  # the worker itself lives on and takes the next job
     small, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=400, seed=14))
     doc = wait_for(
-        lambda: (d := job_status(conn, settings, small.id))["status"] == "finished" and d, 120, "the next job"
+        lambda: (d := job_doc(conn, settings, small.id))["status"] == "finished" and d, 120, "the next job"
     )
     assert doc["result"]["samples"] == 400  # over the floor of 4 x the superpixels SLIC made
 
@@ -309,7 +303,7 @@ def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
 
     n = 3
     finished = [submit(conn, settings, _request(loaded, cifar_jpeg, samples=50, seed=30 + i))[0] for i in range(n)]
-    unknown = JobRequest(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background="mean",
+    unknown = JobRequest.of(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30, background="mean",
                          seed=0,
                          target=None)  # fmt: skip
     failed, _ = submit(conn, settings, unknown)  # last in the queue: one worker runs the jobs in order
@@ -319,9 +313,9 @@ def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
         return samples if _jobs(samples, "failed") > _jobs(before, "failed") else None
 
     after = wait_for(failure_counted, 300, "the worker to count the failed job", interval=0.5)
-    results = [job_status(conn, settings, job.id) for job in finished]
+    results = [job_doc(conn, settings, job.id) for job in finished]
     assert [r["status"] for r in results] == ["finished"] * n, results
-    assert job_status(conn, settings, failed.id)["status"] == "failed"
+    assert job_doc(conn, settings, failed.id)["status"] == "failed"
 
     def rise(name: str, labels: tuple = ()) -> float:
         return after[(name, labels)] - before[(name, labels)]

@@ -1,21 +1,15 @@
-"""The explainers side by side: one context in, one :class:`Attribution` out.
+"""What every method shares: its input (:class:`MethodContext`), its output (:class:`Attribution`)
+and the small helpers the pixel methods need.
 
 Every method explains the same thing, the model's class probabilities on one image, with
-the same players (the image's superpixels) and the same fill for a hidden part (the
-value function :class:`shapcore.value.CoalitionModel`), and returns per-superpixel values
-for every class. Pixel methods (Grad-CAM, integrated gradients, the partition explainer's
-pixel grid) sum their pixel map over each superpixel's area weights and keep the map for
-the heatmap.
-
-- ``kernel``: ``shap.KernelExplainer`` over superpixel coalitions (:mod:`worker.kernel`);
-- ``partition``: ``shap.PartitionExplainer`` with ``shap.maskers.Image`` over pixels;
-- ``gradcam``: Captum's ``LayerGradCam`` on the last stage with a usable spatial size;
-- ``integrated_gradients``: Captum's ``IntegratedGradients`` from the fill to the image.
+the same players and the same fill for a hidden part (the value function
+:class:`shapcore.value.CoalitionModel`), and returns per-player values for every class. Pixel
+methods (Grad-CAM, integrated gradients, the partition explainer's pixel grid) sum their
+pixel map over each player's area weights and keep the map for the heatmap.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,17 +59,36 @@ def per_superpixel(pixel_maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return weights.astype(np.float64) @ flat.T  # (M, P) @ (P, C)
 
 
-def run_method(name: str, ctx: MethodContext) -> Attribution:
-    return _methods()[name](ctx)
+def all_hidden(ctx: MethodContext) -> np.ndarray:
+    """``base``: the value with every pixel hidden (the fill alone, background-weighted)."""
+    pixels = int(ctx.f.A.shape[1])
+    return ctx.f.keep_probabilities(np.zeros((1, pixels), dtype=np.float32))[0]
 
 
-def _methods() -> dict[str, Callable[[MethodContext], Attribution]]:
-    from worker.attribution import gradcam_attribution, integrated_gradients_attribution, partition_attribution
-    from worker.kernel import kernel_attribution
+def model_image(ctx: MethodContext) -> torch.Tensor:
+    """The model input as a float (1, 3, 32, 32) batch in [0, 1]."""
+    return ctx.f.x[0].detach().clone()
 
-    return {
-        "kernel": kernel_attribution,
-        "partition": partition_attribution,
-        "gradcam": gradcam_attribution,
-        "integrated_gradients": integrated_gradients_attribution,
-    }
+
+def require_autograd(ctx: MethodContext, method: str) -> torch.nn.Module:
+    if ctx.autograd_model is None:
+        raise ValueError(
+            f"method {method!r} needs the model with autograd (the worker runtime's eager network); "
+            "the frozen TorchScript model has no gradients"
+        )
+    return ctx.autograd_model.eval()
+
+
+def probabilities_of(model: torch.nn.Module):
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(images).float(), dim=-1)
+
+    return forward
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)

@@ -1,4 +1,4 @@
-"""KernelSHAP over superpixels: ``shap.KernelExplainer`` on the shared value function."""
+"""``kernel``: KernelSHAP over the players, ``shap.KernelExplainer`` on the shared value function."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.methods import Attribution, MethodContext
+from worker.methods.base import Attribution, MethodContext
 
 
 @contextmanager
@@ -46,7 +46,7 @@ def kernel_shap(f: Callable[[np.ndarray], np.ndarray], m: int, samples: int, see
     return {"phi": phi.reshape(m, -1), "base": base, "fx": fx, "coalitions": coalitions, "explainer": explainer}
 
 
-def kernel_attribution(ctx: MethodContext) -> Attribution:
+def attribute(ctx: MethodContext) -> Attribution:
     """The ``kernel`` method: KernelSHAP over the image's superpixels, with its standard errors
     (:mod:`worker.uncertainty`: a bootstrap over the drawn coalitions) and whether it converged."""
     m = int(ctx.f.A.shape[0])
