@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "env": {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")},
+        # The values in force (setdefault above set them unless they were given): a record, not a setting.
+        "env": {name: os.environ.setdefault(name, "") for name in ("OMP_WAIT_POLICY", "OPENBLAS_NUM_THREADS")},
         "model": {"version": loaded.version, "profile": loaded.metadata.get("profile")},
         "segments": args.segments,
         "samples": args.samples,

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.engine import build_forward, warm_up
-from shapcore.inference import resolve_device
+from shapcore.inference import build_forward, resolve_device, warm_up
 from shapcore.registry import Registry
 
 torch.set_num_threads(1)

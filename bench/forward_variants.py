@@ -3,7 +3,7 @@
     .venv/bin/python bench/forward_variants.py [--registry models] [--version V]
         [--batches 1 16 256] [--threads 1 2] [--seconds 3]
 
-Variants (all from :func:`service.engine.build_forward`'s building blocks, same weights):
+Variants (all from :func:`shapcore.inference.build_forward`'s building blocks, same weights):
 ``eager``: batch norms folded, channels-last, fp32 (the worker's preparation);
 ``torchscript-frozen``: traced, frozen and optimised for inference (the service's default);
 ``eager-bf16``: the eager model under bf16 autocast (``PRECISION=bf16``).
@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.engine import build_forward  # noqa: E402
+from shapcore.inference import build_forward  # noqa: E402
 from shapcore.model import SOURCE_SIZE  # noqa: E402
 from shapcore.registry import Registry  # noqa: E402
 

@@ -6,7 +6,7 @@ request) it starts its own ``python -m service`` (uvicorn) subprocess, then for 
 concurrency C sends N requests keeping exactly C in flight (C asynchronous workers, each
 sending its next request as soon as its previous answer arrives; aiohttp if installed,
 else httpx), after a warm-up. The raw forward pass of the same model, prepared the same
-way (service.engine.build_forward, same torch threads) is measured in this process first:
+way (shapcore.inference.build_forward, same torch threads) is measured in this process first:
 batch-1 latency and batched throughput.
 
     .venv/bin/python bench/load_predict.py --registry models --label cpu-32px
@@ -158,9 +158,8 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     """Forward passes in this process, exactly as the service prepares them."""
     import torch
 
-    from service.engine import build_forward, warm_up
     from shapcore.images import image_to_tensor
-    from shapcore.inference import resolve_device
+    from shapcore.inference import build_forward, resolve_device, warm_up
     from shapcore.registry import Registry
 
     # As the service resolves TORCH_THREADS=0.

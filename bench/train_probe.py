@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, Classifier, Preprocess, build_model  # noqa: E402
 from training.data import load_images, split_train_val  # noqa: E402
-from training.engine import Batches, autocast_for, evaluate_loss, train_step  # noqa: E402
 from training.presets import PROFILES, make_optimizer, make_scheduler, train_augmentation  # noqa: E402
+from training.steps import Batches, autocast_for, evaluate_loss, train_step  # noqa: E402
 
 WINDOW = 50
 

@@ -14,12 +14,13 @@ Exit status 0: healthy, 1: unhealthy (the reason on stdout, which ``docker inspe
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from settings import HealthSettings, SettingError, read  # scripts/settings.py, beside this file
 
 
 def running_modules() -> set[str]:
@@ -38,8 +39,8 @@ def running_modules() -> set[str]:
     return found
 
 
-def check_api() -> str | None:
-    url = f"http://127.0.0.1:{os.environ.get('PORT', '8000')}/readyz"
+def check_api(settings: HealthSettings) -> str | None:
+    url = f"http://127.0.0.1:{settings.port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=4) as resp:
             return None if resp.status == 200 else f"{url} answered {resp.status}"
@@ -49,11 +50,11 @@ def check_api() -> str | None:
         return f"{url}: {exc}"
 
 
-def check_worker() -> str | None:
+def check_worker(settings: HealthSettings) -> str | None:
     import redis
     from rq import Worker
 
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = settings.redis_url
     try:
         conn = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3)
         host = socket.gethostname()
@@ -66,10 +67,15 @@ def check_worker() -> str | None:
 def main() -> int:
     modules = running_modules()
     problem = None
+    try:
+        settings = read(HealthSettings)
+    except SettingError as exc:
+        print(f"unhealthy: {exc}")
+        return 1
     if "service" in modules:
-        problem = check_api()
+        problem = check_api(settings)
     elif "worker" in modules:
-        problem = check_worker()
+        problem = check_worker(settings)
     if problem:
         print(f"unhealthy: {problem}")
         return 1

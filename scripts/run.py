@@ -9,8 +9,8 @@ Started through ``scripts/run.sh`` (which creates the venv first), with the venv
 The supervision is ``scripts/supervise.py``'s, the steps (Redis, training, probes) are
 ``scripts/run_steps.py``'s.
 
-Environment (every other variable, e.g. ``BATCH_MAX_SIZE`` or ``EXPLAIN_*``, reaches the
-API and the workers unchanged):
+Environment (read by ``scripts/settings.py``; every other variable, e.g. ``BATCH_MAX_SIZE`` or
+``EXPLAIN_*``, reaches the API and the workers unchanged):
 
 ``MODEL_REGISTRY``   registry folder (default ./models). Empty: ``up`` trains a first version.
 ``DATA``             training data: ``cifar10`` (torchvision download, default), a folder or
@@ -61,17 +61,18 @@ from run_steps import (
     train_version,
     workers_listening,
 )
-from supervise import ROOT, Failed, RestartPolicy, Stop, Supervisor, env_float, exit_text, say
+from settings import RunSettings, SettingError, read
+from supervise import ROOT, Failed, RestartPolicy, Stop, Supervisor, exit_text, say
 
 COMMANDS = ("up", "train")
 
 
-def first_model(sup: Supervisor, registry: Path) -> None:
+def first_model(sup: Supervisor, registry: Path, settings: RunSettings) -> None:
     """An empty registry: train, evaluate and promote a first version (the cpu profile, 10 min)."""
-    profile = os.environ.get("TRAIN_PROFILE", "").strip() or "cpu"
-    minutes = env_float("TRAIN_MINUTES", 10.0)
-    data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
-    budget = minutes if profile == "cpu" or os.environ.get("TRAIN_MINUTES", "").strip() else None
+    profile = settings.train_profile or "cpu"
+    minutes = 10.0 if settings.train_minutes is None else settings.train_minutes
+    data = caller_path(settings.data, settings.caller_cwd)
+    budget = minutes if profile == "cpu" or settings.train_minutes is not None else None
     say(
         f"the model registry {registry} is empty: training a first model ({profile} profile, "
         + (f"{budget:g} min budget" if budget else "its own schedule")
@@ -82,7 +83,7 @@ def first_model(sup: Supervisor, registry: Path) -> None:
         remedy="`make train` trains the full profile (60 min on a CPU; the API switches to it by itself)",
     )  # fmt: skip
     say(f"trained and promoted {version}")
-    fit_minutes = env_float("EXPLAIN_FIT_MINUTES", 5.0)
+    fit_minutes = settings.explain_fit_minutes
     if fit_minutes > 0:
         say(f"fitting its amortised explainer (method=fast; {fit_minutes:g} min, EXPLAIN_FIT_MINUTES=0 skips it)")
         fit_explainer(sup, registry, version, fit_minutes, data)
@@ -94,10 +95,11 @@ def fit_command(registry: Path, version: str, data: str) -> str:
     return f"python -m training --registry {registry} fit-explainer --version {version} --data {data}"
 
 
-def start_services(sup: Supervisor, env: dict[str, str], host: str, port: int, workers: int) -> list[str]:
+def start_services(sup: Supervisor, env: dict[str, str], settings: RunSettings) -> list[str]:
     """Start the workers and the API, kept running by the supervisor. Returns the workers' /metrics URLs."""
+    host, port, workers = settings.host, settings.port, settings.workers
     # Each worker's own /metrics: EXPLAIN_METRICS_PORT for the first, the next ports for the others.
-    metrics_port = int(env_float("EXPLAIN_METRICS_PORT", 0))
+    metrics_port = settings.explain_metrics_port
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     worker_metrics = []
     for i in range(1, workers + 1):
@@ -113,31 +115,29 @@ def start_services(sup: Supervisor, env: dict[str, str], host: str, port: int, w
     return worker_metrics
 
 
-def up(sup: Supervisor) -> int:
-    registry = Path(caller_path(os.environ.get("MODEL_REGISTRY", "").strip() or "models"))
-    host = os.environ.get("HOST", "").strip() or "127.0.0.1"
-    port = int(env_float("PORT", 8000))
-    workers = int(env_float("WORKERS", 1))
-    ready_timeout = env_float("READY_TIMEOUT_S", 600)
+def up(sup: Supervisor, settings: RunSettings) -> int:
+    registry = Path(caller_path(settings.model_registry, settings.caller_cwd))
+    host, port, workers = settings.host, settings.port, settings.workers
+    ready_timeout = settings.ready_timeout_s
     if not port_free(host, port):
         raise Failed(f"port {port} on {host} is in use: choose another with PORT=...")
 
-    redis_url, redis_how = start_redis(sup)
+    redis_url, redis_how = start_redis(sup, settings)
     say(f"Redis: {redis_url} ({redis_how})")
     if not registry_versions(registry):
-        first_model(sup, registry)
+        first_model(sup, registry, settings)
     else:
         served = (registry / "PROMOTED").read_text().strip() if (registry / "PROMOTED").is_file() else None
         served = served or registry_versions(registry)[-1]
         if not (registry / served / "explainer.safetensors").is_file():
-            data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
+            data = caller_path(settings.data, settings.caller_cwd)
             command = fit_command(registry, served, data)
             say(f"{served} has no amortised explainer (method=fast answers 409): `{command}` fits one")
 
     env = {**os.environ, "REDIS_URL": redis_url, "MODEL_REGISTRY": str(registry), "PYTHONUNBUFFERED": "1"}
     env.setdefault("MODEL_WATCH_INTERVAL_S", "5")
-    queue = env.get("EXPLAIN_QUEUE", "explain")
-    worker_metrics = start_services(sup, env, host, port, workers)
+    queue = settings.explain_queue
+    worker_metrics = start_services(sup, env, settings)
 
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     say(f"waiting for the API ({base}/readyz) and {workers} worker(s) to load the model")
@@ -163,10 +163,10 @@ def up(sup: Supervisor) -> int:
         sup.watch(0.5)
 
 
-def train(sup: Supervisor) -> int:
-    registry = Path(caller_path(os.environ.get("MODEL_REGISTRY", "").strip() or "models"))
-    data = caller_path(os.environ.get("DATA", "").strip() or "cifar10")
-    profile = os.environ.get("TRAIN_PROFILE", "").strip()
+def train(sup: Supervisor, settings: RunSettings) -> int:
+    registry = Path(caller_path(settings.model_registry, settings.caller_cwd))
+    data = caller_path(settings.data, settings.caller_cwd)
+    profile = settings.train_profile
     if not profile:
         cuda = (
             subprocess.run(
@@ -175,7 +175,7 @@ def train(sup: Supervisor) -> int:
             == "True"
         )
         profile = "paper" if cuda else "cpu"
-    minutes = env_float("TRAIN_MINUTES", 0) or None
+    minutes = settings.train_minutes or None
     budget = f"{minutes:g} min budget" if minutes else "the profile's own schedule"
     say(f"training with the {profile} profile ({budget}), data {data}, registry {registry}")
     version = train_version(
@@ -198,13 +198,14 @@ def main(argv: list[str]) -> int:
         print(f"usage: scripts/run.py [up|train] (not {command!r})", file=sys.stderr)
         return 2
     os.chdir(ROOT)
-    var = Path(caller_path(os.environ.get("VAR_DIR", "").strip() or str(ROOT / "var")))
     try:
-        policy = RestartPolicy.from_env()
-    except Failed as exc:
+        settings = read(RunSettings)
+        policy = RestartPolicy.checked(**settings.restart_overrides())
+    except (SettingError, Failed) as exc:
         say(f"error: {exc}")
         return 1
-    sup = Supervisor(var=var, mirror=os.environ.get("RUN_QUIET", "") in ("", "0"), policy=policy)
+    var = Path(caller_path(settings.var_dir or str(ROOT / "var"), settings.caller_cwd))
+    sup = Supervisor(var=var, mirror=settings.mirror, policy=policy)
 
     def on_signal(signum: int, frame: object) -> None:
         raise Stop(signal.Signals(signum).name)
@@ -213,7 +214,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, on_signal)
     code = 0
     try:
-        code = up(sup) if command == "up" else train(sup)
+        code = up(sup, settings) if command == "up" else train(sup, settings)
     except Stop as why:
         print(flush=True)
         say(f"{why}: stopping everything")
@@ -224,7 +225,7 @@ def main(argv: list[str]) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-        grace = env_float("STOP_TIMEOUT_S", 5.0)
+        grace = settings.stop_timeout_s
         if any(c.alive for c in sup.children):
             sup.stop_all(grace)
             say("stopped: " + ", ".join(f"{c.name} ({exit_text(c.proc.returncode)})" for c in sup.children))

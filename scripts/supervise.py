@@ -43,16 +43,6 @@ def say(msg: str) -> None:
     print(f"[run] {msg}", flush=True)
 
 
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise Failed(f"{name}={raw!r} is not a number") from None
-
-
 def exit_text(code: int | None) -> str:
     """How a process ended, for people: ``SIGKILL``, ``exit 2``."""
     if code is None:
@@ -80,14 +70,10 @@ class RestartPolicy:
     window_s: float = 300.0
 
     @classmethod
-    def from_env(cls) -> RestartPolicy:
-        policy = cls(
-            delay_s=env_float("RESTART_DELAY_S", cls.delay_s),
-            max_delay_s=env_float("RESTART_MAX_DELAY_S", cls.max_delay_s),
-            reset_after_s=env_float("RESTART_RESET_S", cls.reset_after_s),
-            limit=int(env_float("RESTART_LIMIT", cls.limit)),
-            window_s=env_float("RESTART_WINDOW_S", cls.window_s),
-        )
+    def checked(cls, **given: float) -> RestartPolicy:
+        """The policy with the fields ``given`` (``RESTART_*``, scripts/settings.py) instead of the
+        defaults above; an inconsistent one is refused."""
+        policy = cls(**given)  # type: ignore[arg-type]
         if policy.delay_s < 0 or policy.max_delay_s < policy.delay_s or policy.limit < 0 or policy.window_s <= 0:
             raise Failed(f"inconsistent restart settings: {policy}")
         return policy

@@ -31,7 +31,7 @@ from service.settings import Settings, get_settings
 from service.state import ServiceState
 from service.timeout import TimeoutMiddleware
 from shapcore.jobs.client import connect
-from shapcore.jobs.settings import ExplainSettings, get_explain_settings
+from shapcore.jobs.settings import ExplainSettings
 
 log = logging.getLogger("service")
 
@@ -107,18 +107,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.shutdown()
 
 
-def explain_settings(settings: Settings) -> ExplainSettings:
-    """EXPLAIN_* from the environment, with the connection, registry and limits of ``settings``."""
-    return get_explain_settings().model_copy(
-        update={
-            "redis_url": settings.redis_url,
-            "model_registry": settings.model_registry,
-            "model_version": settings.model_version,
-            "max_image_pixels": settings.max_image_pixels,
-        }
-    )
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -130,7 +118,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.explain_settings = explain_settings(settings)
+    app.state.explain_settings = settings.family(ExplainSettings)  # EXPLAIN_*, the shared values of settings
     app.state.explain_redis = connect(
         app.state.explain_settings.redis_url, app.state.explain_settings.explain_redis_timeout_s
     )

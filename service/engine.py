@@ -1,5 +1,6 @@
-"""The model holder: loads a registry version for inference, warms it up, runs batches,
-and switches versions without failing a request.
+"""The served model: runs batches on the inference threads and switches versions without
+failing a request. Loading, freezing, the precision and the warm-up are the model host's
+(:class:`shapcore.host.ModelHost`, shared with the worker); this module wraps it.
 
 Threads: every forward pass runs on a dedicated inference thread (the batcher's executor:
 one thread, or INFERENCE_WORKERS threads); loading and warming a new version for a switch runs on a second, loader
@@ -12,7 +13,6 @@ its last batch finishes.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
@@ -22,121 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from service import metrics
 from service.fast_explain import ExplainerSlot
 from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
-from shapcore.inference import fold_batch_norms, freeze_for_inference, resolve_device
-from shapcore.model import SOURCE_SIZE, Classifier
-from shapcore.precision import PrecisionChoice, choose_precision
-from shapcore.registry import LoadedVersion, Registry
+from shapcore.host import ModelHost
+from shapcore.inference import Forward, resolve_device
+from shapcore.precision import PrecisionChoice
+from shapcore.registry import Registry
 
 log = logging.getLogger(__name__)
-
-#: Longest the warm-up spends on extra batch sizes (sizes 1 and max are always warmed).
-WARMUP_BUDGET_S = 20.0
-
-
-class Forward:
-    """uint8 images (N, 3, 32, 32) on the CPU -> class probabilities, float32 (N, C) on the CPU.
-
-    Holds one or two prepared copies of the model ("variants") and, per batch size, which one
-    to run. On CPU in fp32 those are the TorchScript-frozen model (batch norm folded, weights
-    pre-packed for oneDNN, runs without the GIL: by far the fastest from batch 2-4 up) and the
-    eager model with batch norms folded in channels-last layout (often the fastest at batch 1).
-    Both compute the same function (probabilities agree to ~1e-6); :meth:`tune` times them at
-    small batch sizes and keeps the faster one for each.
-    """
-
-    #: Batch sizes at which the variants are compared; larger batches use the default variant.
-    TUNE_SIZES = (1, 2, 3, 4)
-
-    def __init__(self, variants: dict[str, nn.Module], default: str, device: torch.device, autocast: bool) -> None:
-        self.variants = variants
-        self.default = default
-        self.device = device
-        self.autocast = autocast
-        self.choice: dict[int, str] = {}
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.run(self.variants[self.choice.get(int(images.shape[0]), self.default)], images)
-
-    def run(self, core: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            x = images.to(self.device, non_blocking=True)
-            if self.autocast:
-                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
-                    logits = core(x)
-            else:
-                logits = core(x)
-            return torch.softmax(logits.float(), dim=1).cpu()
-
-    def tune(self, sizes: tuple[int, ...] = TUNE_SIZES, repeats: int = 7) -> dict[int, str]:
-        """Time every variant at each batch size and keep the fastest.
-
-        The variants take turns (one run each per round) and each keeps its best time: a
-        burst of other work on a shared machine then slows every variant alike, or only
-        some rounds, instead of deciding the choice (a median of consecutive runs of one
-        variant once picked a runtime twice as slow at batch 1).
-        """
-        if len(self.variants) < 2:
-            return {}
-        for size in sizes:
-            x = torch.zeros(size, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
-            best = dict.fromkeys(self.variants, float("inf"))
-            for core in self.variants.values():
-                self.run(core, x)
-            for _ in range(repeats):
-                for name, core in self.variants.items():
-                    start = time.perf_counter()
-                    self.run(core, x)
-                    best[name] = min(best[name], time.perf_counter() - start)
-            fastest = min(best, key=best.__getitem__)
-            if fastest != self.default:
-                self.choice[size] = fastest
-            else:
-                self.choice.pop(size, None)
-        return dict(self.choice)
-
-    def describe(self) -> str:
-        text = self.default
-        others = sorted(n for n in set(self.choice.values()) if n != self.default)
-        for name in others:
-            sizes = sorted(k for k, v in self.choice.items() if v == name)
-            text += f" ({name} at batch {', '.join(map(str, sizes))})"
-        return text + ("+bf16" if self.autocast else "")
-
-
-def build_forward(model: Classifier, device: torch.device, *, jit: bool, precision: str) -> Forward:
-    """Prepare ``model`` for inference on ``device`` (see :class:`Forward`)."""
-    model = model.eval()
-    autocast = precision == "bf16"
-    variants: dict[str, nn.Module] = {}
-    if jit and device.type == "cpu" and not autocast:
-        frozen = freeze_for_inference(model, torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8))
-        if frozen is not None:
-            variants["torchscript-frozen"] = frozen
-    eager = copy.deepcopy(model)
-    fold_batch_norms(eager.net)
-    variants["eager-channels-last"] = eager.to(device=device, memory_format=torch.channels_last).eval()
-    default = "torchscript-frozen" if "torchscript-frozen" in variants else "eager-channels-last"
-    return Forward(variants, default, device, autocast)
-
-
-def warm_up(forward: Forward, max_size: int, budget_s: float = 20.0) -> dict[int, str]:
-    """First calls are slow (TorchScript profiling runs, oneDNN kernels built per shape): pay for
-    them before serving, then pick the fastest variant per small batch size. Batch sizes 1 and
-    ``max_size`` always; every size in between while the budget lasts."""
-    sizes = [1, 1, 1, max_size, max_size, *range(2, max_size)]
-    deadline = time.perf_counter() + budget_s
-    for i, size in enumerate(sizes):
-        if i >= 5 and time.perf_counter() > deadline:
-            log.info("warm-up budget spent before batch size %d", size)
-            break
-        forward(torch.zeros(size, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8))
-    return forward.tune(tuple(s for s in Forward.TUNE_SIZES if s <= max(1, max_size)))
 
 
 @dataclass
@@ -175,6 +71,8 @@ class Engine:
         self.settings = settings
         self.registry = Registry(settings.model_registry)
         self.device = resolve_device(settings.device)
+        self.host = ModelHost(self.registry, self.device, precision=settings.precision, jit=settings.jit,
+                              batch_size=self.max_batch())  # fmt: skip
         self.threads = settings.resolved_torch_threads()
         self.current: ServedModel | None = None
         self.inference_executor = ThreadPoolExecutor(
@@ -204,27 +102,24 @@ class Engine:
         version = self.wanted_version(version)
         start = time.perf_counter()
         try:
-            loaded: LoadedVersion = self.registry.load(version, device="cpu")
-            evaluation = loaded.metrics()
+            hosted = self.host.serving(version, warmup=self.settings.warmup if warmup is None else warmup)
+            evaluation = hosted.loaded.metrics()
         except UserError as exc:
             raise ModelLoadError(422, "model_load_failed", str(exc)) from None
-        precision, forward = self.choose_precision(loaded)
         served = ServedModel(
-            version=loaded.version,
-            path=loaded.path,
-            metadata=loaded.metadata,
+            version=hosted.version,
+            path=hosted.path,
+            metadata=hosted.metadata,
             evaluation=evaluation,
-            class_names=loaded.class_names,
+            class_names=hosted.class_names,
             device=str(self.device),
-            forward=forward,
-            runtime=forward.describe(),
+            forward=hosted.model,
+            runtime=hosted.model.describe(),
             load_seconds=0.0,
-            precision=precision,
-            explainer=ExplainerSlot(loaded.path, loaded.version, loaded.class_names),
+            precision=hosted.precision,
+            explainer=ExplainerSlot(hosted.path, hosted.version, hosted.class_names),
         )
         served.explainer.refresh()
-        if self.settings.warmup if warmup is None else warmup:
-            self.warm_up(served)
         served.load_seconds = time.perf_counter() - start
         log.info(
             "loaded %s (%s, input %s px, %s on %s) in %.1f s",
@@ -239,22 +134,6 @@ class Engine:
 
     def max_batch(self) -> int:
         return self.settings.batch_max_size if self.settings.batching else self.settings.max_files_per_request
-
-    def choose_precision(self, loaded: LoadedVersion) -> tuple[PrecisionChoice, Forward]:
-        """fp32 or bf16 as PRECISION says; ``auto`` measures both here (:mod:`shapcore.precision`)."""
-        model, jit = loaded.model.to(self.device), self.settings.jit
-        fp32 = build_forward(model, self.device, jit=jit, precision="fp32")
-        sample = loaded.validation_sample() if self.settings.precision == "auto" else torch.empty(0)
-        choice, forward = choose_precision(
-            self.settings.precision, self.device, fp32,
-            lambda: build_forward(model, self.device, jit=jit, precision="bf16"), sample, self.max_batch(),
-        )  # fmt: skip
-        log.info("precision %s: %s", choice.chosen, choice.reason)
-        return choice, forward
-
-    def warm_up(self, served: ServedModel) -> None:
-        warm_up(served.forward, self.max_batch(), WARMUP_BUDGET_S)
-        served.runtime = served.forward.describe()
 
     async def start(self) -> ServedModel:
         """Load the configured version (on the inference thread: nothing else runs yet)."""

@@ -49,7 +49,7 @@ class ExplainerSlot:
         self._stamp: tuple[int, int] | None = None
         self._explainer: FastExplainer | None = None
         self._error: str | None = None
-        self._fill: BackgroundSet | None = None
+        self._background: BackgroundSet | None = None
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -99,13 +99,13 @@ class ExplainerSlot:
             return {"available": False, "error": self._error}
         return None
 
-    def fill(self) -> BackgroundSet:
-        """The ``mean`` fill the explainer was trained against (for the faithfulness curves)."""
-        if self._fill is None:
+    def background(self) -> BackgroundSet:
+        """The ``mean`` background the explainer was trained against (for the faithfulness curves)."""
+        if self._background is None:
             from safetensors.torch import load_file
 
-            self._fill = summarize_background(load_file(str(self.path.parent / STORED_BACKGROUND))["images"], 1)
-        return self._fill
+            self._background = summarize_background(load_file(str(self.path.parent / STORED_BACKGROUND))["images"], 1)
+        return self._background
 
 
 class _LogProbabilities:
@@ -132,7 +132,7 @@ def explain_fast(
     """One explanation: (JSON-ready result, the heatmap's artifact).
 
     ``pixels``: the upload (H×W×3 uint8, the heatmap's picture); ``model_input``: uint8
-    (3, 32, 32); ``probabilities``: the model's on it; ``curves``: (the forward pass, the fill)
+    (3, 32, 32); ``probabilities``: the model's on it; ``curves``: (the forward pass, the background)
     to add the deletion and insertion curves.
     """
     started = time.perf_counter()
@@ -165,8 +165,8 @@ def explain_fast(
         from shapcore.faithfulness import faithfulness
         from shapcore.value import CoalitionModel
 
-        forward, fill = curves
-        f = CoalitionModel(_LogProbabilities(forward), model_input, grid_weights(GRID_CELLS), fill, fx=fx)
+        forward, background = curves
+        f = CoalitionModel(_LogProbabilities(forward), model_input, grid_weights(GRID_CELLS), background, fx=fx)
         result["faithfulness"] = faithfulness(f, phi[:, target], target, seed=0)
         result["faithfulness_evaluations"] = f.evaluations
         timings["faithfulness"] = time.perf_counter() - explained
@@ -197,8 +197,8 @@ async def answer_fast(
     if request.target is not None and request.target >= len(served.class_names):
         raise ShapserveError(422, "invalid_parameter", f"target {request.target} is not a class of {served.version}")
 
-    def work() -> tuple[dict[str, Any], bytes]:  # off the event loop: the fill is read from disk once
-        extra = (served.forward, served.explainer.fill()) if request.faithfulness else None
+    def work() -> tuple[dict[str, Any], bytes]:  # off the event loop: the background is read from disk once
+        extra = (served.forward, served.explainer.background()) if request.faithfulness else None
         return explain_fast(served.explainer.get(), pixels, model_input, rows[0], served.class_names,
                             request.target, curves=extra)  # fmt: skip
 

@@ -1,8 +1,9 @@
 """Service configuration, read from the environment (pydantic-settings).
 
-Every field is set by the environment variable of the same name in upper case
-(``MAX_UPLOAD_BYTES=5000000``); a ``.env`` file in the working directory is read too.
-The explanation worker reuses the upload limits (``MAX_UPLOAD_BYTES``, ``MAX_IMAGE_PIXELS``).
+The service family of :class:`shapcore.settings.SharedSettings`, which declares what the API
+shares with the explanation workers (``REDIS_URL``, ``MODEL_REGISTRY``, ``MODEL_VERSION``,
+``MAX_IMAGE_PIXELS``). Every field is set by the environment variable of the same name in upper
+case (``MAX_UPLOAD_BYTES=5000000``); a ``.env`` file in the working directory is read too.
 """
 
 from __future__ import annotations
@@ -14,19 +15,12 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shapcore.settings import BlankIsNone
+from shapcore.settings import BlankIsNone, SharedSettings
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        protected_namespaces=(),  # fields named model_* are ours, not pydantic's
-    )
+class Settings(SharedSettings):
+    """The API's own variables, beside the shared ones (:class:`shapcore.settings.SharedSettings`)."""
 
     # -- server ------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to (0.0.0.0 in a container).")
@@ -34,11 +28,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(False, description="uvicorn's per-request access log (off: it costs throughput).")
 
-    # -- model ---------------------------------------------------------------------
-    model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
-    model_version: Annotated[str | None, BlankIsNone] = Field(
-        None, description="Version to serve; unset: the promoted version, else the newest."
-    )
+    # -- model (MODEL_REGISTRY, MODEL_VERSION: shared) ---------------------------------
     model_watch_interval_s: float = Field(
         0.0,
         ge=0,
@@ -60,11 +50,8 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
 
-    # -- inputs --------------------------------------------------------------------
+    # -- inputs (MAX_IMAGE_PIXELS: shared) -------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest request body, refused while streaming.")
-    max_image_pixels: int = Field(
-        16_777_216, ge=1, description="Largest image (width x height, from its header), refused before decoding."
-    )
     max_files_per_request: int = Field(16, ge=1, description="Most `file` fields in one /predict request.")
     decode_threads: int = Field(0, ge=0, description="Threads that decode and resize uploads (0: half the cores, 1-4).")
 
@@ -92,13 +79,6 @@ class Settings(BaseSettings):
         "recently in flight at the peak. A request that finds the service idle never waits. (At 32 px "
         "the event loop spends about 0.8 ms per request, so 16 concurrent requests need ~13 ms to "
         "gather: at 5 ms the batches at C=16 were 9.4 images on average, at 15 ms 16.)",
-    )
-
-    # -- dependencies ------------------------------------------------------------------
-    redis_url: str = Field(
-        "redis://127.0.0.1:6379/0",
-        description="Explanation queue and the shared rate-limit counters; reported by /readyz; never needed by "
-        "/predict.",
     )
 
     # -- authentication (service/auth.py) ----------------------------------------------

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from shapcore.errors import UserError
 from shapcore.model import Classifier, Preprocess, build_model
+from shapcore.settings import SharedSettings
 
 WEIGHTS = "model.safetensors"
 METADATA = "metadata.json"
@@ -48,7 +49,8 @@ RUNS = ".runs"
 
 
 def default_registry() -> Path:
-    return Path(os.environ.get("MODEL_REGISTRY", "./models"))
+    """``MODEL_REGISTRY`` (:class:`shapcore.settings.SharedSettings`): where a ``Registry()`` given no root reads."""
+    return SharedSettings().model_registry
 
 
 def new_version_id(now: datetime | None = None) -> str:

@@ -102,3 +102,109 @@ def test_import_contracts_catch_a_forbidden_import(tree_copy: Path, module: str,
     assert run.returncode != 0, f"lint-imports accepted {line!r} in {module}:\n{run.stdout}"
     broken = [ln for ln in run.stdout.splitlines() if ln.rstrip().endswith("BROKEN")]
     assert any(contract in ln for ln in broken), run.stdout
+
+
+# -- configuration is read from the environment by the settings modules only --------------------------
+
+#: Where the environment may be read: the pydantic-settings families (shapcore/settings.py and
+#: its heirs) and the scripts' and bench's own settings modules.
+SETTINGS_MODULE = "settings.py"
+#: Folders whose code must read its configuration through a settings module (tests/ may set and read freely).
+ENV_CHECKED = (*CHECKED, "bench")
+
+
+def environment_reads(source: str) -> list[str]:
+    """``line: code`` of every read of the environment in ``source``: ``os.environ.get(...)``,
+    ``os.environ[...]`` as a value, ``os.getenv(...)``, ``... in os.environ`` (also through
+    ``from os import environ, getenv``). Passing the environment on to a child process
+    (``{**os.environ, ...}``, ``os.environ.copy()``) or setting a variable is no read."""
+    tree = ast.parse(source)
+    environ_names, getenv_names = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "os":
+            environ_names |= {a.asname or a.name for a in node.names if a.name == "environ"}
+            getenv_names |= {a.asname or a.name for a in node.names if a.name == "getenv"}
+
+    def is_environ(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute):
+            return node.attr == "environ" and isinstance(node.value, ast.Name) and node.value.id == "os"
+        return isinstance(node, ast.Name) and node.id in environ_names
+
+    def is_getenv(node: ast.AST) -> bool:
+        if isinstance(node, ast.Attribute):
+            return node.attr == "getenv" and isinstance(node.value, ast.Name) and node.value.id == "os"
+        return isinstance(node, ast.Name) and node.id in getenv_names
+
+    reads = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            read = is_getenv(node.func) or (
+                isinstance(node.func, ast.Attribute) and node.func.attr == "get" and is_environ(node.func.value)
+            )
+        elif isinstance(node, ast.Subscript):
+            read = isinstance(node.ctx, ast.Load) and is_environ(node.value)
+        elif isinstance(node, ast.Compare):
+            read = any(isinstance(op, ast.In | ast.NotIn) for op in node.ops) and any(map(is_environ, node.comparators))
+        else:
+            read = False
+        if read:
+            reads.append(f"{node.lineno}: {ast.unparse(node)}")
+    return reads
+
+
+def environment_reads_outside_settings(root: Path) -> dict[str, list[str]]:
+    """Every read of the environment under ``root``'s checked folders outside a settings module."""
+    found = {}
+    for path in sorted(p for folder in ENV_CHECKED for p in (root / folder).rglob("*.py")):
+        if path.name != SETTINGS_MODULE and (reads := environment_reads(path.read_text())):
+            found[str(path.relative_to(root))] = reads
+    return found
+
+
+def test_configuration_is_read_by_the_settings_modules_only() -> None:
+    found = environment_reads_outside_settings(ROOT)
+    assert not found, f"environment read outside a {SETTINGS_MODULE} (declare the variable in one): {found}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os\nx = os.environ.get('MODEL_REGISTRY', 'models')",
+        "import os\nx = int(os.environ['WORLD_SIZE'])",
+        "import os\nx = os.getenv('RANK')",
+        "import os\nx = 'CUDA' in os.environ",
+        "import os\nx = 'CUDA' not in os.environ",
+        "from os import environ\nx = environ.get('DATA')",
+        "from os import getenv as g\nx = g('DATA')",
+    ],
+)
+def test_an_environment_read_is_found(source: str) -> None:
+    assert environment_reads(source), source
+
+
+def test_passing_or_setting_the_environment_is_no_read() -> None:
+    source = (
+        "import os, subprocess\n"
+        "env = {**os.environ, 'REDIS_URL': 'redis://x'}\n"
+        "subprocess.run(['true'], env=os.environ.copy())\n"
+        "os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'\n"
+        "os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')\n"
+        "del os.environ['X']\n"
+        "settings = {}.get('X')\n"
+    )
+    assert environment_reads(source) == []
+
+
+def test_a_read_planted_in_a_copy_of_the_tree_is_caught(tmp_path: Path) -> None:
+    """The whole check, on copies of the checked folders with one read added to a module and one
+    to a settings module: the first is reported, the second is not."""
+    for folder in ENV_CHECKED:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    assert environment_reads_outside_settings(tmp_path) == {}
+    planted = tmp_path / "training" / "distributed.py"
+    planted.write_text(planted.read_text() + "\n\nLOCAL = os.environ.get('LOCAL_RANK', '0')  # planted\n")
+    allowed = tmp_path / "training" / "settings.py"
+    allowed.write_text(allowed.read_text() + "\n\nimport os\n\nLOCAL = os.environ.get('LOCAL_RANK', '0')\n")
+    found = environment_reads_outside_settings(tmp_path)
+    assert list(found) == ["training/distributed.py"], found
+    assert "os.environ.get('LOCAL_RANK', '0')" in found["training/distributed.py"][0]

@@ -77,7 +77,14 @@ def settings_defaults() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def env_names(settings_defaults: dict[str, object]) -> set[str]:
     """Every environment variable the code reads: settings fields and direct reads."""
-    names = set(settings_defaults)
+    from training.settings import TrainingSettings
+
+    names = set(settings_defaults) | {name.upper() for name in TrainingSettings.model_fields}
+    spec = importlib.util.spec_from_file_location("shapserve_script_settings", ROOT / "scripts" / "settings.py")
+    script_settings = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script_settings  # dataclasses look their module up there
+    spec.loader.exec_module(script_settings)
+    names |= script_settings.names(script_settings.RunSettings) | script_settings.names(script_settings.HealthSettings)
     direct = re.compile(
         r"""(?:os\.environ(?:\.get|\.setdefault|\.pop)?\(\s*|os\.environ\[\s*|os\.getenv\(\s*|env_float\(\s*)"""
         r"""["']([A-Z][A-Z0-9_]*)["']"""

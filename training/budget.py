@@ -12,8 +12,8 @@ import torch
 
 from shapcore.errors import UserError
 from training import distributed
-from training.engine import Batches, to_input, train_step
 from training.presets import make_optimizer
+from training.steps import Batches, to_input, train_step
 
 BUDGET_SAFETY = 0.95  # plan for 95% of the budget: step times drift a little
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
 from shapcore.errors import UserError
 from shapcore.registry import Registry
 from training.presets import PROFILES
+from training.settings import TrainingSettings
 
 EXIT_USER_ERROR = 2
 
@@ -173,7 +173,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         cfg = cfg.override(time_budget_min=0.0)
     version = train.run(cfg, args.data, registry, device=args.device, resume=args.resume, progress=not args.quiet,
                         weights_fallback=args.weights is None)  # fmt: skip
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+    if TrainingSettings().rank != 0:  # under torchrun, rank 0 reports
         return 0
     if args.promote:
         registry.promote(version)
@@ -187,6 +187,7 @@ def cmd_train(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
+    from shapcore.inference import resolve_device
     from training import evaluate
 
     metrics = evaluate.run(
@@ -195,7 +196,7 @@ def cmd_evaluate(args: argparse.Namespace, registry: Registry) -> int:
         args.data,
         split=args.split,
         holdout=args.holdout,
-        device="cuda" if args.device == "cuda" else ("cuda" if args.device == "auto" and _cuda() else "cpu"),
+        device=str(resolve_device(args.device, setting="--device")),
         progress=not args.quiet,
     )
     print(json.dumps(metrics, indent=2) if args.json else evaluate.format_tables(metrics))
@@ -237,12 +238,6 @@ def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
     cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
     print(fastshap.run(registry, args.version, args.data, cfg, progress=not args.quiet))
     return 0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def cmd_list(registry: Registry) -> int:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from shapcore.errors import InputError, UserError
 from shapcore.images import image_to_tensor
 from shapcore.model import CIFAR10_CLASSES, SOURCE_SIZE
+from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class ImageSet:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SHAPSERVE_CACHE", Path.home() / ".cache" / "shapserve"))
+    """``SHAPSERVE_CACHE`` (:class:`training.settings.TrainingSettings`)."""
+    return TrainingSettings().shapserve_cache
 
 
 def sha256_file(path: Path) -> str:

@@ -8,13 +8,13 @@ the same number of steps with the same learning rate; only rank 0 writes to the 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from shapcore.errors import UserError
+from shapcore.inference import resolve_device
+from training.settings import TrainingSettings
 
 
 @dataclass(frozen=True)
@@ -33,33 +33,24 @@ class Dist:
 
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return TrainingSettings().world_size > 1
 
 
 def setup(requested: str) -> tuple[Dist, torch.device]:
-    """Join torchrun's process group (if any) and pick this rank's device."""
+    """Join torchrun's process group (if any) and pick this rank's device: ``--device`` resolved as
+    the service's ``DEVICE`` is (:func:`shapcore.inference.resolve_device`); under torchrun a CUDA
+    choice means the GPU of this process's ``LOCAL_RANK``."""
+    device = resolve_device(requested, setting="--device")
     if not launched_by_torchrun():
-        return Dist(), _single_device(requested)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
-    if requested == "cuda" and not cuda:
-        raise UserError("--device cuda asked for, but CUDA is not available")
+        return Dist(), device
+    local = TrainingSettings().local_rank
+    cuda = device.type == "cuda"
     if cuda:
-        torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local), device
-
-
-def _single_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but CUDA is not available")
-    return torch.device(requested)
 
 
 def active() -> bool:

@@ -28,8 +28,8 @@ from training import checkpoint, distributed
 from training.budget import measure_eval_rate, measure_step_time, plan_budget
 from training.data import ImageSet, load_images, pick_background, split_train_val
 from training.distributed import Dist
-from training.engine import Batches, autocast_for
 from training.presets import TrainConfig, train_augmentation
+from training.steps import Batches, autocast_for
 
 #: Held-out validation images stored with a version (shapcore.registry.VALIDATION_SAMPLE).
 VALIDATION_SAMPLE = 500

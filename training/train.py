@@ -2,7 +2,7 @@
 
 Flat and explicit, after torchvision's references/classification/train.py: ``run`` reads
 top to bottom as set up -> (fit the budget) -> train epoch by epoch -> publish, each step a
-function of its own. The step-level pieces are in :mod:`training.engine`, the time budget
+function of its own. The step-level pieces are in :mod:`training.steps`, the time budget
 in :mod:`training.budget`.
 """
 
@@ -26,12 +26,12 @@ from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE
 from shapcore.registry import Registry, new_version_id
 from training import checkpoint, distributed
 from training.budget import SCHEDULE_TICKS, BudgetProgress
+from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, make_scheduler
+from training.setup import RunSetup, fit_budget, resume_info, set_up
 
 # autocast_for, graph_model, prepare_input and train_step are imported from here by
 # bench/train_throughput.py and tests/e2e/test_cuda.py.
-from training.engine import autocast_for, evaluate_loss, graph_model, prepare_input, train_step  # noqa: F401
-from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, make_scheduler
-from training.setup import RunSetup, fit_budget, resume_info, set_up
+from training.steps import autocast_for, evaluate_loss, graph_model, prepare_input, train_step  # noqa: F401
 
 #: Why the epoch loop ended, as recorded in a version's metadata (``stop_reason``).
 STOP_EPOCHS, STOP_EARLY, STOP_BUDGET = "epochs", "early_stop", "time_budget"

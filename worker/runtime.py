@@ -1,5 +1,9 @@
 """What a worker process keeps between jobs: loaded model versions and their background sets.
 
+Loading a version (onto ``EXPLAIN_DEVICE``, folded and frozen, at ``EXPLAIN_PRECISION``) is the
+model host's (:meth:`shapcore.host.ModelHost.explaining`, shared with the API); this module adds
+what only a worker needs: the fills kept per version, and the fork discipline below.
+
 The worker's parent process calls :func:`preload` before it starts taking jobs, so the
 default version's network and its background summary are in memory *before* RQ forks a
 work horse for each job: every horse inherits them copy-on-write and never reads the
@@ -22,17 +26,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from shapcore.background import BackgroundSet, make_background
 from shapcore.errors import UserError
 from shapcore.explain.background import BackgroundSpec, parse_background
+from shapcore.host import HostedModel, ModelHost
 from shapcore.inference import resolve_device
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
-from shapcore.precision import BF16Autocast, PrecisionChoice, choose_precision
+from shapcore.precision import PrecisionChoice
 from shapcore.registry import LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
@@ -40,27 +44,43 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VersionRuntime:
-    loaded: LoadedVersion
+    """One hosted version (:class:`shapcore.host.HostedModel`) with its stored background and fills."""
+
+    hosted: HostedModel
     stored_background: torch.Tensor  # uint8 (100, 3, 32, 32)
-    #: the network with autograd (batch norms folded, eval mode): the gradient methods' model
-    autograd_model: torch.nn.Module | None = None
-    #: fp32 or bf16 for the value function's forward passes, and why (shapcore.precision)
-    precision: PrecisionChoice | None = None
-    #: where the model runs and the masked images are built (EXPLAIN_DEVICE)
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fills: dict[str, BackgroundSet] = field(default_factory=dict)
 
     @property
+    def loaded(self) -> LoadedVersion:
+        return self.hosted.loaded
+
+    @property
     def version(self) -> str:
-        return self.loaded.version
+        return self.hosted.version
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.loaded.model
+        """The network the value function evaluates, at the chosen precision."""
+        return self.hosted.model
+
+    @property
+    def autograd_model(self) -> torch.nn.Module | None:
+        """The network with autograd (batch norms folded, eval mode): the gradient methods' model."""
+        return self.hosted.autograd_model
+
+    @property
+    def precision(self) -> PrecisionChoice:
+        """fp32 or bf16 for the value function's forward passes, and why (shapcore.precision)."""
+        return self.hosted.precision
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs and the masked images are built (EXPLAIN_DEVICE)."""
+        return self.hosted.device
 
     @property
     def class_names(self) -> list[str]:
-        return self.loaded.class_names
+        return self.hosted.class_names
 
     def background(self, spec: BackgroundSpec, model_input: torch.Tensor) -> BackgroundSet:
         """The fill ``spec`` names; every kind but ``blur`` (made from the image) is kept."""
@@ -79,6 +99,8 @@ class Runtime:
         #: where the models, the fills and the masks live (EXPLAIN_DEVICE unless given)
         self.device = torch.device(device) if device is not None else worker_device(settings)
         self.registry = Registry(settings.model_registry)
+        self.host = ModelHost(self.registry, self.device, precision=settings.explain_precision,
+                              jit=settings.explain_jit, batch_size=settings.explain_batch_size)  # fmt: skip
         self.keep = keep
         self.versions: dict[str, VersionRuntime] = {}
         self.default_version: str | None = None
@@ -89,27 +111,15 @@ class Runtime:
         with self._lock:
             if resolved in self.versions:
                 return self.versions[resolved]
-            on_device = self.registry.load(resolved, device=self.device)
-            loaded, eager = prepare_model(on_device, jit=self.settings.explain_jit)
-            precision, loaded.model = self._choose_precision(loaded, eager)
-            rt = VersionRuntime(loaded=loaded, stored_background=loaded.background(), autograd_model=eager,
-                                precision=precision, device=self.device)  # fmt: skip
+            hosted = self.host.explaining(resolved)
+            rt = VersionRuntime(hosted, stored_background=hosted.loaded.background())
             self.versions[resolved] = rt
             while len(self.versions) > self.keep:
                 oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
                 del self.versions[oldest]
             log.info("loaded model version %s on %s (%d background images; %s: %s)", resolved, self.device,
-                     len(rt.stored_background), precision.chosen, precision.reason)  # fmt: skip
+                     len(rt.stored_background), rt.precision.chosen, rt.precision.reason)  # fmt: skip
             return rt
-
-    def _choose_precision(self, loaded: LoadedVersion, eager: torch.nn.Module) -> tuple[PrecisionChoice, Any]:
-        """fp32 (the prepared model) or bf16 autocast over the eager one, as EXPLAIN_PRECISION says;
-        ``auto`` measures both at the explanation batch size (:mod:`shapcore.precision`). The
-        forms take float images in [0, 1], as the value function feeds them."""
-        requested, device = self.settings.explain_precision, self.device
-        sample = loaded.validation_sample().to(device).float() / 255.0 if requested == "auto" else torch.empty(0)
-        return choose_precision(requested, device, loaded.model, lambda: BF16Autocast(eager, device.type), sample,
-                                self.settings.explain_batch_size)  # fmt: skip
 
     def preload(self) -> VersionRuntime:
         """Load the default version and its default background summary (in the parent)."""
@@ -124,7 +134,8 @@ class Runtime:
 def prepare_model(loaded: LoadedVersion, *, jit: bool = True) -> tuple[LoadedVersion, torch.nn.Module]:
     """The version with its network as the worker runs it (:func:`shapcore.inference.prepare_for_explaining`:
     batch norms folded, channels-last, frozen by TorchScript on the CPU with ``jit``), and the eager
-    network with autograd for the gradient methods.
+    network with autograd for the gradient methods, at fp32: what the benches and tests that
+    evaluate an already-loaded version use (the worker itself loads through its model host).
 
     Tracing runs one batch-1 forward pass, in the parent process with its single intra-op
     thread, so no OpenMP pool exists before the fork; the horses pay TorchScript's

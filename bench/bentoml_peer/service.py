@@ -7,13 +7,13 @@ batched path is, run on the same torch threads; an upload is decoded by BentoML 
 reduced to 32x32 by shapcore's own ``to_source_size``. One request: multipart field ``file``
 holding one image; answer: its top 3 classes.
 
-Environment: ``MODEL_REGISTRY`` (required), ``MODEL_VERSION``, ``TORCH_THREADS`` (default 1),
-``BENTO_WORKERS`` (default 1), ``BENTO_MAX_BATCH`` (32), ``BENTO_MAX_LATENCY_MS`` (1000).
+Environment (``bench/bentoml_peer/settings.py``): ``MODEL_REGISTRY``, ``MODEL_VERSION``,
+``TORCH_THREADS`` (default 1), ``BENTO_WORKERS`` (default 1), ``BENTO_MAX_BATCH`` (32),
+``BENTO_MAX_LATENCY_MS`` (1000).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -21,10 +21,13 @@ import bentoml
 from PIL.Image import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench.bentoml_peer.settings import PeerSettings
+
+SETTINGS = PeerSettings()
 
 
 @bentoml.service(
-    workers=int(os.environ.get("BENTO_WORKERS", "1")),
+    workers=SETTINGS.bento_workers,
     traffic={"timeout": 120, "max_concurrency": 256},
 )
 class Classifier:
@@ -35,16 +38,16 @@ class Classifier:
         from shapcore.model import SOURCE_SIZE
         from shapcore.registry import Registry
 
-        torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
-        loaded = Registry(os.environ["MODEL_REGISTRY"]).load(os.environ.get("MODEL_VERSION") or None)
+        torch.set_num_threads(SETTINGS.torch_threads)
+        loaded = Registry(SETTINGS.model_registry).load(SETTINGS.model_version)
         self.labels = loaded.class_names
         example = torch.zeros(1, 3, SOURCE_SIZE, SOURCE_SIZE, dtype=torch.uint8)
         self.model = freeze_for_inference(loaded.model.eval(), example) or loaded.model.eval()
 
     @bentoml.api(
         batchable=True,
-        max_batch_size=int(os.environ.get("BENTO_MAX_BATCH", "32")),
-        max_latency_ms=int(os.environ.get("BENTO_MAX_LATENCY_MS", "1000")),
+        max_batch_size=SETTINGS.bento_max_batch,
+        max_latency_ms=SETTINGS.bento_max_latency_ms,
     )
     def predict(self, file: list[Image]) -> list[list[dict]]:
         import torch

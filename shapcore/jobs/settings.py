@@ -1,41 +1,26 @@
 """Explanation settings, shared by the API (``POST /explain``) and the worker (``python -m worker``).
 
-Read from the environment (and ``.env``) like the service's own settings. The connection,
-registry and version use the *same* variable names as the service (``REDIS_URL``,
-``MODEL_REGISTRY``, ``MODEL_VERSION``), so one environment configures both processes; the
-explanation knobs are ``EXPLAIN_*``. This module imports neither torch nor the service.
+The explain family of :class:`shapcore.settings.SharedSettings`: the connection, registry,
+version and pixel limit are the base's (the same variables as the service's, so one environment
+configures both processes); the explanation knobs are ``EXPLAIN_*``. This module imports
+neither torch nor the service.
 """
 
 from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shapcore.explain.background import STORED_BACKGROUND, parse_background
-from shapcore.settings import BlankIsNone
+from shapcore.settings import BlankIsNone, SharedSettings
 
 
-class ExplainSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        protected_namespaces=(),
-    )
-
-    # -- shared with the service ---------------------------------------------------------
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue, jobs and results.")
-    model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
-    model_version: Annotated[str | None, BlankIsNone] = Field(
-        None, description="Version to explain; unset: promoted, else newest."
-    )
-    max_image_pixels: int = Field(16_777_216, ge=1, description="Same limit as /predict (header check).")
+class ExplainSettings(SharedSettings):
+    """``EXPLAIN_*``, beside the shared ``REDIS_URL``, ``MODEL_REGISTRY``, ``MODEL_VERSION`` and
+    ``MAX_IMAGE_PIXELS`` (:class:`shapcore.settings.SharedSettings`)."""
 
     # -- queue ----------------------------------------------------------------------------
     explain_queue: str = Field("explain", description="RQ queue name.")

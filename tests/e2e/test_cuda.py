@@ -36,7 +36,7 @@ def test_smoke_training_on_cuda_then_cpu_reload_agrees(small_archive: Path, tmp_
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_service_forward_on_cuda_agrees_with_cpu(smoke_model: tuple[Path, str], precision: str) -> None:
     """The service's prepared forward pass on the GPU gives the CPU's probabilities."""
-    from service.engine import build_forward, warm_up
+    from shapcore.inference import build_forward, warm_up
 
     registry, version = smoke_model
     loaded = Registry(registry).load(version, device="cpu")

@@ -23,8 +23,8 @@ from PIL import Image
 from shapcore.registry import Registry
 from training import evaluate, train
 from training.data import load_images, split_train_val
-from training.engine import Batches, evaluate_loss
 from training.presets import PROFILES
+from training.steps import Batches, evaluate_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 TOY_COLOURS = {"blue": (40, 40, 210), "green": (40, 210, 40), "red": (210, 40, 40)}

@@ -34,7 +34,7 @@ def _partition_maps(ctx: MethodContext, max_evals: int) -> tuple[np.ndarray, int
         # channels only below single pixels, so this is 0 or 1 but for the deepest splits.
         keep = (batch != PARTITION_SENTINEL).mean(axis=-1).reshape(len(batch), -1)
         rows[0] += len(batch)
-        return ctx.f.keepprobabilities_of(keep.astype(np.float32))
+        return ctx.f.keep_probabilities(keep.astype(np.float32))
 
     masker = shap.maskers.Image(PARTITION_SENTINEL, image.shape)
     explainer = shap.PartitionExplainer(model, masker)
