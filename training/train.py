@@ -141,7 +141,7 @@ def _train(setup: RunSetup, *, resumed: bool) -> RunResult:
 
 
 def _maybe_graph(setup: RunSetup) -> bool:
-    """CUDA graphs for single-GPU runs with fixed-size batches (see ``engine.graph_model``)."""
+    """CUDA graphs for single-GPU runs with fixed-size batches (see ``steps.graph_model``)."""
     cfg, data = setup.cfg, setup.data
     if not (cfg.cuda_graphs and setup.dev.type == "cuda" and not setup.dd.enabled and data.train.drop_last):
         return False
