@@ -5,7 +5,7 @@
     PYTHONPATH=. .venv/bin/python bench/estimator_table.py --real --registry models
         [--version V] [--images 10] [--reference-samples 20000] [--ceiling]
 
-Games (default): value functions with exact Shapley values (``tests/shapley_games_exact.py``;
+Games (default): value functions with exact Shapley values (``tests/support/shapley_games_exact.py``;
 sums of unanimity games of orders 1-5 at M = 50, mild and strong; a weighted majority game at
 M = 16, enumerated). ρ and L2 are against the exact values, over class 0; the figures are
 medians over seeds; seconds are the estimator's own (the games cost nothing to evaluate).
@@ -44,12 +44,10 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from shapley_games_exact import shap_kernel, unanimity_game, voting_game  # noqa: E402
-
 from shapcore.shapley import estimate_shapley  # noqa: E402
+from tests.support.shapley_games_exact import shap_kernel, unanimity_game, voting_game  # noqa: E402
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
 GAMES = {

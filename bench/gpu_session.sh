@@ -7,7 +7,7 @@
 #               reassembles it here
 #   paper       the `paper` profile on the shared training images (epochs fitted to its slot)
 #   eval        the held-out evaluation of that version
-#   tests       the tests that need CUDA (tests/test_cuda.py)
+#   tests       the tests that need CUDA (tests/e2e/test_cuda.py)
 #   predict     the /predict load benchmark on the GPU with the paper model (224 px)
 # STEPS picks and orders them. Each step's time limit comes out of one overall budget
 # (BUDGET_S), so that a slow or broken step costs its own slot and not the rest. All output
@@ -123,7 +123,7 @@ print(10 if rate <= 0 else max(1, min(10, int(($SLOT - 20) / (40000 / rate * 1.0
     ;;
   tests)
     banner "tests that need CUDA"
-    timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+    timeout $(( $(left) > 150 ? 150 : $(left) )) python3 -m pytest -q -p no:cacheprovider tests/e2e/test_cuda.py
     ;;
   predict)
     banner "/predict load benchmark on the GPU, paper model at 224 px"

@@ -9,7 +9,7 @@ Estimators (one explanation each, except ``halves``):
 - ``sandwich``: the regression's sandwich covariance over draws (its linearisation);
 - ``halves``: two explanations at samples/2 with independent seeds, averaged; se = |φ₁ − φ₂| / 2.
 
-Truth: (a) synthetic value functions with exact Shapley values (``tests/shapley_games.py``),
+Truth: (a) synthetic value functions with exact Shapley values (``tests/support/shapley_games.py``),
 (b) the real model on held-out CIFAR-10 images (segments 50, samples 5000, background mean),
 where the seed-to-seed spread is the truth and the mean over seeds stands in for the exact
 values. Per estimator: the median over (superpixel, class) of mean estimated se / seed sd,
@@ -37,10 +37,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from shapley_games import pairwise_game, saturating_game  # noqa: E402
-
+from tests.support.shapley_games import pairwise_game, saturating_game  # noqa: E402
 from worker.methods.kernel import kernel_shap, kernel_uncertainty  # noqa: E402
 from worker.uncertainty import bootstrap_stderr, design_from, sandwich_stderr  # noqa: E402
 

@@ -1,8 +1,16 @@
-"""Shared fixtures: real images, a smoke model trained once per session, the real Redis.
+"""Shared fixtures: real images, a smoke model trained once per session, the real Redis, and
+the processes every folder may start (services, workers, private Redis servers).
 
 The real CIFAR-10 training archive (../shared/data/cifar10/train.tar.gz, or
 $SHAPSERVE_TEST_DATA) is read at run time; a small archive of real images is cut from it
 once per session so that tests stay fast.
+
+The layout mirrors the code: ``tests/shapcore``, ``tests/service``, ``tests/worker``,
+``tests/training`` (in-process tests of each package, each folder with its own conftest.py),
+``tests/e2e`` (real uvicorn services, RQ workers and Redis over HTTP), and at the top the checks
+of the repository as a whole (code shape, deployment files, this layout). The helpers are plain
+modules under ``tests/support`` (imported, never loaded as plugins); the fixtures among them
+are registered here, once.
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ SHARED_ARCHIVE = Path(
     os.environ.get("SHAPSERVE_TEST_DATA", ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz")
 ).resolve()
 PER_CLASS = 30
-TEST_REDIS_URL = os.environ.get("SHAPSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 
 #: Inherited by every process the session starts (services and workers copy os.environ), so
@@ -169,25 +176,9 @@ def cifar_jpeg(shared_archive: Path) -> bytes:
     raise AssertionError("no cat in the archive")
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The real Redis at 127.0.0.1:6379, on a database number of the tests' own (flushed)."""
-    import redis
-
-    conn = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        conn.ping()
-    except redis.ConnectionError as exc:
-        pytest.fail(f"Redis is not reachable at {TEST_REDIS_URL}: {exc}")
-    conn.flushdb()
-    return TEST_REDIS_URL
-
-
-# The running-service fixtures (`python -m service` in a subprocess): see tests/service_fixtures.py.
-from service_fixtures import (  # noqa: E402, F401
-    odd_images,
-    own_service,
-    service,
-    service_registry,
-    start_service,
-)
+# The fixtures of tests/support, registered once for every folder: the suite's Redis databases
+# and private servers, the running service (`python -m service`) and workers (`python -m worker`).
+from tests.support.private_redis import private_redis  # noqa: E402, F401
+from tests.support.redisdb import explain_redis_url, redis_url  # noqa: E402, F401
+from tests.support.services import odd_images, own_service, service, service_registry, start_service  # noqa: E402, F401
+from tests.support.workers import start_worker  # noqa: E402, F401

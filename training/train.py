@@ -30,7 +30,7 @@ from training.presets import ONECYCLE_PCT_START, TrainConfig, make_optimizer, ma
 from training.setup import RunSetup, fit_budget, resume_info, set_up
 
 # autocast_for, graph_model, prepare_input and train_step are imported from here by
-# bench/train_throughput.py and tests/test_cuda.py.
+# bench/train_throughput.py and tests/e2e/test_cuda.py.
 from training.steps import autocast_for, evaluate_loss, graph_model, prepare_input, train_step  # noqa: F401
 
 #: Why the epoch loop ended, as recorded in a version's metadata (``stop_reason``).
@@ -141,7 +141,7 @@ def _train(setup: RunSetup, *, resumed: bool) -> RunResult:
 
 
 def _maybe_graph(setup: RunSetup) -> bool:
-    """CUDA graphs for single-GPU runs with fixed-size batches (see ``engine.graph_model``)."""
+    """CUDA graphs for single-GPU runs with fixed-size batches (see ``steps.graph_model``)."""
     cfg, data = setup.cfg, setup.data
     if not (cfg.cuda_graphs and setup.dev.type == "cuda" and not setup.dd.enabled and data.train.drop_last):
         return False
