@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|report|list|show|promote``.
+"""``python -m training train|evaluate|report|fit-explainer|list|show|promote``.
 
 Every user mistake ends in one line on stderr and exit status 2, never a traceback.
 """
