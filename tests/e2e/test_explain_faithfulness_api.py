@@ -68,7 +68,7 @@ def test_the_curves_of_a_finished_job_as_a_png(api, job, explain_redis_url):
     assert width >= 800 and height >= 400  # two panels
     import redis
 
-    from shapcore.jobs.artifact import png_key
+    from shapcore.jobs.keys import png_key
 
     conn = redis.Redis.from_url(explain_redis_url)
     assert conn.get(png_key(body["job_id"], "faithfulness")) == r.content  # drawn once, then cached
@@ -88,7 +88,7 @@ def test_409_until_finished_or_when_failed_and_404_when_unknown(api, job, cifar_
 
     settings = ExplainSettings(redis_url=explain_redis_url, explain_queue=QUEUE, explain_retries=0)
     unknown_version = JobRequest.of(job_image(cifar_jpeg), "20000101-000000-000000", segments=10, samples=30,
-                                 background=1, seed=0, target=None)  # fmt: skip
+                                 background="mean", seed=0, target=None)  # fmt: skip
     failed, _ = submit(connect(explain_redis_url, 2.0), settings, unknown_version)
     doc = wait_finished(api.client, f"/explain/{failed.id}")
     assert doc["status"] == "failed", doc
