@@ -164,8 +164,12 @@ def test_versions_store_a_validation_sample(smoke_model: tuple[Path, str], small
     assert torch.equal(sample[len(background) :], data.images[val_idx[:held_out]])
 
 
-def test_service_and_worker_report_their_choice(service, smoke_model: tuple[Path, str]) -> None:
-    body = service.client.get("/model").json()
+def test_service_and_worker_report_their_choice(start_service, smoke_model: tuple[Path, str]) -> None:
+    service = start_service(env={"PRECISION": "auto"})  # the suite's services pin fp32
+    try:
+        body = service.client.get("/model").json()
+    finally:
+        service.stop()
     p = body["precision"]
     assert p["requested"] == "auto" and p["chosen"] in ("fp32", "bf16") and p["reason"]
     assert ("+bf16" in body["runtime"]) == (p["chosen"] == "bf16")
