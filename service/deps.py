@@ -3,12 +3,12 @@
 Everything here is built once per app by :func:`service.app.create_app` and its lifespan and
 kept on ``app.state``: the routes hold no module-level state and read no environment::
 
-    async def route(state: StateDep, settings: ExplainSettingsDep, redis: RedisDep) -> ...
+    async def route(state: StateDep, settings: ExplainSettingsDep, explanations: ExplanationsDep) -> ...
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -34,13 +34,9 @@ def get_explain_settings(request: Request) -> ExplainSettings:
     return request.app.state.explain_settings
 
 
-def get_redis(request: Request) -> Any:
-    """The explanation queue's Redis client (short timeouts: see ``shapcore.jobs.client.connect``)."""
-    return request.app.state.explain_redis
-
-
 def get_explanations(request: Request) -> Explanations:
-    """The explanation service over the one queue client (:mod:`service.explanations`)."""
+    """The explanation service over the one queue client (:mod:`service.explanations`), on the
+    app's Redis client (short timeouts: see ``shapcore.jobs.client.connect``)."""
     app = request.app.state
     return Explanations(app.service, ExplainClient(app.explain_redis, app.explain_settings))
 
@@ -48,5 +44,4 @@ def get_explanations(request: Request) -> Explanations:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StateDep = Annotated[ServiceState, Depends(get_state)]
 ExplainSettingsDep = Annotated[ExplainSettings, Depends(get_explain_settings)]
-RedisDep = Annotated[Any, Depends(get_redis)]
 ExplanationsDep = Annotated[Explanations, Depends(get_explanations)]

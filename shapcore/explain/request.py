@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shapcore.explain.background import STORED_BACKGROUND, parse_background
 from shapcore.explain.layouts import GRID_PLAYERS, PLAYER_LAYOUTS
-from shapcore.explain.methods import DEFAULT_METHOD, get_method
+from shapcore.explain.methods import DEFAULT_METHOD, Method, get_method
 
 
 class RequestLimits(Protocol):
@@ -73,7 +73,7 @@ class ExplainRequest(BaseModel):
         ``target`` when known.
         """
         given = {k: v for k, v in given.items() if v is not None or k == "target"}
-        method = get_method_checked(str(given.get("method", DEFAULT_METHOD)).lower())
+        method = _method(str(given.get("method", DEFAULT_METHOD)).lower())
         players = _players(method, given.get("players"))
         ranges = limits.ranges()
         segments = GRID_PLAYERS if players == "grid" else _bounded(
@@ -105,14 +105,14 @@ class ExplainRequest(BaseModel):
         return self.model_dump()
 
 
-def get_method_checked(name: str):
+def _method(name: str) -> Method:
     try:
         return get_method(name)
     except ValueError as exc:
         raise InvalidRequest("method", str(exc)) from None
 
 
-def _players(method, raw: Any) -> str:
+def _players(method: Method, raw: Any) -> str:
     if raw is None:
         return method.players or "slic"
     players = str(raw).strip().lower()
@@ -124,7 +124,7 @@ def _players(method, raw: Any) -> str:
     return players
 
 
-def _background(method, raw: Any, default: str) -> str:
+def _background(method: Method, raw: Any, default: str) -> str:
     if method.background is not None:
         if raw is not None and parse_background(raw, STORED_BACKGROUND).name != method.background:
             raise InvalidRequest("background", f"method={method.name} uses the {method.background} background "
