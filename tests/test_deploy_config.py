@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.support import deploy
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile.gpu"
@@ -65,47 +67,17 @@ def services(compose: dict) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def settings_defaults() -> dict[str, object]:
-    from service.settings import Settings
-    from shapcore.jobs.settings import ExplainSettings
-
-    out: dict[str, object] = {}
-    for cls in (ExplainSettings, Settings):
-        out.update({name.upper(): field.default for name, field in cls.model_fields.items()})
-    return out
+    return deploy.settings_defaults()
 
 
 @pytest.fixture(scope="module")
-def env_names(settings_defaults: dict[str, object]) -> set[str]:
-    """Every environment variable the code reads: settings fields and direct reads."""
-    from training.settings import TrainingSettings
-
-    names = set(settings_defaults) | {name.upper() for name in TrainingSettings.model_fields}
-    spec = importlib.util.spec_from_file_location("shapserve_script_settings", ROOT / "scripts" / "settings.py")
-    script_settings = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script_settings  # dataclasses look their module up there
-    spec.loader.exec_module(script_settings)
-    names |= script_settings.names(script_settings.RunSettings) | script_settings.names(script_settings.HealthSettings)
-    direct = re.compile(
-        r"""(?:os\.environ(?:\.get|\.setdefault|\.pop)?\(\s*|os\.environ\[\s*|os\.getenv\(\s*|env_float\(\s*)"""
-        r"""["']([A-Z][A-Z0-9_]*)["']"""
-    )
-    sources = [*ROOT.glob("training/**/*.py"), *ROOT.glob("service/**/*.py"), *ROOT.glob("worker/**/*.py"),
-               *ROOT.glob("scripts/*.py")]  # fmt: skip
-    for path in sources:
-        names.update(direct.findall(path.read_text()))
-    return names
+def env_names() -> set[str]:
+    return set(deploy.env_names())
 
 
 @pytest.fixture(scope="module")
 def routes() -> set[str]:
-    from service.app import create_app
-    from service.settings import Settings
-
-    app = create_app(Settings())
-    paths = set(app.openapi()["paths"]) | {getattr(route, "path", None) for route in app.routes}
-    paths.discard(None)
-    assert {"/predict", "/readyz", "/metrics"} <= paths
-    return paths
+    return set(deploy.api_routes())
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 FOLDERS = ("shapcore", "service", "worker", "training", "e2e")
 #: The checks of the repository as a whole, at the top.
-TOP_LEVEL = {"test_code_shape.py", "test_deploy_config.py", "test_suite_layout.py"}
+TOP_LEVEL = {"test_code_shape.py", "test_deploy_config.py", "test_deploy_kubernetes.py", "test_suite_layout.py"}
 
 
 def _python_files() -> list[Path]:
