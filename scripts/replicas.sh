@@ -46,6 +46,7 @@ esac
 mkdir -p "$VAR_DIR/log"
 
 pids=()
+names=()
 stop_all() {
   trap - EXIT INT TERM
   say "stopping"
@@ -61,6 +62,7 @@ start() {
   local name=$1; shift
   "$@" >"$VAR_DIR/log/$name.log" 2>&1 &
   pids+=("$!")
+  names+=("$name")
   echo "$!" >"$VAR_DIR/$name.pid"
   say "$name: pid $! (log $VAR_DIR/log/$name.log)"
 }
@@ -81,16 +83,31 @@ SHAPSERVE_LB_BIND="127.0.0.1:$PORT" SHAPSERVE_LB_STATS="127.0.0.1:$STATS_PORT" \
   SHAPSERVE_API_1="127.0.0.1:$API1_PORT" SHAPSERVE_API_2="127.0.0.1:$API2_PORT" \
   start haproxy "$HAPROXY" -db -f deploy/haproxy/haproxy.cfg
 
+# Until Ctrl-C: a process that exits is reported once, not restarted, and the rest go on (a dead
+# replica is what the balancer routes around); only the balancer's own exit stops everything.
+watch_processes() {
+  local reported=" " i
+  while true; do
+    for i in "${!pids[@]}"; do
+      if ! kill -0 "${pids[$i]}" 2>/dev/null && [[ $reported != *" $i "* ]]; then
+        reported+="$i "
+        [ "${names[$i]}" = haproxy ] && die "haproxy exited: see $VAR_DIR/log/haproxy.log"
+        say "${names[$i]} (pid ${pids[$i]}) exited; the others go on (log: $VAR_DIR/log/${names[$i]}.log)"
+      fi
+    done
+    sleep 1
+  done
+}
+
 say "waiting for a replica to be ready behind the balancer"
 for _ in $(seq 1 600); do
-  for pid in "${pids[@]}"; do
-    kill -0 "$pid" 2>/dev/null || die "pid $pid exited early: see $VAR_DIR/log/"
+  for i in "${!pids[@]}"; do
+    kill -0 "${pids[$i]}" 2>/dev/null || die "${names[$i]} exited while starting: see $VAR_DIR/log/${names[$i]}.log"
   done
   if curl -fs -o /dev/null "http://127.0.0.1:$PORT/readyz"; then
     say "API: http://127.0.0.1:$PORT/ (replicas on $API1_PORT and $API2_PORT)"
     say "balancer's stats: http://127.0.0.1:$STATS_PORT/stats; Ctrl-C stops everything"
-    wait -n "${pids[@]}" || true
-    die "a process exited: see $VAR_DIR/log/ (everything is stopped)"
+    watch_processes
   fi
   sleep 1
 done
