@@ -4,7 +4,7 @@ PYTHON ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint run train bench clean
+.PHONY: install test lint run train replicas bench clean
 
 $(VENV)/.installed: pyproject.toml
 	VENV=$(VENV) PYTHON=$(PYTHON) FORCE=1 scripts/install.sh
@@ -30,6 +30,11 @@ run: install
 # `make run` switches to the new version by itself.
 train: install
 	@SKIP_INSTALL=1 VENV=$(VENV) scripts/run.sh train
+
+# Scaled out on this machine: two API replicas behind HAProxy, WORKERS workers, one Redis, over
+# the registry's promoted version (`make run` or `make train` first). Settings: scripts/replicas.sh.
+replicas: install
+	@VENV=$(VENV) scripts/replicas.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache var

@@ -5,8 +5,9 @@ Registered by tests/conftest.py, so every test module can use them:
 ``service_registry``  (session) a private copy of the ``smoke_model`` registry whose version
                       has been evaluated (metrics.json + confusion_matrix.png), so /model
                       and the evaluation gauges have something to show.
-``start_service``     (session) factory: ``start_service(registry=None, env=None, wait="ready")``
-                      starts ``python -m service`` on a free port with ``env`` overriding
+``start_service``     (session) factory: ``start_service(registry=None, env=None, wait="ready",
+                      port=None)`` starts ``python -m service`` on ``port`` (default: a free
+                      one; a given one restarts a replica where a balancer expects it) with ``env`` overriding
                       the defaults below, waits until /readyz answers 200 (``wait="alive"``:
                       until /healthz answers; ``wait=None``: not at all) and returns a
                       :class:`RunningService`. Every service started is stopped when the
@@ -236,9 +237,12 @@ def start_service(
     logs = tmp_path_factory.mktemp("service-logs")
 
     def start(
-        registry: Path | None = None, env: dict[str, str] | None = None, wait: str | None = "ready"
+        registry: Path | None = None,
+        env: dict[str, str] | None = None,
+        wait: str | None = "ready",
+        port: int | None = None,
     ) -> RunningService:
-        port = free_port()
+        port = port or free_port()
         full_env = child_env(**{
             "MODEL_REGISTRY": str(registry or service_registry),
             "HOST": "127.0.0.1",
