@@ -380,7 +380,7 @@ def start_server(args: argparse.Namespace, batching: bool, log_path: Path) -> tu
         "TORCH_THREADS": str(args.torch_threads),
         "INFERENCE_WORKERS": str(args.inference_workers),
         "DEVICE": args.device,
-        "PRECISION": args.precision,
+        "RUNTIME": {"fp32": "torchscript"}.get(args.precision, args.precision),
         "JIT": "false" if args.no_jit else "true",
         "LOG_LEVEL": "warning",
     }
