@@ -80,7 +80,7 @@ class Engine:
         self.device = resolve_device(settings.device)
         self.host = ModelHost(self.registry, self.device, runtime=settings.runtime, jit=settings.jit,
                               batch_sizes=serving_batch_sizes(self.max_batch()),
-                              cache_root=settings.runtime_cache_dir)  # fmt: skip
+                              cache_root=settings.runtime_cache_dir, only=settings.runtime_candidates)  # fmt: skip
         self.threads = settings.resolved_torch_threads()
         self.current: ServedModel | None = None
         self.inference_executor = ThreadPoolExecutor(

@@ -114,7 +114,8 @@ def top1_agreement(reference: ForwardFn, other: ForwardFn, images: torch.Tensor,
 
 def time_forms(forms: dict[str, ForwardFn], batch: torch.Tensor, rounds: int = 5) -> dict[str, float]:
     """Best seconds per call of each form on ``batch``, the forms taking turns (a burst of other
-    work then slows each alike instead of deciding the choice); two untimed calls each first.
+    work then slows each alike instead of deciding the choice); three untimed calls each first
+    (TorchScript's profiling executor optimises a graph on its third call).
 
     A batch on a CUDA device is timed to the end of the GPU's work (CUDA kernels run
     asynchronously: a form that leaves its output there would otherwise time only its launches)."""
@@ -126,8 +127,8 @@ def time_forms(forms: dict[str, ForwardFn], batch: torch.Tensor, rounds: int = 5
             torch.cuda.synchronize(batch.device)
 
     for fn in forms.values():
-        run(fn)
-        run(fn)
+        for _ in range(3):
+            run(fn)
     best = dict.fromkeys(forms, float("inf"))
     for _ in range(rounds):
         for name, fn in forms.items():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +75,17 @@ class HostedModel:
 class ModelHost:
     """Loads versions of ``registry`` onto ``device``.
 
-    ``runtime``: ``auto`` or a runtime's name (``RUNTIME`` / ``EXPLAIN_RUNTIME``); ``jit``: keep a
+    ``runtime``: ``auto`` or a runtime's name (``RUNTIME`` / ``EXPLAIN_RUNTIME``); ``only``: the
+    candidates ``auto`` measures (``RUNTIME_CANDIDATES``; None: all but those marked not to); ``jit``: keep a
     TorchScript-frozen form on the CPU (``JIT`` / ``EXPLAIN_JIT``); ``batch_sizes``: the batches the
     caller runs, at which ``auto`` times the candidates (the largest: up to which the serving
     warm-up runs); ``cache_root``: where exports go when a version's folder is read-only.
     """
 
     def __init__(self, registry: Registry, device: torch.device, *, runtime: str = "auto", jit: bool = True,
-                 batch_sizes: tuple[int, ...] = (1,),
-                 cache_root: Path = Path("./var/runtime-cache")) -> None:  # fmt: skip
+                 batch_sizes: tuple[int, ...] = (1,), cache_root: Path = Path("./var/runtime-cache"),
+                 only: str | None = None) -> None:  # fmt: skip
+        self.only = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
         self.registry = registry
         self.device = device
         self.runtime = runtime
@@ -119,6 +121,9 @@ class ModelHost:
 
     def _choose(self, baseline: ForwardFn, cands: list[Candidate],
                 sample: torch.Tensor) -> tuple[RuntimeChoice, ForwardFn]:  # fmt: skip
+        if self.only is not None:
+            listed = self.only
+            cands = [replace(c, not_in_auto=None if c.name in listed else "not in RUNTIME_CANDIDATES") for c in cands]
         choice, form = choose(self.runtime, (BASELINE, baseline), cands, sample, self.batch_sizes)
         log.info("runtime %s: %s", choice.chosen, choice.reason)
         return choice, form
@@ -131,6 +136,8 @@ class ModelHost:
         loaded = self.registry.load(version, device="cpu")
         fp32, cands = self.serving_forms(loaded)
         sample = loaded.validation_sample() if self.runtime == "auto" else torch.empty(0)
+        if self.runtime == "auto" and warmup:  # the baseline as it would serve: warmed, tuned per small batch
+            warm_up(fp32, self.batch_size, warmup_budget_s)
         choice, forward = self._choose(fp32, cands, sample)
         assert isinstance(forward, Forward)
         if warmup:

@@ -34,6 +34,7 @@ from torch import nn
 
 from shapcore.exports import (
     EXPORT_REVISION,
+    INT8_SCHEME,
     ONNX_FP32,
     ONNX_INT8,
     cache_dirs,
@@ -169,7 +170,7 @@ class ExportSource:
             calibration = self.calibration()
             inputs = {**self.base_inputs(), "onnxruntime": library_version("onnxruntime"),
                       "calibration_sha256": tensor_sha256(calibration), "reduce_range": reduce_range,
-                      "scheme": "static QDQ, u8 activations, s8 per-channel weights, MinMax"}  # fmt: skip
+                      "scheme": INT8_SCHEME}  # fmt: skip
             self._memo[ONNX_INT8] = cached(
                 ONNX_INT8, inputs, lambda p: quantize_int8(fp32, calibration, p, reduce_range=reduce_range),
                 self.dirs(),

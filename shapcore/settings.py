@@ -52,6 +52,13 @@ class SharedSettings(BaseSettings):
     model_version: Annotated[str | None, BlankIsNone] = Field(
         None, description="Version to serve and explain; unset: the promoted version, else the newest."
     )
+    runtime_candidates: Annotated[str | None, BlankIsNone] = Field(
+        None,
+        description="Comma-separated runtimes that RUNTIME=auto / EXPLAIN_RUNTIME=auto measure (e.g. "
+        "'onnxruntime,openvino'); unset: every one but compile. The others are reported as skipped.",
+        pattern=r"^\s*(torchscript|bf16|compile|onnxruntime|openvino|int8|openvino-int8)(\s*,\s*(torchscript|bf16|"
+        r"compile|onnxruntime|openvino|int8|openvino-int8))*\s*$",
+    )
     runtime_cache_dir: Path = Field(
         Path("./var/runtime-cache"),
         description="Where a version's exported and quantised forms (ONNX, int8) are kept when its registry "

@@ -348,7 +348,8 @@ def test_an_explanation_names_the_runtime_that_ran(smoke_model, loaded, cifar_jp
     queue = "explain-test-runtime"
     settings = _settings(explain_redis_url, queue)
     conn = connect(explain_redis_url, 2.0)
-    worker = start_worker(registry, env={"EXPLAIN_QUEUE": queue, "EXPLAIN_RUNTIME": "int8"})
+    worker = start_worker(registry, env={"EXPLAIN_QUEUE": queue, "EXPLAIN_RUNTIME": "int8"}, wait=False)
+    worker.wait_listening(timeout=420)  # the export and its quantisation first: seconds, minutes on a busy machine
     assert (registry / loaded.version / "runtimes" / "model-int8.onnx").is_file(), worker.log_tail()
     job, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=400, seed=3))
     doc = wait_for(lambda: (d := job_doc(conn, settings, job.id))["status"] in ("finished", "failed") and d,
