@@ -6,7 +6,7 @@
 Variants (all from :func:`shapcore.inference.build_forward`'s building blocks, same weights):
 ``eager``: batch norms folded, channels-last, fp32 (the worker's preparation);
 ``torchscript-frozen``: traced, frozen and optimised for inference (the service's default);
-``eager-bf16``: the eager model under bf16 autocast (``PRECISION=bf16``).
+``eager-bf16``: the eager model under bf16 autocast (``RUNTIME=bf16``).
 Images/s for each (variant, batch size, torch threads), uint8 inputs as the service feeds them.
 """
 

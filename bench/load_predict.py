@@ -167,7 +167,7 @@ def raw_forward(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     torch.set_num_threads(threads)
     device = resolve_device(args.device)
     loaded = Registry(args.registry).load(args.version, device=device)
-    # the raw rate of the form PRECISION names; auto's measured choice is the server's (see /model)
+    # the raw rate of the form --precision names; auto's measured choice is the server's (see /model)
     forward = build_forward(loaded.model, device, jit=not args.no_jit,
                             precision="fp32" if args.precision == "auto" else args.precision)  # fmt: skip
     warm_up(forward, args.batch_max_size)  # exactly what the service does before it is ready
@@ -380,7 +380,7 @@ def start_server(args: argparse.Namespace, batching: bool, log_path: Path) -> tu
         "TORCH_THREADS": str(args.torch_threads),
         "INFERENCE_WORKERS": str(args.inference_workers),
         "DEVICE": args.device,
-        "PRECISION": args.precision,
+        "RUNTIME": {"fp32": "torchscript"}.get(args.precision, args.precision),
         "JIT": "false" if args.no_jit else "true",
         "LOG_LEVEL": "warning",
     }
@@ -560,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=0, help="0: as the service (all cores but one)")
     p.add_argument("--inference-workers", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the server's PRECISION")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the server's RUNTIME (fp32: torchscript)")
     p.add_argument("--no-jit", action="store_true")
     p.add_argument("--raw-seconds", type=float, default=3.0, help="time spent per raw-forward measurement")
     p.add_argument("--raw-batches", type=int, nargs="+", default=[4, 8, 16, 32])

@@ -53,13 +53,13 @@ EOF
 fi
 
 PIP=("$VENV/bin/python" -m pip)
-echo "installing into $VENV: pip, torch + torchvision (large: a few minutes on a fresh machine), shapserve[dev]"
+echo "installing into $VENV: pip, torch + torchvision (large: a few minutes on a fresh machine), shapserve[dev,runtimes]"
 "${PIP[@]}" install -q --upgrade pip
 if [ -n "${TORCH_INDEX_URL:-}" ]; then
   "${PIP[@]}" install -q --index-url "$TORCH_INDEX_URL" 'torch>=2.11' 'torchvision>=0.26'
 else
   "${PIP[@]}" install -q 'torch>=2.11' 'torchvision>=0.26'
 fi
-"${PIP[@]}" install -q -e '.[dev]'
+"${PIP[@]}" install -q -e '.[dev,runtimes]'
 touch "$STAMP"
 echo "installed: $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

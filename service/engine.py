@@ -1,5 +1,5 @@
 """The served model: runs batches on the inference threads and switches versions without
-failing a request. Loading, freezing, the precision and the warm-up are the model host's
+failing a request. Loading, freezing, the runtime and the warm-up are the model host's
 (:class:`shapcore.host.ModelHost`, shared with the worker); this module wraps it.
 
 Threads: every forward pass runs on a dedicated inference thread (the batcher's executor:
@@ -27,9 +27,9 @@ from service import metrics
 from service.fast_explain import ExplainerSlot
 from service.settings import Settings
 from shapcore.errors import ModelLoadError, UserError
+from shapcore.gate import RuntimeChoice
 from shapcore.host import ModelHost
 from shapcore.inference import Forward, resolve_device
-from shapcore.precision import PrecisionChoice
 from shapcore.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class ServedModel:
     forward: Forward
     runtime: str
     load_seconds: float
-    precision: PrecisionChoice
+    #: which runtime the gate chose and why, with its speed-up and agreement (shapcore/gate.py)
+    runtime_choice: RuntimeChoice
     #: the version's amortised explainer (method=fast), read from its folder when present
     explainer: ExplainerSlot | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -66,13 +67,20 @@ class ReloadResult:
     load_seconds: float
 
 
+def serving_batch_sizes(largest: int) -> tuple[int, ...]:
+    """The batch sizes the runtime gate times for the API: a lone request, a quarter-full and a
+    full batch (the batcher forms every size up to ``largest``; these span its load)."""
+    return tuple(sorted({1, max(1, largest // 4), largest}))
+
+
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.registry = Registry(settings.model_registry)
         self.device = resolve_device(settings.device)
-        self.host = ModelHost(self.registry, self.device, precision=settings.precision, jit=settings.jit,
-                              batch_size=self.max_batch())  # fmt: skip
+        self.host = ModelHost(self.registry, self.device, runtime=settings.runtime, jit=settings.jit,
+                              batch_sizes=serving_batch_sizes(self.max_batch()),
+                              cache_root=settings.runtime_cache_dir, only=settings.runtime_candidates)  # fmt: skip
         self.threads = settings.resolved_torch_threads()
         self.current: ServedModel | None = None
         self.inference_executor = ThreadPoolExecutor(
@@ -116,7 +124,7 @@ class Engine:
             forward=hosted.model,
             runtime=hosted.model.describe(),
             load_seconds=0.0,
-            precision=hosted.precision,
+            runtime_choice=hosted.runtime,
             explainer=ExplainerSlot(hosted.path, hosted.version, hosted.class_names),
         )
         served.explainer.refresh()

@@ -54,9 +54,10 @@ class ModelInfo(BaseModel):
     promoted: bool
     device: str
     runtime: str = Field(description="How the forward pass runs (TorchScript-frozen, eager, bf16...).")
-    precision: dict[str, Any] = Field(
-        description="fp32 or bf16 and why: PRECISION asked for, and with auto the measured times of both at the "
-        "largest batch and bf16's top-1 agreement with fp32 on the version's validation sample."
+    runtime_choice: dict[str, Any] = Field(
+        description="The runtime gate's choice (RUNTIME): which runtime runs (chosen), its precision, its "
+        "speed-up over fp32 TorchScript and top-1 agreement with it on the version's validation sample, "
+        "the reason, and with auto every candidate's figures (times per batch size, agreement, status)."
     )
     loaded_at: str
     load_seconds: float

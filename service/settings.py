@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
-from shapcore.settings import BlankIsNone, SharedSettings
+from shapcore.settings import BlankIsNone, RuntimeName, SharedSettings
 
 
 class Settings(SharedSettings):
@@ -37,11 +37,12 @@ class Settings(SharedSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads for inference (0: all cores but one).")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    runtime: RuntimeName = Field(
         "auto",
-        description="auto: at load, time fp32 against bf16 autocast and keep bf16 only where it is faster and its "
-        "top-1 agrees with fp32 on >= 99.5 % of the version's validation sample (shapcore/precision.py); "
-        "fp32 or bf16: use that, unmeasured.",
+        description="auto: at load, time every runtime this process can run (bf16, torch.compile, ONNX Runtime, "
+        "OpenVINO, int8) against fp32 TorchScript at the batcher's sizes and keep the fastest that is >= 1.1x "
+        "faster and whose top-1 agrees with fp32 on >= 99.5 % of the version's validation sample "
+        "(shapcore/gate.py); a name: that runtime, unmeasured (an error when it cannot run here).",
     )
     jit: bool = Field(
         True,

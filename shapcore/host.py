@@ -1,5 +1,6 @@
 """The model host: a registry version loaded onto a device, in the form its caller runs, with
-its precision chosen (:mod:`shapcore.precision`), frozen where that is faster and warmed up.
+its runtime chosen (:mod:`shapcore.gate` over the candidates of :mod:`shapcore.runtimes`) and
+warmed up.
 
 Two callers, two forms of the same network, one host:
 
@@ -12,24 +13,27 @@ Two callers, two forms of the same network, one host:
   network beside it for the gradient methods. Not warmed up: the worker's parent must not run
   a multi-threaded op before it forks (``worker/runtime.py``); tracing runs one batch-1 pass.
 
-In both, ``PRECISION=auto`` (``EXPLAIN_PRECISION``) times fp32 against bf16 at the caller's
-largest batch and checks bf16's top-1 on the version's validation sample.
+In both, ``RUNTIME=auto`` (``EXPLAIN_RUNTIME``) times the candidates against fp32 TorchScript
+at the caller's batch sizes and checks their top-1 on the version's validation sample.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from shapcore.inference import build_forward, prepare_for_explaining, warm_up
-from shapcore.precision import BF16Autocast, PrecisionChoice, choose_precision
+from shapcore.gate import Candidate, ForwardFn, RuntimeChoice, choose
+from shapcore.inference import Forward, build_forward, fold_batch_norms, prepare_for_explaining, warm_up
+from shapcore.precision import BF16Autocast
 from shapcore.registry import LoadedVersion, Registry
+from shapcore.runtimes import BASELINE, ExportSource, as_unit_float, candidates
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +44,15 @@ WARMUP_BUDGET_S = 20.0
 @dataclass
 class HostedModel:
     """One version on the host's device: ``model`` is the form the caller runs (for serving, a
-    :class:`shapcore.inference.Forward`), chosen at ``precision``."""
+    :class:`shapcore.inference.Forward`), the one ``runtime`` chose."""
 
     loaded: LoadedVersion
     device: torch.device
-    precision: PrecisionChoice
+    runtime: RuntimeChoice
     model: Any
     #: the network with autograd (batch norms folded, eval mode): the gradient methods' (explaining only)
     autograd_model: nn.Module | None = None
-    #: reading the weights, preparing, choosing the precision and warming up
+    #: reading the weights, preparing, choosing the runtime and warming up
     load_seconds: float = 0.0
 
     @property
@@ -71,37 +75,74 @@ class HostedModel:
 class ModelHost:
     """Loads versions of ``registry`` onto ``device``.
 
-    ``precision``: ``auto``, ``fp32`` or ``bf16`` (``PRECISION`` / ``EXPLAIN_PRECISION``); ``jit``:
-    keep a TorchScript-frozen form on the CPU (``JIT`` / ``EXPLAIN_JIT``); ``batch_size``: the
-    largest batch the caller runs, at which ``auto`` times the forms and up to which the
-    serving warm-up runs.
+    ``runtime``: ``auto`` or a runtime's name (``RUNTIME`` / ``EXPLAIN_RUNTIME``); ``only``: the
+    candidates ``auto`` measures (``RUNTIME_CANDIDATES``; None: all but those marked not to); ``jit``: keep a
+    TorchScript-frozen form on the CPU (``JIT`` / ``EXPLAIN_JIT``); ``batch_sizes``: the batches the
+    caller runs, at which ``auto`` times the candidates (the largest: up to which the serving
+    warm-up runs); ``cache_root``: where exports go when a version's folder is read-only.
     """
 
-    def __init__(self, registry: Registry, device: torch.device, *, precision: str = "auto", jit: bool = True,
-                 batch_size: int = 1) -> None:  # fmt: skip
+    def __init__(self, registry: Registry, device: torch.device, *, runtime: str = "auto", jit: bool = True,
+                 batch_sizes: tuple[int, ...] = (1,), cache_root: Path = Path("./var/runtime-cache"),
+                 only: str | None = None) -> None:  # fmt: skip
+        self.only = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
         self.registry = registry
         self.device = device
-        self.precision = precision
+        self.runtime = runtime
         self.jit = jit
-        self.batch_size = batch_size
+        self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        self.batch_size = max(self.batch_sizes)
+        self.cache_root = cache_root
+
+    def _source(self, loaded: LoadedVersion, export_model: nn.Module) -> ExportSource:
+        return ExportSource(export_model, loaded.path, lambda: as_unit_float(loaded.validation_sample()),
+                            self.cache_root)  # fmt: skip
+
+    def serving_forms(self, loaded: LoadedVersion) -> tuple[Forward, list[Candidate]]:
+        """The fp32 TorchScript :class:`Forward` of ``loaded`` and the candidates the gate measures
+        against it, each a :class:`Forward` once built (also what bench/runtimes.py times)."""
+        model, device, jit = loaded.model.to(self.device), self.device, self.jit
+        fp32 = build_forward(model, device, jit=jit, precision="fp32")
+        eager = fold_batch_norms(copy.deepcopy(model)).to(memory_format=torch.channels_last).eval()
+
+        def wrap(name: str, core: ForwardFn) -> ForwardFn:
+            return Forward({name: core}, name, device, autocast=False)
+
+        bf16 = lambda: build_forward(model, device, jit=jit, precision="bf16")  # noqa: E731
+        return fp32, candidates(self._source(loaded, model), device, eager, wrap=wrap, bf16=bf16)
+
+    def explaining_forms(self, loaded: LoadedVersion) -> tuple[nn.Module, nn.Module, list[Candidate]]:
+        """(the baseline network the value function evaluates, the eager one with autograd, the
+        candidates): ``loaded.model`` is prepared in place (:func:`prepare_for_explaining`)."""
+        loaded.model, eager = prepare_for_explaining(loaded.model, jit=self.jit)
+        bf16 = lambda: BF16Autocast(eager, self.device.type)  # noqa: E731
+        cands = candidates(self._source(loaded, eager), self.device, eager, wrap=lambda name, core: core, bf16=bf16)
+        return loaded.model, eager, cands
+
+    def _choose(self, baseline: ForwardFn, cands: list[Candidate],
+                sample: torch.Tensor) -> tuple[RuntimeChoice, ForwardFn]:  # fmt: skip
+        if self.only is not None:
+            listed = self.only
+            cands = [replace(c, not_in_auto=None if c.name in listed else "not in RUNTIME_CANDIDATES") for c in cands]
+        choice, form = choose(self.runtime, (BASELINE, baseline), cands, sample, self.batch_sizes)
+        log.info("runtime %s: %s", choice.chosen, choice.reason)
+        return choice, form
 
     def serving(self, version: str | None = None, *, warmup: bool = True,
                 warmup_budget_s: float = WARMUP_BUDGET_S) -> HostedModel:  # fmt: skip
         """``version`` (default: promoted, else newest) as the API's :class:`shapcore.inference.Forward`. Raises
-        :class:`shapcore.errors.UserError` when the version cannot be read."""
+        :class:`shapcore.errors.UserError` when the version cannot be read or the runtime named cannot run."""
         start = time.perf_counter()
         loaded = self.registry.load(version, device="cpu")
-        model, device, jit = loaded.model.to(self.device), self.device, self.jit
-        fp32 = build_forward(model, device, jit=jit, precision="fp32")
-        sample = loaded.validation_sample() if self.precision == "auto" else torch.empty(0)
-        choice, forward = choose_precision(
-            self.precision, device, fp32, lambda: build_forward(model, device, jit=jit, precision="bf16"), sample,
-            self.batch_size,
-        )  # fmt: skip
-        log.info("precision %s: %s", choice.chosen, choice.reason)
+        fp32, cands = self.serving_forms(loaded)
+        sample = loaded.validation_sample() if self.runtime == "auto" else torch.empty(0)
+        if self.runtime == "auto" and warmup:  # the baseline as it would serve: warmed, tuned per small batch
+            warm_up(fp32, self.batch_size, warmup_budget_s)
+        choice, forward = self._choose(fp32, cands, sample)
+        assert isinstance(forward, Forward)
         if warmup:
             warm_up(forward, self.batch_size, warmup_budget_s)
-        return HostedModel(loaded, device, choice, forward, load_seconds=time.perf_counter() - start)
+        return HostedModel(loaded, self.device, choice, forward, load_seconds=time.perf_counter() - start)
 
     def explaining(self, version: str | None = None) -> HostedModel:
         """``version`` as the explainers evaluate it (the module docstring); ``loaded.model`` is
@@ -109,13 +150,11 @@ class ModelHost:
         start = time.perf_counter()
         device = self.device
         loaded = self.registry.load(version, device=device)
-        loaded.model, eager = prepare_for_explaining(loaded.model, jit=self.jit)
+        baseline, eager, cands = self.explaining_forms(loaded)
         # The forms take float images in [0, 1], as the value function feeds them.
-        auto = self.precision == "auto"
+        auto = self.runtime == "auto"
         sample = loaded.validation_sample().to(device).float() / 255.0 if auto else torch.empty(0)
-        choice, loaded.model = choose_precision(self.precision, device, loaded.model,
-                                                lambda: BF16Autocast(eager, device.type), sample,
-                                                self.batch_size)  # fmt: skip
-        return HostedModel(loaded, device, choice, loaded.model, autograd_model=eager,
+        choice, form = self._choose(baseline, cands, sample)
+        loaded.model = form  # type: ignore[assignment]
+        return HostedModel(loaded, device, choice, form, autograd_model=eager,
                            load_seconds=time.perf_counter() - start)  # fmt: skip
-

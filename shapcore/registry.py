@@ -99,7 +99,7 @@ class LoadedVersion:
         return load_file(str(self.path / BACKGROUND))["images"]
 
     def validation_sample(self) -> torch.Tensor:
-        """uint8 images to check an inference form against fp32 on (:mod:`shapcore.precision`):
+        """uint8 images to check an inference form against fp32 on (:mod:`shapcore.gate`):
         the background images and, for versions trained since it is recorded, 500 held-out
         validation images. The model is surer of the background (training) images, so near-ties,
         where bf16 flips a prediction, are rarer there: the held-out part keeps the check honest."""

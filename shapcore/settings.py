@@ -12,7 +12,7 @@ too. This module imports neither torch nor a room (the API's light path imports 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +26,10 @@ def _blank_is_none(value: object) -> object:
 BlankIsNone = BeforeValidator(_blank_is_none)
 
 Family = TypeVar("Family", bound="SharedSettings")
+
+#: What ``RUNTIME`` (API) and ``EXPLAIN_RUNTIME`` (workers) take: ``auto`` (chosen by measurement at
+#: load, shapcore/gate.py) or one form of the model by name (shapcore/runtimes.py).
+RuntimeName = Literal["auto", "torchscript", "bf16", "compile", "onnxruntime", "openvino", "int8", "openvino-int8"]
 
 
 class SharedSettings(BaseSettings):
@@ -47,6 +51,18 @@ class SharedSettings(BaseSettings):
     model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
     model_version: Annotated[str | None, BlankIsNone] = Field(
         None, description="Version to serve and explain; unset: the promoted version, else the newest."
+    )
+    runtime_candidates: Annotated[str | None, BlankIsNone] = Field(
+        None,
+        description="Comma-separated runtimes that RUNTIME=auto / EXPLAIN_RUNTIME=auto measure (e.g. "
+        "'onnxruntime,openvino'); unset: every one but compile. The others are reported as skipped.",
+        pattern=r"^\s*(torchscript|bf16|compile|onnxruntime|openvino|int8|openvino-int8)(\s*,\s*(torchscript|bf16|"
+        r"compile|onnxruntime|openvino|int8|openvino-int8))*\s*$",
+    )
+    runtime_cache_dir: Path = Field(
+        Path("./var/runtime-cache"),
+        description="Where a version's exported and quantised forms (ONNX, int8) are kept when its registry "
+        "folder is read-only; otherwise they are kept in the version's folder, under runtimes/.",
     )
     max_image_pixels: int = Field(
         16_777_216,

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "a forked work horse per job" if fork else "jobs in this process (no fork)"
     print(
         f"worker {name}: queue {settings.explain_queue!r} on {settings.redis_url}, model {rt.version} preloaded "
-        f"on {runtime.device} ({rt.precision.chosen if rt.precision else 'fp32'}), {mode}, "
+        f"on {runtime.device} ({rt.runtime.chosen}, {rt.runtime.precision}), {mode}, "
         f"{settings.torch_threads()} torch thread(s) per job{metrics_note}",
         file=sys.stderr,
         flush=True,

@@ -65,9 +65,8 @@ def explain_job(request: JobRequest) -> dict[str, Any]:
         slic_max_side=settings.explain_slic_max_side,
         progress=progress,
     )
-    precision = rt.precision.chosen if rt.precision is not None else "fp32"
-    result = {"model_version": rt.version, "device": str(rt.device), "precision": precision, **result,
-              "parameters": request.params()}  # fmt: skip
+    result = {"model_version": rt.version, "device": str(rt.device), "precision": rt.runtime.precision,
+              "runtime": rt.runtime.summary(), **result, "parameters": request.params()}  # fmt: skip
     if job is not None:
         conn = job.connection
         result["job_id"] = job.id

@@ -1,6 +1,6 @@
 """What a worker process keeps between jobs: loaded model versions and their background sets.
 
-Loading a version (onto ``EXPLAIN_DEVICE``, folded and frozen, at ``EXPLAIN_PRECISION``) is the
+Loading a version (onto ``EXPLAIN_DEVICE``, folded and frozen, in the ``EXPLAIN_RUNTIME`` it chooses) is the
 model host's (:meth:`shapcore.host.ModelHost.explaining`, shared with the API); this module adds
 what only a worker needs: the fills kept per version, and the fork discipline below.
 
@@ -32,11 +32,11 @@ import torch
 from shapcore.background import BackgroundSet, make_background
 from shapcore.errors import UserError
 from shapcore.explain.background import BackgroundSpec, parse_background
+from shapcore.gate import RuntimeChoice
 from shapcore.host import HostedModel, ModelHost
 from shapcore.inference import resolve_device
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.model import SOURCE_SIZE
-from shapcore.precision import PrecisionChoice
 from shapcore.registry import LoadedVersion, Registry
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class VersionRuntime:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The network the value function evaluates, at the chosen precision."""
+        """The network the value function evaluates, in the chosen runtime."""
         return self.hosted.model
 
     @property
@@ -69,9 +69,9 @@ class VersionRuntime:
         return self.hosted.autograd_model
 
     @property
-    def precision(self) -> PrecisionChoice:
-        """fp32 or bf16 for the value function's forward passes, and why (shapcore.precision)."""
-        return self.hosted.precision
+    def runtime(self) -> RuntimeChoice:
+        """The runtime of the value function's forward passes, and why (shapcore.gate)."""
+        return self.hosted.runtime
 
     @property
     def device(self) -> torch.device:
@@ -99,8 +99,9 @@ class Runtime:
         #: where the models, the fills and the masks live (EXPLAIN_DEVICE unless given)
         self.device = torch.device(device) if device is not None else worker_device(settings)
         self.registry = Registry(settings.model_registry)
-        self.host = ModelHost(self.registry, self.device, precision=settings.explain_precision,
-                              jit=settings.explain_jit, batch_size=settings.explain_batch_size)  # fmt: skip
+        self.host = ModelHost(self.registry, self.device, runtime=settings.explain_runtime,
+                              jit=settings.explain_jit, batch_sizes=(settings.explain_batch_size,),
+                              cache_root=settings.runtime_cache_dir, only=settings.runtime_candidates)  # fmt: skip
         self.keep = keep
         self.versions: dict[str, VersionRuntime] = {}
         self.default_version: str | None = None
@@ -118,7 +119,7 @@ class Runtime:
                 oldest = next(v for v in self.versions if v != self.default_version and v != resolved)
                 del self.versions[oldest]
             log.info("loaded model version %s on %s (%d background images; %s: %s)", resolved, self.device,
-                     len(rt.stored_background), rt.precision.chosen, rt.precision.reason)  # fmt: skip
+                     len(rt.stored_background), rt.runtime.chosen, rt.runtime.reason)  # fmt: skip
             return rt
 
     def preload(self) -> VersionRuntime:

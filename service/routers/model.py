@@ -42,7 +42,7 @@ async def model_info(request: Request) -> ModelInfo:
         promoted=state.engine.registry.promoted() == served.version,
         device=served.device,
         runtime=served.runtime,
-        precision=served.precision.as_dict(),
+        runtime_choice=served.runtime_choice.as_dict(),
         loaded_at=datetime.fromtimestamp(served.loaded_at, UTC).isoformat(timespec="seconds"),
         load_seconds=round(served.load_seconds, 3),
         metadata=meta,

@@ -71,6 +71,12 @@ class ExplainResult(BaseModel):
     model_version: str | None = None
     device: str | None = None
     precision: str | None = None
+    runtime: dict[str, Any] | None = Field(
+        None,
+        description="The runtime that ran the model's forward passes (EXPLAIN_RUNTIME): its name, precision, "
+        "speed-up over fp32 TorchScript and top-1 agreement with it on the version's validation sample "
+        "(null figures: named, not measured).",
+    )
     parameters: dict[str, Any] | None = None
     job_id: str | None = None
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from shapcore.explain.background import STORED_BACKGROUND, parse_background
-from shapcore.settings import BlankIsNone, SharedSettings
+from shapcore.settings import BlankIsNone, RuntimeName, SharedSettings
 
 
 class ExplainSettings(SharedSettings):
@@ -76,10 +76,11 @@ class ExplainSettings(SharedSettings):
     # -- worker -----------------------------------------------------------------------------
     explain_torch_threads: int = Field(0, ge=0, description="torch intra-op threads in a job (0: every core).")
     explain_batch_size: int = Field(256, ge=1, description="Images per forward pass.")
-    explain_precision: Literal["auto", "fp32", "bf16"] = Field(
+    explain_runtime: RuntimeName = Field(
         "auto",
-        description="auto: bf16 autocast only where it is faster and agrees with fp32 on >= 99.5 % of the "
-        "version's validation sample, measured at load (shapcore/precision.py, as the API's PRECISION).",
+        description="auto: the fastest runtime that is >= 1.1x fp32 TorchScript's speed at EXPLAIN_BATCH_SIZE and "
+        "agrees with it on >= 99.5 % of the version's validation sample, measured at load (shapcore/gate.py, as "
+        "the API's RUNTIME); a name: that runtime, unmeasured.",
     )
     explain_device: str = Field(
         "auto",

@@ -31,7 +31,7 @@ def app_client(smoke_model: tuple[Path, str], redis_url: str) -> Iterator[Callab
             "redis_url": redis_url,
             "jit": False,
             "warmup": False,
-            "precision": "fp32",
+            "runtime": "torchscript",
             "torch_threads": 1,
             "decode_threads": 1,
             **overrides,

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def host(smoke_model: tuple[Path, str]) -> ModelHost:
     registry, _ = smoke_model
-    return ModelHost(Registry(registry), torch.device("cpu"), precision="fp32", jit=True, batch_size=4)
+    return ModelHost(Registry(registry), torch.device("cpu"), runtime="torchscript", jit=True, batch_sizes=(1, 4))
 
 
 def test_serving_and_explaining_forms_agree(host: ModelHost, smoke_model: tuple[Path, str]) -> None:
@@ -30,8 +30,8 @@ def test_serving_and_explaining_forms_agree(host: ModelHost, smoke_model: tuple[
     assert serving.class_names == explaining.class_names
     assert isinstance(serving.model, Forward) and serving.autograd_model is None
     assert explaining.autograd_model is not None and explaining.loaded.model is explaining.model
-    assert serving.precision.chosen == explaining.precision.chosen == "fp32"
-    assert "not measured" in serving.precision.reason
+    assert serving.runtime.chosen == explaining.runtime.chosen == "torchscript"
+    assert serving.runtime.precision == "fp32" and "not measured" in serving.runtime.reason
     assert serving.load_seconds > 0 and explaining.load_seconds > 0
 
     images = serving.loaded.background()[:8]  # uint8, as uploads reach /predict

@@ -251,9 +251,9 @@ def start_service(
             "TORCH_THREADS": "1",
             "DECODE_THREADS": "1",
             "LOG_LEVEL": "info",
-            # the tests compare answers with fp32 references; auto times bf16 against fp32 at load,
-            # which a loaded machine tips either way (tests/shapcore/test_precision.py tests the gate)
-            "PRECISION": "fp32",
+            # the tests compare answers with fp32 references; auto times the runtimes at load,
+            # which a loaded machine tips either way (tests/shapcore/test_runtime_gate.py tests the gate)
+            "RUNTIME": "torchscript",
             **(env or {}),
         })
         log_path = logs / f"service-{port}.log"

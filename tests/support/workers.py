@@ -25,12 +25,12 @@ from tests.support.processes import RunningProcess, alive, child_env, children, 
 
 #: Small and fast knobs for tests: quick abandoned-job detection, one torch thread, the CPU's
 #: forking worker (what the tests of horses and kills check) even where a GPU is visible; the
-#: CUDA worker is started by its own tests (tests/e2e/test_cuda.py) with EXPLAIN_DEVICE=cuda. fp32:
-#: the tests compare served values with fp32 references, and ``auto`` times bf16 against fp32 at
-#: start-up, which a loaded machine can tip either way (tests/shapcore/test_precision.py tests the gate).
+#: CUDA worker is started by its own tests (tests/e2e/test_cuda.py) with EXPLAIN_DEVICE=cuda. torchscript
+#: (fp32): the tests compare served values with fp32 references, and ``auto`` times the runtimes at
+#: start-up, which a loaded machine can tip either way (tests/shapcore/test_runtime_gate.py tests the gate).
 FAST_WORKER_ENV = {
     "EXPLAIN_DEVICE": "cpu",
-    "EXPLAIN_PRECISION": "fp32",
+    "EXPLAIN_RUNTIME": "torchscript",
     "EXPLAIN_TORCH_THREADS": "1",
     "EXPLAIN_MONITOR_INTERVAL_S": "1",
     "EXPLAIN_HEARTBEAT_GRACE_S": "3",

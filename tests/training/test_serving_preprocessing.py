@@ -44,7 +44,8 @@ def test_the_worker_feeds_the_served_preprocessing(smoke_model: tuple[Path, str]
     from worker.runtime import Runtime
 
     registry, version = smoke_model
-    rt = Runtime(ExplainSettings(model_registry=registry, explain_precision="fp32", explain_jit=False)).load(version)
+    settings = ExplainSettings(model_registry=registry, explain_runtime="torchscript", explain_jit=False)
+    rt = Runtime(settings).load(version)
     served = Registry(registry).load(version).model
     images = batch()
     with torch.no_grad():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 from pathlib import Path
 
 import httpx
@@ -334,3 +335,27 @@ def test_each_job_is_counted_once_by_its_worker_and_sets_retry_after(
     mean = sum((j.ended_at - j.started_at).total_seconds() for j in jobs) / n
     depth = 40
     assert retry_after_estimate(conn, queue, depth) == min(3600, max(1, math.ceil(depth * mean)))
+
+
+def test_an_explanation_names_the_runtime_that_ran(smoke_model, loaded, cifar_jpeg, start_worker, explain_redis_url,
+                                                   tmp_path):  # fmt: skip
+    """A forking worker asked for the int8 runtime (EXPLAIN_RUNTIME=int8: the ONNX export quantised
+    once at load, in a copy of the registry, then run by ONNX Runtime in the work horse): the
+    result says which runtime and precision ran; named, so neither speed-up nor agreement was measured."""
+    pytest.importorskip("onnxruntime", reason="the `runtimes` extra")
+    registry = tmp_path / "registry"
+    shutil.copytree(smoke_model[0] / loaded.version, registry / loaded.version)
+    queue = "explain-test-runtime"
+    settings = _settings(explain_redis_url, queue)
+    conn = connect(explain_redis_url, 2.0)
+    worker = start_worker(registry, env={"EXPLAIN_QUEUE": queue, "EXPLAIN_RUNTIME": "int8"}, wait=False)
+    worker.wait_listening(timeout=420)  # the export and its quantisation first: seconds, minutes on a busy machine
+    assert (registry / loaded.version / "runtimes" / "model-int8.onnx").is_file(), worker.log_tail()
+    job, _ = submit(conn, settings, _request(loaded, cifar_jpeg, samples=400, seed=3))
+    doc = wait_for(lambda: (d := job_doc(conn, settings, job.id))["status"] in ("finished", "failed") and d,
+                   300, "the job to finish", interval=0.5)  # fmt: skip
+    worker.stop()
+    assert doc["status"] == "finished", (doc, worker.log_tail())
+    result = doc["result"]
+    assert result["runtime"] == {"name": "int8", "precision": "int8", "speedup": None, "agreement": None}
+    assert result["precision"] == "int8" and result["local_accuracy_residual"] < 1e-3
