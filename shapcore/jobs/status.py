@@ -52,8 +52,14 @@ def job_status(connection: Any, settings: ExplainSettings, job_id: str, owner: s
     if raw == "started":
         # A worker that was SIGKILLed cannot report: its job's heartbeat entry expires
         # EXPLAIN_HEARTBEAT_GRACE_S later. Reclaim it now rather than at the next worker's
-        # maintenance tick (RQ retries it, or fails it with AbandonedJobError).
-        get_queue(connection, settings).started_job_registry.cleanup()
+        # maintenance tick (RQ retries it, or fails it with AbandonedJobError). The API calls this
+        # from a thread, where RQ's default (signal-based) time limit on the failure callback
+        # raises and the failure would go unrecorded: a timer thread limits it instead.
+        from rq.registry import StartedJobRegistry
+        from rq.timeouts import TimerDeathPenalty
+
+        queue = get_queue(connection, settings)
+        StartedJobRegistry(queue=queue, job_class=queue.job_class, death_penalty_class=TimerDeathPenalty).cleanup()
         job = Job.fetch(job_id, connection=connection)
         raw = job.get_status(refresh=False)
     return _rq_document(connection, settings, job, public_status(raw))

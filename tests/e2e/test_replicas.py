@@ -283,6 +283,9 @@ def test_a_worker_killed_mid_job_finishes_it_on_the_other(cluster: Cluster, cifa
         f"last failure {job.meta.get('last_failure')!r})"
     )
     assert doc["status"] == "finished", (doc, survivor.log_tail())
+    # Whoever reclaimed it (the survivor's maintenance or a replica answering the poll, from a
+    # thread), the failed attempt is on record: the API's cleanup once lost it.
+    assert doc["attempts"] == 2 and job.meta.get("failures") == 1, (doc, job.meta)
     assert job.worker_name == worker_name(survivor.pid)  # not the killed one: it ran again, elsewhere
     assert doc["result"]["local_accuracy_residual"] < 1e-3
     # Every replica reads the same job from the one Redis.
