@@ -177,7 +177,8 @@ def estimate_shapley(
             rows = np.concatenate([rows, new])
             values = np.concatenate([values, np.asarray(value(new), dtype=np.float64).reshape(len(new), -1)])
         design = sampler.design(rows, correct=not method.endswith("_uncorrected"))
-        sol = _solver(method)(design, values - base[None, :], delta, classes)
+        # the adjusted solver's cost is its surrogate's fit, the same for every class: all classes' errors at once
+        sol = _solver(method)(design, values - base[None, :], delta, None if method.startswith("adjusted") else classes)
         ratio = stderr_ratio(sol.values, sol.stderr, classes, relative_to)
         history.append((spent + len(rows), ratio))
         done = design.exhaustive or (auto and sol.identified and converged(ratio, tolerance))
