@@ -42,7 +42,7 @@ from shapcore.shapley.sampling import Design
 #: The surrogate's interaction orders and their weights β_k (order 1 = additive).
 ORDERS: tuple[float, ...] = (1.0, 1.0, 1.0)
 #: The most rows the surrogate is fitted on (its cost grows as their cube).
-FIT_ROWS = 800
+FIT_ROWS = 500
 #: Ridge penalties tried (relative to the kernel matrix's mean diagonal); leave-one-out picks.
 PENALTIES: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
