@@ -10,14 +10,16 @@ sums of unanimity games of orders 1-5 at M = 50, mild and strong; a weighted maj
 M = 16, enumerated). ρ and L2 are against the exact values, over class 0; the figures are
 medians over seeds; seconds are the estimator's own (the games cost nothing to evaluate).
 
-``--real``: the real model's superpixel value function (``shapcore.value.CoalitionModel``,
+``--real`` (superseded by ``bench/estimator_real.py``, which reads the cached references of
+``bench/references.py`` and runs the worker's own players and fill): the real model's
+superpixel value function (``shapcore.value.CoalitionModel``,
 50 segments, the mean fill), built as ``bench/stderr_calibration.py`` builds it, on
 ``--images`` held-out images. The reference is ``shap.KernelExplainer`` at
 ``--reference-samples`` (``--reference leverage``: Leverage SHAP at that budget); ρ and L2 over
 the predicted class; seconds include the forward passes. ``--ceiling`` adds a second
 reference with another seed and reports the two references' own ρ (the ceiling).
 
-Estimators: ``leverage``, ``kernel``, ``kernel_strata`` (``shapcore.shapley.estimate_shapley``
+Estimators: ``leverage``, ``adjusted``, ``kernel``, ``kernel_strata`` (``shapcore.shapley.estimate_shapley``
 methods); ``shap`` (``shap.KernelExplainer``, ``nsamples`` = the evaluations, ``l1_reg`` off);
 ``leverage:auto`` (``samples="auto"`` with the evaluations as its cap, ``--tolerance``: its
 rows give the evaluations it actually used and how often it stopped converged).
@@ -148,7 +150,8 @@ def print_row(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--evaluations", type=int, nargs="+", default=[500, 1000, 2000, 5000])
-    p.add_argument("--estimators", nargs="+", default=["leverage", "kernel", "kernel_strata", "shap", "leverage:auto"])
+    p.add_argument("--estimators", nargs="+", default=["leverage", "adjusted", "kernel", "kernel_strata", "shap",
+                                                       "leverage:auto", "adjusted:auto"])  # fmt: skip
     p.add_argument("--seeds", type=int, default=10, help="games: seeds per cell")
     p.add_argument("--tolerance", type=float, default=0.05, help="samples=auto: max se / range")
     p.add_argument("--real", action="store_true", help="the real model instead of the games")

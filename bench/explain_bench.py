@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=5, help="images for the batched timings and rho")
     p.add_argument("--plain-images", type=int, default=1, help="images for the (slow) plain pattern")
     p.add_argument("--segments", type=int, default=defaults.explain_default_segments)
-    p.add_argument("--samples", type=int, default=defaults.explain_default_samples)
+    p.add_argument("--samples", type=int, default=defaults.explain_auto_cap, help="KernelSHAP's nsamples")
     p.add_argument("--default-background", type=int, default=1, help="background images (1: the mean)")
     p.add_argument("--backgrounds", type=int, nargs="*", default=[1, 100], help="none: skip the comparison")
     p.add_argument("--batch-size", type=int, default=defaults.explain_batch_size)

@@ -117,7 +117,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="shuffle of the held-out images")
     p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
     p.add_argument("--segments", type=int, default=defaults.explain_default_segments)
-    p.add_argument("--samples", type=int, default=defaults.explain_default_samples)
+    p.add_argument("--samples", type=lambda v: v if v == "auto" else int(v), default=defaults.explain_default_samples,
+                   help="auto (the default: the sampled methods that can stop when converged do; the others spend "
+                   "EXPLAIN_AUTO_CAP) or an integer")
     p.add_argument("--background", default=defaults.explain_default_background)
     p.add_argument("--reference-samples", type=int, default=20000)
     p.add_argument("--slic-max-side", type=int, default=defaults.explain_slic_max_side)

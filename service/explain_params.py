@@ -57,12 +57,32 @@ def bounded(name: str, bounds: tuple[int, int], description: str) -> Any:
     return Annotated[int, Form(ge=lo, le=hi, description=description), BeforeValidator(_integer_checker(name, lo, hi))]
 
 
+def samples_field(bounds: tuple[int, int], description: str) -> Any:
+    """``Annotated[...]`` for ``samples``: ``auto`` (any case) or a decimal integer within ``bounds``."""
+    integer = _integer_checker("samples", *bounds)
+
+    def check(raw: Any) -> int | str:
+        text = str(raw).strip()
+        if text.lower() == "auto":
+            return "auto"
+        if not _INTEGER.fullmatch(text):
+            lo, hi = bounds
+            raise _refuse(f"samples must be auto or an integer from {lo} to {hi} (got {_shown(str(raw))})")
+        return integer(raw)
+
+    return Annotated[str, Form(description=description, json_schema_extra={"pattern": "^(auto|[0-9]+)$"}),
+                     AfterValidator(check)]  # fmt: skip
+
+
 def descriptions(settings: ExplainSettings) -> dict[str, str]:
     limit = settings.explain_max_evaluations
     return {
         "segments": "Players asked for with players=slic (SLIC superpixels); the grid has 64.",
-        "samples": f"Coalitions evaluated by the sampled methods (kernel: KernelSHAP nsamples; partition: "
-        f"max_evals), at least 4 x segments. samples x background images may not exceed {limit}.",
+        "samples": "Coalitions evaluated by the sampled methods: auto (the default: adjusted and leverage sample in "
+        "rounds and stop when their standard errors say converged, within "
+        f"{settings.explain_auto_cap}; kernel and partition spend {settings.explain_auto_cap}) or an integer budget "
+        f"(kernel: KernelSHAP nsamples; partition: max_evals), at least 4 x segments. samples x background images "
+        f"may not exceed {limit}.",
         "background": "What fills a hidden player: mean (the mean training image), blur (the image blurred), "
         f"train:K (K of the version's {STORED_BACKGROUND} stored training images, averaged; train:100 is the "
         "study's), kmeans:K (K centroids). Integers are aliases: 1 = mean, 100 = train:100, 2-99 = kmeans:K.",

@@ -107,7 +107,7 @@ def explain_image(
     segmented = time.perf_counter()
     method = get_method(request.method)
     m = seg.count
-    samples = request.samples
+    samples = request.budget  # the fixed budget, or the cap of samples=auto
     if method.sampled and m > 1:
         samples = max(samples, min_samples(m))  # SLIC gave more superpixels than asked for
     expected_rows = 2 + coalition_budget(m, samples) if m > 1 else 2
@@ -126,7 +126,7 @@ def explain_image(
         progress(0.02, "evaluating")
     target = int(np.argmax(f.fx())) if request.target is None else int(request.target)
     ctx = MethodContext(f=f, autograd_model=runtime.autograd_model, samples=samples, seed=request.seed,
-                        target=target)  # fmt: skip
+                        target=target, auto=request.auto)  # fmt: skip
     attribution = run_method(request.method, ctx)
     explained = time.perf_counter()
     explain_evaluations = f.evaluations
@@ -169,7 +169,9 @@ def _result(
                      "width": int(seg.labels.shape[1])},
         "samples": a.coalitions,
         "samples_requested": request.samples,
-        "samples_raised_to": samples if samples != request.samples and method.sampled else None,
+        "samples_raised_to": samples if samples != request.budget and method.sampled else None,
+        "stopped": a.convergence.get("stopped", "budget" if method.sampled else None),
+        "evaluations": a.coalitions,
         "background": request.background,
         "background_images": background_images,
         "seed": request.seed,

@@ -35,11 +35,12 @@ from service.explain_params import (
     method_field,
     players_field,
     resolve_target,
+    samples_field,
 )
 from service.state import ServiceState
 from service.uploads import BINARY, UploadRoute, read_upload, too_many_files
 from shapcore.errors import InputError, ShapserveError, UserError
-from shapcore.explain.methods import get_method
+from shapcore.explain.methods import DEFAULT_METHOD, get_method
 from shapcore.explain.request import ExplainRequest, InvalidRequest
 from shapcore.explain.status import ExplainAccepted, JobStatus
 from shapcore.jobs.settings import ExplainSettings
@@ -133,10 +134,10 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         upload: Annotated[Any, Depends(_one_image)],
         target: Annotated[str, Form(description=TARGET_DESCRIPTION)] = "",  # blank: the top-1 prediction
         segments: bounded("segments", ranges["segments"], text["segments"]) = s.explain_default_segments,
-        samples: bounded("samples", ranges["samples"], text["samples"]) = s.explain_default_samples,
+        samples: samples_field(ranges["samples"], text["samples"]) = str(s.explain_default_samples),
         background: background_field(text["background"]) = s.explain_default_background,
         seed: bounded("seed", ranges["seed"], text["seed"]) = s.explain_default_seed,
-        method: method_field(text["method"]) = "kernel",
+        method: method_field(text["method"]) = DEFAULT_METHOD,
         faithfulness: flag_field("faithfulness", text["faithfulness"]) = "false",
         players: players_field(text["players"]) = "slic",
     ) -> Response:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 #: Bumped whenever the worker's results change for the same request (part of the dedupe key).
-EXPLAINER_REVISION = 3
+EXPLAINER_REVISION = 4
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,17 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("kernel", "KernelSHAP", "KernelSHAP (shap.KernelExplainer) over the players, the default",
+        Method("kernel", "KernelSHAP", "KernelSHAP (shap.KernelExplainer) over the players (the default until "
+               "issue 26; samples=auto spends the cap)",
                "worker.methods.kernel:attribute", sampled=True),
         Method("leverage", "Leverage SHAP",
                "Leverage SHAP (Musco & Witter 2025) over the players, sampled in rounds until its standard errors "
                "say it converged; samples is its cap", "worker.methods.leverage:attribute", sampled=True),
+        Method("adjusted", "Regression-adjusted SHAP",
+               "regression-adjusted Shapley values (Witter, Liu & Musco 2025: a surrogate's exact values plus Leverage "
+               "SHAP on its residuals) over the players, the default; samples=auto stops when its standard errors say "
+               "converged",
+               "worker.methods.adjusted:attribute", sampled=True),
         Method("partition", "Partition SHAP", "shap's PartitionExplainer over the pixels, summed per player",
                "worker.methods.partition:attribute", sampled=True),
         Method("gradcam", "Grad-CAM", "Captum's LayerGradCam, summed per player (not efficient)",
@@ -64,7 +70,7 @@ METHODS: dict[str, Method] = {
                "service.fast_explain:explain_fast", inline=True, players="grid", background="mean"),
     )
 }  # fmt: skip
-DEFAULT_METHOD = "kernel"
+DEFAULT_METHOD = "adjusted"
 #: The methods a worker runs (queued) and the ones the API answers itself.
 QUEUED_METHODS = tuple(name for name, m in METHODS.items() if not m.inline)
 INLINE_METHODS = tuple(name for name, m in METHODS.items() if m.inline)

@@ -9,7 +9,7 @@ the sample floor and the evaluation limit, the target's range.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,7 +22,8 @@ class RequestLimits(Protocol):
     """What :meth:`ExplainRequest.build` reads from the settings (``ExplainSettings`` has it)."""
 
     explain_default_segments: int
-    explain_default_samples: int
+    explain_default_samples: int | Literal["auto"]
+    explain_auto_cap: int
     explain_default_background: str
     explain_default_seed: int
     explain_max_evaluations: int
@@ -58,7 +59,10 @@ class ExplainRequest(BaseModel):
     method: str = Field(DEFAULT_METHOD, description="The method (shapcore.explain.methods).")
     players: str = Field("slic", description="slic (superpixels) or grid (the 8x8 cells).")
     segments: int = Field(description="Players asked for (the grid: always 64).")
-    samples: int = Field(description="Coalitions of the sampled methods.")
+    samples: int | Literal["auto"] = Field(description="Coalitions of the sampled methods: a budget, or auto (stop "
+                                           "when converged, within samples_cap).")
+    samples_cap: int = Field(5000, description="samples=auto: the most coalitions (the methods without rounds "
+                             "spend it).")
     background: str = Field(description="The background's canonical name (mean, blur, train:K, kmeans:K).")
     seed: int = Field(description="Seed of the coalition sampling.")
     target: int | None = Field(None, description="Class index explained; None: the top-1 prediction.")
@@ -78,17 +82,19 @@ class ExplainRequest(BaseModel):
         ranges = limits.ranges()
         segments = GRID_PLAYERS if players == "grid" else _bounded(
             "segments", given.get("segments", limits.explain_default_segments), ranges)  # fmt: skip
-        samples = _bounded("samples", given.get("samples", limits.explain_default_samples), ranges)
+        samples = _samples(given.get("samples", limits.explain_default_samples), ranges)
+        cap = int(limits.explain_auto_cap)
+        budget = cap if samples == "auto" else samples
         seed = _bounded("seed", given.get("seed", limits.explain_default_seed), ranges)
         background = _background(method, given.get("background"), limits.explain_default_background)
         spec = parse_background(background, STORED_BACKGROUND)
-        if method.sampled and samples < min_samples(segments):
-            raise InvalidRequest("samples", f"samples={samples} is too few for segments={segments}: {method.name} "
+        if method.sampled and budget < min_samples(segments):
+            raise InvalidRequest("samples", f"samples={budget} is too few for segments={segments}: {method.name} "
                                  f"needs at least {min_samples(segments)} (4 x segments; shap's own default is "
                                  "2 x segments + 2048)")  # fmt: skip
-        evaluations = samples * spec.count
+        evaluations = budget * spec.count
         if method.sampled and evaluations > limits.explain_max_evaluations:
-            raise InvalidRequest("samples", f"samples x background images = {samples} x {spec.count} = "
+            raise InvalidRequest("samples", f"samples x background images = {budget} x {spec.count} = "
                                  f"{evaluations} model evaluations, over the limit of "
                                  f"{limits.explain_max_evaluations}: lower samples or background")  # fmt: skip
         target = given.get("target")
@@ -96,9 +102,19 @@ class ExplainRequest(BaseModel):
                                    or (class_count is not None and target >= class_count)):  # fmt: skip
             top = f" to {class_count - 1}" if class_count else ""
             raise InvalidRequest("target", f"target must be a class index from 0{top} (got {target!r})")
-        return cls(method=method.name, players=players, segments=segments, samples=samples,
+        return cls(method=method.name, players=players, segments=segments, samples=samples, samples_cap=cap,
                    background=spec.name, seed=seed, target=target, faithfulness=bool(given.get("faithfulness")),
                    slic_compactness=float(given.get("slic_compactness", limits.explain_slic_compactness)))  # fmt: skip
+
+    @property
+    def auto(self) -> bool:
+        """``samples=auto``: sample in rounds until converged (where the method can), within the cap."""
+        return self.samples == "auto"
+
+    @property
+    def budget(self) -> int:
+        """The coalitions to spend, or at most (``auto``)."""
+        return self.samples_cap if self.samples == "auto" else int(self.samples)
 
     def params(self) -> dict[str, Any]:
         """The fields as the dedupe key and the job's ``parameters`` show them."""
@@ -134,6 +150,17 @@ def _background(method: Method, raw: Any, default: str) -> str:
         return parse_background(default if raw is None else raw, STORED_BACKGROUND).name
     except ValueError as exc:
         raise InvalidRequest("background", str(exc)) from None
+
+
+def _samples(value: Any, ranges: dict[str, tuple[int, int]]) -> int | Literal["auto"]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    lo, hi = ranges["samples"]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest("samples", f"samples must be auto or an integer from {lo} to {hi} (got {value!r})")
+    return value
 
 
 def _bounded(name: str, value: Any, ranges: dict[str, tuple[int, int]]) -> int:

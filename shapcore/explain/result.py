@@ -56,8 +56,12 @@ class ExplainResult(BaseModel):
     max_local_accuracy_residual: float | None
     segments: PlayerMap
     samples: int | None = Field(description="Coalitions evaluated (0 for methods that do not sample).")
-    samples_requested: int | None = None
+    samples_requested: int | str | None = Field(None, description="samples as asked: an integer or auto.")
     samples_raised_to: int | None = None
+    stopped: str | None = Field(None, description="Why the sampling stopped: converged (the standard errors met the "
+                                "tolerance, or every coalition was evaluated), cap (samples=auto ran out of its cap), "
+                                "budget (a fixed budget was spent); None for methods that do not sample.")
+    evaluations: int | None = Field(None, description="Coalitions the method evaluated (as samples).")
     background: str
     background_images: int
     seed: int | None = None

@@ -54,11 +54,16 @@ class ExplainSettings(SharedSettings):
     explain_default_segments: int = Field(50, ge=2, description="SLIC superpixels asked for by default.")
     explain_min_segments: int = 2
     explain_max_segments: int = Field(200, ge=2)
-    explain_default_samples: int = Field(
+    explain_default_samples: int | Literal["auto"] = Field(
+        "auto",
+        description="Coalitions evaluated by default: auto (the methods that sample in rounds stop when their "
+        "standard errors say converged, within EXPLAIN_AUTO_CAP; the others spend the cap) or an integer budget.",
+    )
+    explain_auto_cap: int = Field(
         5000,
-        ge=10,
-        description="Coalitions evaluated by default: the fewest giving a mean seed-to-seed Spearman rho >= 0.9 at "
-        "50 segments (BENCHMARKS.md, Explanations).",
+        ge=20,
+        description="samples=auto: the most coalitions evaluated (the methods without rounds, kernel and partition, "
+        "spend it: 5000 is the fewest giving a mean seed-to-seed Spearman rho >= 0.9 at 50 segments, BENCHMARKS.md).",
     )
     explain_min_samples: int = 20
     explain_max_samples: int = Field(20_000, ge=20)
@@ -121,6 +126,11 @@ class ExplainSettings(SharedSettings):
     )
     explain_metrics_host: str = Field("0.0.0.0", description="Address the worker's metrics port listens on.")
     explain_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("explain_default_samples", mode="before")
+    @classmethod
+    def _samples_word(cls, value: object) -> object:
+        return "auto" if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     @field_validator("explain_default_background")
     @classmethod

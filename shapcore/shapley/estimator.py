@@ -14,8 +14,12 @@ Methods (:mod:`shapcore.shapley.sampling`):
 - ``"kernel"``: paired KernelSHAP with i.i.d. kernel-distributed draws (Covert & Lee 2021);
 - ``"kernel_strata"``: the leverage design's sampler with pairs spread by the kernel's mass
   (the small sizes enumerated first, as ``shap.KernelExplainer`` does);
-- ``"leverage_uncorrected"``: a planted fault, Leverage SHAP's draws without the inverse
-  probability weights; kept so that the tests can show their figure fails when it should.
+- ``"adjusted"``: regression-adjusted (Witter, Liu & Musco, NeurIPS 2025): Leverage SHAP's
+  draws, a kernel ridge surrogate's exact Shapley values plus the leverage regression on its
+  out-of-sample residuals (:mod:`shapcore.shapley.adjusted`);
+- ``"leverage_uncorrected"``, ``"adjusted_uncorrected"``: planted faults, the draws without
+  their inverse-probability weights; kept so that the tests can show their figures fail when
+  they should.
 """
 
 from __future__ import annotations
@@ -26,13 +30,16 @@ from typing import Any, Literal
 
 import numpy as np
 
+from shapcore.shapley.adjusted import adjusted_solve
 from shapcore.shapley.convergence import DEFAULT_TOLERANCE, Scale, converged, stderr_ratio
 from shapcore.shapley.regression import Solution, solve
 from shapcore.shapley.sampling import PairedKernelDraws, StratifiedPairs, total_pairs
 
 ValueFunction = Callable[[np.ndarray], np.ndarray]
-Method = Literal["leverage", "kernel", "kernel_strata", "leverage_uncorrected"]
-METHODS: tuple[str, ...] = ("leverage", "kernel", "kernel_strata", "leverage_uncorrected")
+Method = Literal["leverage", "kernel", "kernel_strata", "leverage_uncorrected", "adjusted", "adjusted_uncorrected"]
+METHODS: tuple[str, ...] = (
+    "leverage", "kernel", "kernel_strata", "leverage_uncorrected", "adjusted", "adjusted_uncorrected",
+)  # fmt: skip
 Stopped = Literal["converged", "cap", "budget"]
 
 #: The cap of ``samples="auto"`` (evaluations): the worker's fixed default today.
@@ -85,13 +92,17 @@ class ShapleyEstimate:
 
 
 def _sampler(method: str, m: int, rng: np.random.Generator) -> StratifiedPairs | PairedKernelDraws:
-    if method in ("leverage", "leverage_uncorrected"):
+    if method in ("leverage", "leverage_uncorrected", "adjusted", "adjusted_uncorrected"):
         return StratifiedPairs(m, rng, "leverage")
     if method == "kernel_strata":
         return StratifiedPairs(m, rng, "kernel")
     if method == "kernel":
         return PairedKernelDraws(m, rng)
     raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+
+
+def _solver(method: str):
+    return adjusted_solve if method.startswith("adjusted") else solve
 
 
 def _endpoints(
@@ -165,15 +176,16 @@ def estimate_shapley(
         if len(new):
             rows = np.concatenate([rows, new])
             values = np.concatenate([values, np.asarray(value(new), dtype=np.float64).reshape(len(new), -1)])
-        design = sampler.design(rows, correct=method != "leverage_uncorrected")
-        sol = solve(design, values - base[None, :], delta, classes)
+        design = sampler.design(rows, correct=not method.endswith("_uncorrected"))
+        # the adjusted solver's cost is its surrogate's fit, the same for every class: all classes' errors at once
+        sol = _solver(method)(design, values - base[None, :], delta, None if method.startswith("adjusted") else classes)
         ratio = stderr_ratio(sol.values, sol.stderr, classes, relative_to)
         history.append((spent + len(rows), ratio))
         done = design.exhaustive or (auto and sol.identified and converged(ratio, tolerance))
         if done:
             break
     if classes is not None and np.isnan(sol.stderr).any():  # the rounds computed some classes' errors
-        sol = solve(design, values - base[None, :], delta)
+        sol = _solver(method)(design, values - base[None, :], delta)
     stopped: Stopped = "converged" if done else ("cap" if auto else "budget")
     out = _result(sol, base, fx, spent + len(rows), history, stopped, method, auto, tolerance, design.exhaustive)
     return replace(out, relative_to=relative_to)

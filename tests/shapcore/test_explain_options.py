@@ -59,6 +59,7 @@ SETTINGS = ExplainSettings(_env_file=None)
         ({"method": "lime"}, "method", "method must be one of kernel"),
         ({"segments": 1}, "segments", "from 2 to 200"),
         ({"samples": 100_000}, "samples", "from 20 to 20000"),
+        ({"samples": "most"}, "samples", "auto or an integer"),
         ({"seed": -1}, "seed", "from 0 to"),
         ({"samples": 199, "segments": 50}, "samples", "needs at least 200"),
         ({"samples": 20_000, "background": "train:100"}, "samples", "over the limit of 500000"),
@@ -78,7 +79,11 @@ def test_every_rule_of_a_request_is_checked_in_one_place(given, field, words):
 def test_a_request_takes_the_settings_defaults_and_the_methods_bound_players():
     default = ExplainRequest.build(SETTINGS)
     assert (default.method, default.players, default.segments, default.samples, default.background) == (
-        "kernel", "slic", 50, 5000, "mean")  # fmt: skip
+        "adjusted", "slic", 50, "auto", "mean")  # fmt: skip
+    assert default.auto and default.budget == SETTINGS.explain_auto_cap == 5000
+    fixed = ExplainRequest.build(SETTINGS, samples=800)
+    assert not fixed.auto and fixed.budget == 800
+    assert ExplainRequest.build(SETTINGS, samples="AUTO").samples == "auto"
     grid = ExplainRequest.build(SETTINGS, players="grid", segments=10)
     assert grid.segments == 64  # the grid's cells, whatever segments said
     fast = ExplainRequest.build(SETTINGS, method="FAST")

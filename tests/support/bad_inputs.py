@@ -519,7 +519,7 @@ def _cases() -> list[BadInput]:
     at_bound = {
         "segments": ("2", "200"),
         "samples": ("20", "20000"),
-        "background": ("1", "100"),  # 100 x the default 5000 samples = the 500000 evaluation limit
+        "background": ("1", "100"),  # 100 x the default cap of 5000 samples = the 500000 evaluation limit
         "seed": ("0", str(2**32 - 1)),
         "target": ("0", "9", "TRUCK"),
     }
@@ -528,11 +528,14 @@ def _cases() -> list[BadInput]:
             # the least samples need the fewest segments (at least 4 per segment: 20 for 5)
             fields = {name: value, "segments": "5"} if (name, value) == ("samples", "20") else {name: value}
             add(f"explain_{name}={value}", "explain parameter at its bound", explain(fields=fields), 202)
-    for value in ("kernel", "partition", "gradcam", "integrated_gradients", "blur", "train:100", "kmeans:5"):
+    add("explain_samples=auto", "explain parameter among its choices", explain(fields={"samples": "auto"}), 202)
+    choices = ("kernel", "adjusted", "partition", "gradcam", "integrated_gradients", "blur", "train:100", "kmeans:5")
+    for value in choices:
         name = "background" if value in ("blur", "train:100", "kmeans:5") else "method"
         add(f"explain_{name}={value}", "explain parameter among its choices", explain(fields={name: value}), 202)
     add("explain_method=lime", "explain parameter not among its choices", explain(fields={"method": "lime"}), 422,
-        "invalid_parameter", "method must be one of kernel, leverage, partition, gradcam, integrated_gradients")
+        "invalid_parameter",
+        "method must be one of kernel, leverage, adjusted, partition, gradcam, integrated_gradients")
     add("explain_method=fast_without_explainer", "the amortised explainer asked of a version that has none",
         explain(fields={"method": "fast"}), 409, "no_explainer", "python -m training fit-explainer")
     add("explain_players=hexagons", "explain parameter not among its choices", explain(fields={"players": "hex"}),
@@ -541,7 +544,7 @@ def _cases() -> list[BadInput]:
         422, "invalid_parameter", "background must be one of mean, blur, train:K or kmeans:K")
     add("explain_samples_under_the_floor", "explain parameters under their joint floor",
         explain(fields={"segments": "50", "samples": "199"}), 422, "invalid_parameter",
-        "kernel needs at least 200 (4 x segments")
+        "adjusted needs at least 200 (4 x segments")
     add("explain_segments=2_in_query", "explain parameter in the query string", explain(params={"segments": "2"}),
         422, "invalid_parameter", "segments in the query string: send the explanation parameters as multipart")
     beyond = {
@@ -570,7 +573,7 @@ def _cases() -> list[BadInput]:
         add(f"explain_target={value[:12]!r}", "explain parameter in an odd notation",
             explain(fields={"target": value}), 422, "invalid_parameter", "unknown target class")
     add("explain_samples=abc", "explain parameter not a number", explain(fields={"samples": "abc"}), 422,
-        "invalid_parameter", "samples must be an integer from 20 to 20000")
+        "invalid_parameter", "samples must be auto or an integer from 20 to 20000")
     add("explain_evaluations_over_limit", "explain parameters over their joint limit",
         explain(fields={"samples": "20000", "background": "26"}), 422, "invalid_parameter",
         "20000 x 26 = 520000 model evaluations, over the limit of 500000")

@@ -25,6 +25,7 @@ from PIL import Image
 from shapcore.background import make_background
 from shapcore.explain.background import parse_background
 from shapcore.explain.methods import QUEUED_METHODS as METHODS
+from shapcore.explain.methods import get_method
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
 from worker.methods import Attribution, MethodContext, run_method
@@ -34,7 +35,7 @@ from worker.segmentation import segment
 
 SEGMENTS = 50
 #: Budgets small enough for a 2-core machine (``kernel`` needs at least 2M; SLIC gives ~60).
-SAMPLES = {"kernel": 300, "leverage": 300, "partition": 400, "gradcam": 0, "integrated_gradients": 0}
+SAMPLES = {"kernel": 300, "leverage": 300, "adjusted": 300, "partition": 400, "gradcam": 0, "integrated_gradients": 0}
 PIXEL_METHODS = ("partition", "gradcam", "integrated_gradients")
 #: After the whole network is re-initialised, |Spearman ρ| of the target class's per-area values
 #: with the trained model's stays under this. Measured on this cat at these budgets: kernel 0.14,
@@ -225,13 +226,38 @@ def test_every_method_through_explain_image_gives_the_result_and_its_curves(mode
     assert len(result["shap_values"]) == m and len(result["classes"]) == len(class_names)
     assert all(len(c["shap_values"]) == m for c in result["classes"])
     assert isinstance(result["convergence"]["converged"], bool) and result["convergence"]["criterion"]
-    assert (result["standard_errors"] is not None) == (method in ("kernel", "leverage"))
+    assert (result["standard_errors"] is not None) == (method in ("kernel", "leverage", "adjusted"))
     faith = result["faithfulness"]
     for key in ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc"):
         assert 0.0 <= faith[key] <= 1.0
     assert all(len(curve) == faith["steps"] + 1 for curve in faith["curves"].values())
     assert result["model_evaluations"] > 0
+    if get_method(method).sampled:  # why the sampling stopped, after how many coalitions
+        assert result["stopped"] in ("converged", "cap", "budget") and result["evaluations"] == result["samples"]
     png = render_faithfulness(result)
     assert Image.open(io.BytesIO(png)).format == "PNG"
     heatmap = render_heatmap(seg.image, seg.labels, result, [result["target"]["index"]], attribution.pixel_maps)
     assert Image.open(io.BytesIO(heatmap)).format == "PNG"
+
+
+def test_samples_auto_stops_when_converged_and_says_so(models, cat):
+    """The default request (``adjusted``, ``samples=auto``): rounds until the standard errors say
+    converged, within the cap; the result says which and after how many coalitions."""
+    from shapcore.explain.request import ExplainRequest
+    from worker.explain import ModelRuntime, explain_image
+
+    frozen, eager, class_names, stored = models
+    image, model_input, _ = cat
+    fill = make_background(parse_background("mean", len(stored)), stored, model_input)
+    runtime = ModelRuntime(frozen, class_names, fill, autograd_model=eager)
+    params = ExplainRequest(segments=SEGMENTS, samples="auto", samples_cap=1200, background="mean", seed=1,
+                            method="adjusted")  # fmt: skip
+    result, _, _ = explain_image(runtime, params, image, model_input)
+    conv = result["convergence"]
+    assert result["stopped"] == conv["stopped"] and result["stopped"] in ("converged", "cap")
+    assert result["samples_requested"] == "auto" and result["evaluations"] <= 1200
+    assert len(conv["history"]) == conv["rounds"] >= 1
+    if result["stopped"] == "converged":
+        assert conv["value"] <= conv["threshold"]
+    else:
+        assert conv["value"] > conv["threshold"]

@@ -31,6 +31,7 @@ class MethodContext:
     samples: int
     seed: int
     target: int
+    auto: bool = False
 
 
 @dataclass
