@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, StrictBool
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable, machine-readable (see service.errors and service.uploads).")
     message: str = Field(description="What is wrong, in words.")
-    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields.")
+    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields; "
+                                                 "method=fast's quality refusals: the figure, its floor, the command.")
 
 
 class ErrorResponse(BaseModel):
