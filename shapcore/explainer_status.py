@@ -126,10 +126,10 @@ def refusal(meta: dict[str, Any], min_rho: float) -> tuple[str, str, list[dict[s
         return (
             "explainer_below_floor",
             f"method=fast: the amortised explainer of {version} agrees with KernelSHAP "
-            f"({ref.get('samples', '?')} samples) at median Spearman rho {rho:.3f} on {quality.get('images', '?')} "
-            f"held-out images, below the floor EXPLAIN_FAST_MIN_RHO={min_rho:g}: it is not served as an "
-            f"explanation. Refit it with a longer budget: `{fit_command(version, data, 30)}` (the running "
-            "service picks it up), or use method=kernel",
+            f"({ref.get('runs', 1)} x {ref.get('samples', '?')} samples) at median Spearman rho {rho:.3f} "
+            f"on {quality.get('images', '?')} held-out images, below the floor EXPLAIN_FAST_MIN_RHO={min_rho:g}: "
+            f"it is not served as an explanation. Refit it with a longer budget: "
+            f"`{fit_command(version, data, 30)}` (the running service picks it up), or use method=kernel",
             [{"figure": "median_rho", "value": rho, "floor": min_rho, "command": fit_command(version, data, 30)}],
         )
     return None

@@ -231,7 +231,7 @@ async function showResult(result) {
   ];
   const q = result.explainer && result.explainer.quality;
   if (q) { // method=fast: how far the amortised explainer agrees with KernelSHAP, measured when it was fitted
-    rows.push(["agreement with KernelSHAP", `median Spearman ρ ${q.median_rho.toFixed(2)} on ${q.images} held-out images (KernelSHAP at ${q.reference.samples} samples; KernelSHAP itself, another seed: ${q.kernel.median_rho.toFixed(2)})`]);
+    rows.push(["agreement with KernelSHAP", `median Spearman ρ ${q.median_rho.toFixed(2)} on ${q.images} held-out images (against KernelSHAP, ${q.reference.runs || 1} × ${q.reference.samples} samples; one such KernelSHAP run against another: ${q.kernel.median_rho.toFixed(2)})`]);
     rows.push(["its deletion / insertion AUC", `${q.deletion_auc.toFixed(3)} / ${q.insertion_auc.toFixed(3)} (KernelSHAP: ${q.kernel.deletion_auc.toFixed(3)} / ${q.kernel.insertion_auc.toFixed(3)})`]);
   }
   if (result.convergence) rows.push(["converged", result.convergence.converged ? "yes" : `no (${result.convergence.criterion} ${result.convergence.value.toFixed(2)} > ${result.convergence.threshold})`]);

@@ -102,8 +102,9 @@ def test_fit_explainer_stores_its_figures_and_score_explainer_rescores(
     assert seen[0] is not None and seen[0]["phase"] == "fitting" and seen[0]["minutes_left"] >= 1
     meta = read_meta(folder / EXPLAINER_FILE)
     q = meta["quality"]
-    assert q["images"] == 2 and q["reference"] == {"estimator": "KernelSHAP", "samples": 128, "seed": 1,
-                                                   "implementation": q["reference"]["implementation"]}  # fmt: skip
+    assert q["images"] == 2 and q["reference"] == {
+        "estimator": "KernelSHAP", "samples": 128, "runs": 2, "seeds": [1, 2],
+        "implementation": "shapcore.shapley method=leverage"}
     for figures in (q, q["kernel"]):
         assert -1.0 <= figures["median_rho"] <= 1.0 and 0.0 <= figures["deletion_auc"] <= 1.0
     assert not (folder / FITTING_FILE).exists(), "the fitting marker outlived the fit"
