@@ -226,6 +226,18 @@ def workers_listening(redis_url: str, queue: str) -> int:
         return 0
 
 
+def explainer_rho(path: Path) -> str:
+    """The median Spearman rho an explainer file's fit measured (its safetensors header's metadata,
+    read without torch), as text; "unknown" when unreadable."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(json.loads(fh.read(size))["__metadata__"]["shapserve"])
+        return f"{float(meta['quality']['median_rho']):.3f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def fit_explainer(sup: Supervisor, registry: Path, version: str, minutes: float, data: str) -> None:
     """Fit ``version``'s amortised explainer (method=fast) in the background, within ``minutes`` plus
     its scoring against KernelSHAP: the API serves meanwhile (method=fast answers 409 "fitting, about
@@ -237,8 +249,10 @@ def fit_explainer(sup: Supervisor, registry: Path, version: str, minutes: float,
 
     def done(code: int) -> None:
         if code == 0:
+            rho = explainer_rho(registry / version / "explainer.safetensors")
             say(f"fitted the amortised explainer of {version}: the API picked it up without a restart "
-                "(POST /explain method=fast; its quality figures: GET /model)")  # fmt: skip
+                f"(POST /explain method=fast; median rho against KernelSHAP {rho}: served at or above "
+                "EXPLAIN_FAST_MIN_RHO, else 409; GET /model says which)")  # fmt: skip
         else:
             say(f"fitting the explainer failed ({exit_text(code)}; log {child.log_path}): method=fast answers 409; "
                 "the other methods work")  # fmt: skip
