@@ -72,7 +72,9 @@ class ModelInfo(BaseModel):
     explainer: dict[str, Any] | None = Field(
         None,
         description="The version's amortised explainer (method=fast on POST /explain): `available`, its players, "
-        "fit time, validation figures and forward-pass time; `error` when its file was refused; null when the "
+        "fit time, validation figures and forward-pass time, `quality` (its figures against KernelSHAP), `served` "
+        "(false below EXPLAIN_FAST_MIN_RHO or without figures, with `refused`), `fitting` while a fit runs; `error` "
+        "when its file was refused; null when the "
         "version has none (`python -m training fit-explainer`).",
     )
 
