@@ -19,7 +19,9 @@ Environment (read by ``scripts/settings.py``; every other variable, e.g. ``BATCH
                      unset means the profile's own budget (cpu: 60 min).
 ``TRAIN_PROFILE``    ``up``: cpu (default); ``train``: paper on a CUDA machine, else cpu.
 ``EXPLAIN_FIT_MINUTES`` budget of the amortised explainer fitted after the first model in ``up``
-                     (default 5; 0: not fitted, the command to fit one is printed).
+                     (default 5; 0: not fitted, the command to fit one is printed). The fit
+                     (and its scoring against KernelSHAP) runs in the background while the
+                     API and the workers serve; the API picks the explainer up when it ends.
 ``HOST``, ``PORT``   where the API listens (default 127.0.0.1:8000).
 ``REDIS_URL``        a Redis to use. Unset: ``LOCAL_REDIS_URL`` (default
                      redis://127.0.0.1:6379/0) when something answers there, else an embedded
@@ -67,8 +69,8 @@ from supervise import ROOT, Failed, RestartPolicy, Stop, Supervisor, exit_text, 
 COMMANDS = ("up", "train")
 
 
-def first_model(sup: Supervisor, registry: Path, settings: RunSettings) -> None:
-    """An empty registry: train, evaluate and promote a first version (the cpu profile, 10 min)."""
+def first_model(sup: Supervisor, registry: Path, settings: RunSettings) -> str:
+    """An empty registry: train, evaluate and promote a first version (the cpu profile, 10 min); its id."""
     profile = settings.train_profile or "cpu"
     minutes = 10.0 if settings.train_minutes is None else settings.train_minutes
     data = caller_path(settings.data, settings.caller_cwd)
@@ -83,12 +85,21 @@ def first_model(sup: Supervisor, registry: Path, settings: RunSettings) -> None:
         remedy="`make train` trains the full profile (60 min on a CPU; the API switches to it by itself)",
     )  # fmt: skip
     say(f"trained and promoted {version}")
+    return version
+
+
+def background_fit(sup: Supervisor, registry: Path, version: str, settings: RunSettings) -> str:
+    """Start the first model's explainer fit beside the services; the banner's line about it."""
+    data = caller_path(settings.data, settings.caller_cwd)
     fit_minutes = settings.explain_fit_minutes
-    if fit_minutes > 0:
-        say(f"fitting its amortised explainer (method=fast; {fit_minutes:g} min, EXPLAIN_FIT_MINUTES=0 skips it)")
-        fit_explainer(sup, registry, version, fit_minutes, data)
-    else:
+    if fit_minutes <= 0:
         say(f"no amortised explainer (EXPLAIN_FIT_MINUTES=0): `{fit_command(registry, version, data)}` fits one")
+        return ""
+    say(f"fitting its amortised explainer in the background (method=fast; {fit_minutes:g} min and its scoring, "
+        "EXPLAIN_FIT_MINUTES=0 skips it): the API serves meanwhile")  # fmt: skip
+    fit_explainer(sup, registry, version, fit_minutes, data)
+    return (f"  fast     method=fast answers 409 \"fitting, about N minutes left\" until the explainer's fit ends "
+            f"(log {sup.var / 'log' / 'fit-explainer.log'}); then the API picks it up\n")  # fmt: skip
 
 
 def fit_command(registry: Path, version: str, data: str) -> str:
@@ -124,8 +135,9 @@ def up(sup: Supervisor, settings: RunSettings) -> int:
 
     redis_url, redis_how = start_redis(sup, settings)
     say(f"Redis: {redis_url} ({redis_how})")
+    fresh = None
     if not registry_versions(registry):
-        first_model(sup, registry, settings)
+        fresh = first_model(sup, registry, settings)
     else:
         served = (registry / "PROMOTED").read_text().strip() if (registry / "PROMOTED").is_file() else None
         served = served or registry_versions(registry)[-1]
@@ -138,6 +150,7 @@ def up(sup: Supervisor, settings: RunSettings) -> int:
     env.setdefault("MODEL_WATCH_INTERVAL_S", "5")
     queue = settings.explain_queue
     worker_metrics = start_services(sup, env, settings)
+    fast_line = background_fit(sup, registry, fresh, settings) if fresh else ""
 
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
     say(f"waiting for the API ({base}/readyz) and {workers} worker(s) to load the model")
@@ -155,6 +168,7 @@ def up(sup: Supervisor, settings: RunSettings) -> int:
         f"  docs     {base}/docs\n"
         f"  metrics  {base}/metrics\n"
         + "".join(f"  worker   {url}\n" for url in worker_metrics)
+        + fast_line
         + f"  logs     {logs}\n"
         "  Ctrl-C stops everything; a crashed worker or API is restarted.\n",
         flush=True,

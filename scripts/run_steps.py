@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from settings import RunSettings
-from supervise import ROOT, Failed, Supervisor, say
+from supervise import ROOT, Failed, Supervisor, exit_text, say
 
 PY = sys.executable
 
@@ -226,17 +226,37 @@ def workers_listening(redis_url: str, queue: str) -> int:
         return 0
 
 
+def explainer_rho(path: Path) -> str:
+    """The median Spearman rho an explainer file's fit measured (its safetensors header's metadata,
+    read without torch), as text; "unknown" when unreadable."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            meta = json.loads(json.loads(fh.read(size))["__metadata__"]["shapserve"])
+        return f"{float(meta['quality']['median_rho']):.3f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+
+
 def fit_explainer(sup: Supervisor, registry: Path, version: str, minutes: float, data: str) -> None:
-    """Fit ``version``'s amortised explainer (method=fast) within ``minutes``, progress on the terminal.
-    A failure is said and is not fatal: the other methods work without it."""
-    argv = [PY, "-m", "training", "--registry", str(registry), "fit-explainer", "--version", version,
+    """Fit ``version``'s amortised explainer (method=fast) in the background, within ``minutes`` plus
+    its scoring against KernelSHAP: the API serves meanwhile (method=fast answers 409 "fitting, about
+    N minutes left") and picks the explainer up when its file appears. A failure is said and is not
+    fatal: the other methods work without it."""
+    argv = [PY, "-m", "training", "--quiet", "--registry", str(registry), "fit-explainer", "--version", version,
             "--data", data, "--time-budget", f"{minutes:g}"]  # fmt: skip
     say("$ python " + " ".join(argv[1:]))
-    child = sup.start("fit-explainer", argv, os.environ.copy(), own_group=False, capture=False,
-                      stop_signals=(0, signal.SIGINT, signal.SIGTERM))  # fmt: skip
-    code = sup.wait_for(child)
-    sup.children.remove(child)
-    if code == 0:
-        say(f"fitted the amortised explainer of {version}: POST /explain method=fast answers in the request")
-    else:
-        say(f"fitting the explainer failed (exit status {code}): method=fast answers 409; the other methods work")
+
+    def done(code: int) -> None:
+        if code == 0:
+            rho = explainer_rho(registry / version / "explainer.safetensors")
+            say(f"fitted the amortised explainer of {version}: the API picked it up without a restart "
+                f"(POST /explain method=fast; median rho against KernelSHAP {rho}: served at or above "
+                "EXPLAIN_FAST_MIN_RHO, else 409; GET /model says which)")  # fmt: skip
+        else:
+            say(f"fitting the explainer failed ({exit_text(code)}; log {child.log_path}): method=fast answers 409; "
+                "the other methods work")  # fmt: skip
+
+    # SIGINT first: the fit's clean-up (its "fitting" marker in the version's folder) runs on KeyboardInterrupt.
+    child = sup.background("fit-explainer", argv, os.environ.copy(), done)
+    child.stop_signals = (signal.SIGINT, signal.SIGTERM)

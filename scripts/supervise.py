@@ -11,6 +11,10 @@ supervisor runs is started again after a delay that doubles from ``RESTART_DELAY
 ``RESTART_MAX_DELAY_S`` and falls back to the first delay once a run lasted
 ``RESTART_RESET_S``. A child restarted ``RESTART_LIMIT`` times within ``RESTART_WINDOW_S`` that
 ends once more is in a crash loop: everything stops and the supervisor exits non-zero.
+
+Background tasks (:meth:`Supervisor.background`: ``make run``'s explainer fit): a one-shot child,
+logged and stopped like the others, whose end is neither a failure nor restarted: its
+``on_exit`` callback is told its exit status.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +62,18 @@ def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the supervisor dies, however it dies (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _niced(increment: int) -> Callable[[], None]:
+    """A pre-exec hook: :func:`_die_with_parent`, then a lower CPU priority (a background task
+    must not slow the API down)."""
+
+    def hook() -> None:
+        _die_with_parent()
+        with contextlib.suppress(OSError):
+            os.nice(increment)
+
+    return hook
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,7 @@ class Supervisor:
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     children: list[Child] = field(default_factory=list)
     kept: list[Kept] = field(default_factory=list)
+    tasks: dict[int, Callable[[int], None] | None] = field(default_factory=dict)  # background child -> on_exit
     sel: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
 
     def start(
@@ -133,6 +151,7 @@ class Supervisor:
         capture: bool = True,
         stop_signals: tuple[int, ...] = (signal.SIGTERM,),
         tier: int = 0,
+        nice: int = 0,
     ) -> Child:
         log_path = self.var / "log" / f"{name}.log" if capture else None
         proc = subprocess.Popen(
@@ -143,7 +162,7 @@ class Supervisor:
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.STDOUT if capture else None,
             start_new_session=own_group,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_niced(nice) if nice else _die_with_parent,
         )
         child = Child(name, proc, log_path, own_group, stop_signals=stop_signals, tier=tier)
         if capture:
@@ -161,6 +180,24 @@ class Supervisor:
         self.kept.append(kept)
         self._spawn(kept)
         return kept
+
+    def background(
+        self, name: str, argv: list[str], env: dict[str, str], on_exit: Callable[[int], None], nice: int = 10
+    ) -> Child:
+        """Start a one-shot task beside the services (logged, stopped with them, at a lower CPU
+        priority); when it ends, :meth:`watch` calls ``on_exit(exit status)`` once."""
+        child = self.start(name, argv, env, nice=nice)
+        self.tasks[id(child)] = on_exit
+        say(f"started {name} in the background (pid {child.proc.pid}, log {child.log_path})")
+        return child
+
+    def _finish_tasks(self) -> None:
+        for child in self.children:
+            on_exit = self.tasks.get(id(child))
+            if on_exit is not None and not child.alive:
+                self.pump(0.2)  # its last words before ours
+                self.tasks[id(child)] = None  # told once
+                on_exit(child.proc.returncode)
 
     def _spawn(self, kept: Kept) -> None:
         if kept.child is not None:
@@ -214,12 +251,13 @@ class Supervisor:
         a child that is not kept (Redis) and ended is a failure; a kept one is restarted."""
         due = [k.restart_at for k in self.kept if k.restart_at is not None]
         self.pump(max(0.0, min([timeout, *(t - time.monotonic() for t in due)])))
+        self._finish_tasks()
         self.check_alive()
         self.tend()
 
     def check_alive(self) -> None:
-        """Raise :class:`Failed` when a child that is not restarted has ended."""
-        kept = {id(k.child) for k in self.kept}
+        """Raise :class:`Failed` when a child that is neither restarted nor a background task has ended."""
+        kept = {id(k.child) for k in self.kept} | set(self.tasks)
         for child in self.children:
             if id(child) not in kept and not child.alive:
                 self.pump(0.2)

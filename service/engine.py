@@ -125,7 +125,8 @@ class Engine:
             runtime=hosted.model.describe(),
             load_seconds=0.0,
             runtime_choice=hosted.runtime,
-            explainer=ExplainerSlot(hosted.path, hosted.version, hosted.class_names),
+            explainer=ExplainerSlot(hosted.path, hosted.version, hosted.class_names,
+                                    min_rho=self.settings.explain_fast_min_rho),
         )
         served.explainer.refresh()
         served.load_seconds = time.perf_counter() - start

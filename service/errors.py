@@ -72,7 +72,7 @@ async def _shapserve_error(request: Request, exc: ShapserveError) -> Response:
         log.warning("model load refused: %s", exc.message)
     elif exc.status < 500:
         log.info("refused %s %s from %s: %s (%s)", *where)
-    return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
+    return error_response(exc.status, exc.code, exc.message, details=exc.details, headers=exc.headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

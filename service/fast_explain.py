@@ -7,6 +7,14 @@ file that does not fit the version (another version's, a truncated one) is refus
 with its reason, and ``method=fast`` then answers 409 with that reason, as it does when there
 is no file at all. Everything else keeps working.
 
+Quality travels with the answer (issue 26): the file's metadata holds the figures its fit
+measured against KernelSHAP (:mod:`training.explainer_quality`); every answer carries them,
+and an explainer whose median Spearman ρ is below ``EXPLAIN_FAST_MIN_RHO``, or that has no
+figures (fitted by an older release; ``python -m training score-explainer`` adds them), is
+not served: 409 naming the figure and the command (:func:`shapcore.explainer_status.refusal`).
+While ``fit-explainer`` runs for the served version (its marker in the version's folder),
+409 ``explainer_fitting`` says about how many minutes are left.
+
 An answer costs one batched forward pass of the model (through the /predict batcher: the
 probabilities that make the values efficient and give the target) and one pass of the small
 explainer. Its result has the queued methods' shape over the 8×8 grid's 64 players
@@ -30,6 +38,7 @@ from shapcore.background import BackgroundSet, summarize_background
 from shapcore.errors import ShapserveError, UserError
 from shapcore.explain.request import ExplainRequest
 from shapcore.explain.result import attribution_fields
+from shapcore.explainer_status import fit_command, read_fitting, refusal, summary
 from shapcore.fastshap import BACKGROUND, EXPLAINER_FILE, FastExplainer, describe, load_explainer
 from shapcore.jobs.artifact import pack_artifact
 from shapcore.players import GRID_CELLS, grid_labels, grid_weights
@@ -41,9 +50,11 @@ log = logging.getLogger(__name__)
 class ExplainerSlot:
     """The explainer of one served version: loaded when its file appears or changes."""
 
-    def __init__(self, folder: Path, version: str, class_names: list[str]) -> None:
+    def __init__(self, folder: Path, version: str, class_names: list[str], min_rho: float = 0.8) -> None:
         self.path = folder / EXPLAINER_FILE
+        self.folder = folder
         self.version = version
+        self.min_rho = float(min_rho)
         self.class_names = list(class_names)
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
@@ -76,10 +87,27 @@ class ExplainerSlot:
             self._explainer, self._error, self._stamp = explainer, error, stamp
 
     def get(self) -> FastExplainer:
-        """The explainer, or 409 saying why there is none."""
+        """The explainer, or 409 saying why it is not served (none, unusable, unscored, below the
+        floor, or being fitted)."""
         self.refresh()
-        if self._explainer is not None:
+        refused = refusal(self._explainer.meta, self.min_rho) if self._explainer is not None else None
+        if self._explainer is not None and refused is None:
             return self._explainer
+        fit = read_fitting(self.folder)
+        if fit is not None:
+            raise ShapserveError(
+                409,
+                "explainer_fitting",
+                f"method=fast: the amortised explainer of {self.version} is being fitted ({fit.get('phase')}), about "
+                f"{fit['minutes_left']} minute(s) left: `{fit_command(self.version, str(fit.get('data') or 'SRC'))}` "
+                "is running and the service picks its explainer up when it ends; meanwhile use method=kernel",
+                headers={"Retry-After": str(60 * fit["minutes_left"])},
+                details=[{"figure": "minutes_left", "value": fit["minutes_left"],
+                          "command": fit_command(self.version, str(fit.get("data") or "SRC"))}],
+            )
+        if refused is not None:
+            code, message, details = refused
+            raise ShapserveError(409, code, message, details=details)
         if self._error is not None:
             raise ShapserveError(409, "explainer_unusable", f"method=fast: {self._error}")
         raise ShapserveError(
@@ -91,13 +119,21 @@ class ExplainerSlot:
         )
 
     def describe(self) -> dict[str, Any] | None:
-        """What /model reports: the explainer's figures, or why it was refused; None without a file."""
+        """What /model reports: the explainer's figures and whether it is served (or why not), or why
+        it was refused; a fit in progress; None without a file or a fit."""
         self.refresh()
+        fit = read_fitting(self.folder)
+        fitting = {"fitting": {"phase": fit.get("phase"), "minutes_left": fit["minutes_left"]}} if fit else {}
         if self._explainer is not None:
-            return {"available": True, **describe(self._explainer.meta)}
+            meta = self._explainer.meta
+            refused = refusal(meta, self.min_rho)
+            verdict = {"served": refused is None, "min_rho": self.min_rho}
+            if refused is not None:
+                verdict["refused"] = {"code": refused[0], "message": refused[1]}
+            return {"available": True, **describe(meta), "quality": summary(meta.get("quality")), **verdict, **fitting}
         if self._error is not None:
-            return {"available": False, "error": self._error}
-        return None
+            return {"available": False, "error": self._error, **fitting}
+        return {"available": False, **fitting} if fit else None
 
     def background(self) -> BackgroundSet:
         """The ``mean`` background the explainer was trained against (for the faithfulness curves)."""
@@ -157,7 +193,8 @@ def explain_fast(
         "background": BACKGROUND,
         "background_images": 1,
         "seed": None,
-        "explainer": {"fitted": explainer.meta.get("created"), "fit_seconds": explainer.meta.get("fit_seconds")},
+        "explainer": {"fitted": explainer.meta.get("created"), "fit_seconds": explainer.meta.get("fit_seconds"),
+                      "quality": summary(explainer.meta.get("quality"))},
         "model_evaluations": 1,
     }
     timings = {"segmentation": 0.0, "explainer": explained - started, "faithfulness": 0.0, "model_forward": 0.0}

@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, StrictBool
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable, machine-readable (see service.errors and service.uploads).")
     message: str = Field(description="What is wrong, in words.")
-    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields.")
+    details: list[dict[str, Any]] | None = Field(None, description="Validation errors: the offending fields; "
+                                                 "method=fast's quality refusals: the figure, its floor, the command.")
 
 
 class ErrorResponse(BaseModel):
@@ -72,7 +73,9 @@ class ModelInfo(BaseModel):
     explainer: dict[str, Any] | None = Field(
         None,
         description="The version's amortised explainer (method=fast on POST /explain): `available`, its players, "
-        "fit time, validation figures and forward-pass time; `error` when its file was refused; null when the "
+        "fit time, validation figures and forward-pass time, `quality` (its figures against KernelSHAP), `served` "
+        "(false below EXPLAIN_FAST_MIN_RHO or without figures, with `refused`), `fitting` while a fit runs; `error` "
+        "when its file was refused; null when the "
         "version has none (`python -m training fit-explainer`).",
     )
 

@@ -50,6 +50,14 @@ class Settings(SharedSettings):
         "pre-packs the weights: faster on CPU, same predictions). Off: plain eager model.",
     )
     warmup: bool = Field(True, description="Run warm-up forwards before reporting ready.")
+    explain_fast_min_rho: float = Field(
+        0.8,
+        ge=-1.0,
+        le=1.0,
+        description="method=fast serves a version's amortised explainer only when its fit measured a median Spearman "
+        "rho against KernelSHAP at least this high (its metadata's quality figures); below it, or without figures, "
+        "409 naming the figure and the command that refits it. -1: serve any scored explainer.",
+    )
 
     # -- inputs (MAX_IMAGE_PIXELS: shared) -------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="Largest request body, refused while streaming.")

@@ -1,4 +1,4 @@
-"""``python -m training train|evaluate|report|fit-explainer|list|show|promote``.
+"""``python -m training train|evaluate|report|fit-explainer|score-explainer|list|show|promote``.
 
 Every user mistake ends in one line on stderr and exit status 2, never a traceback.
 """
@@ -73,6 +73,26 @@ def _add_fit_explainer(f: argparse.ArgumentParser) -> None:
     f.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 1e-3)")
     f.add_argument("--width", type=_positive_int, help="the explainer's channel width (default: 48)")
     f.add_argument("--seed", type=int)
+    _add_quality(f)
+
+
+def _add_quality(f: argparse.ArgumentParser) -> None:
+    """The scoring against KernelSHAP that ends a fit (training/explainer_quality.py)."""
+    f.add_argument("--quality-images", type=_non_negative_int, metavar="N",
+                   help="held-out images the explainer is scored on against KernelSHAP (default 8, or "
+                   "EXPLAIN_QUALITY_IMAGES; 0: not scored, and the service will not serve it)")  # fmt: skip
+    f.add_argument("--quality-samples", type=_positive_int, metavar="N",
+                   help="KernelSHAP's coalitions for the reference and for KernelSHAP's own figures (default 2048, "
+                   "or EXPLAIN_QUALITY_SAMPLES)")  # fmt: skip
+
+
+def _quality_config(args: argparse.Namespace):
+    from training.explainer_quality import QualityConfig
+
+    env = TrainingSettings()
+    images = env.explain_quality_images if args.quality_images is None else args.quality_images
+    samples = env.explain_quality_samples if args.quality_samples is None else args.quality_samples
+    return QualityConfig(images=images, samples=samples)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print metrics.json instead of tables")
 
     _add_fit_explainer(add("fit-explainer", help="train a version's amortised explainer (POST /explain method=fast)"))
+    q = add("score-explainer", help="score a version's fitted explainer against KernelSHAP (rewrites its figures)")
+    q.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
+    q.add_argument("--data", required=True, help="the images it was fitted on (its held-out part is scored)")
+    _add_quality(q)
     _add_report(add("report", help="write the study's report of a version: one self-contained HTML file"))
     add("list", help="list versions")
     s = add("show", help="print a version's metadata and metrics")
@@ -231,12 +255,24 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
 def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
     from dataclasses import replace
 
+    from training import explainer_quality as quality
     from training import fastshap
 
     changes = {"batch_images": args.batch_size, "pairs": args.pairs, "lr": args.lr, "width": args.width,
                "seed": args.seed}  # fmt: skip
     cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
-    print(fastshap.run(registry, args.version, args.data, cfg, progress=not args.quiet))
+    qcfg = _quality_config(args)
+    print(quality.fit_scored(registry, args.version, args.data, cfg, qcfg, progress=not args.quiet))
+    return 0
+
+
+def cmd_score_explainer(args: argparse.Namespace, registry: Registry) -> int:
+    from training import explainer_quality as quality
+
+    qcfg = _quality_config(args)
+    if qcfg.images == 0:
+        raise UserError("score-explainer needs at least one image (--quality-images)")
+    print(quality.rescore(registry, args.version, args.data, qcfg, progress=not args.quiet))
     return 0
 
 
@@ -284,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args, registry)
         if args.command == "fit-explainer":
             return cmd_fit_explainer(args, registry)
+        if args.command == "score-explainer":
+            return cmd_score_explainer(args, registry)
         if args.command == "list":
             return cmd_list(registry)
         if args.command == "show":
@@ -296,6 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: resume with `train --resume VERSION` (see `ls <registry>/.runs`)", file=sys.stderr)
+        resume = " resume with `train --resume VERSION` (see `ls <registry>/.runs`)" if args.command == "train" else ""
+        print(f"interrupted:{resume or ' nothing was written'}", file=sys.stderr)
         return 130
     return 0

@@ -246,8 +246,12 @@ def forward_ms(net: ExplainerNet, repeats: int = 50) -> float:
     return 1000.0 * float(np.median(times))
 
 
-def run(registry: Registry, version: str | None, data_src: str, cfg: FitConfig, *, progress: bool = True) -> str:
-    """Fit and store the explainer of ``version`` from images of ``data_src``; returns its path."""
+def run(
+    registry: Registry, version: str | None, data_src: str, cfg: FitConfig, *, progress: bool = True, score=None
+) -> str:
+    """Fit and store the explainer of ``version`` from images of ``data_src``; returns its path.
+    ``score(game, net, null, held_out_images)``: the quality figures stored with it
+    (:func:`training.explainer_quality.fit_hook`)."""
     from training.data import load_images, split_train_val
 
     registry.check_writable()
@@ -278,4 +282,6 @@ def run(registry: Registry, version: str | None, data_src: str, cfg: FitConfig, 
         "forward_ms": forward_ms(net),
         **figures,
     }
+    if score is not None:  # before the file appears: the service never sees an unscored fit
+        stored["quality"] = score(game, net, null, data.images[val_idx])
     return str(save_explainer(loaded.path, net, null, stored))

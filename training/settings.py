@@ -29,3 +29,11 @@ class TrainingSettings(SharedSettings):
     rank: int = Field(0, description="This process's rank among all of torchrun's (0: the one that reports).")
     world_size: int = Field(1, description="Processes torchrun started (1: not distributed).")
     local_rank: int = Field(0, description="This process's rank on its machine: the CUDA device it takes.")
+    explain_quality_images: int = Field(
+        8, ge=0, description="fit-explainer's --quality-images default: held-out images it scores the explainer "
+        "on against KernelSHAP (0: not scored, and the service will not serve it)."
+    )
+    explain_quality_samples: int = Field(
+        2048, ge=8, description="fit-explainer's --quality-samples default: KernelSHAP's coalitions for the "
+        "reference and for KernelSHAP's own figures."
+    )

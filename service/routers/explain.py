@@ -116,8 +116,9 @@ def build_router(explain_settings: ExplainSettings) -> APIRouter:
         "`segments`, `samples`, `background`, `seed`, `method`, `players`, `faithfulness`. Answers 202 with the job's "
         "URLs (200 when an identical request already finished: the same decoded picture, model version, parameters and "
         "API key reuse one job). A job can be read only with the key that created it (404 to other keys). "
-        "`method=fast` answers in the request: 200 with the `result` and the same URLs, or 409 when the served "
-        "version has no amortised explainer.",
+        "`method=fast` answers in the request: 200 with the `result` (its quality figures: `result.explainer.quality`) "
+        "and the same URLs, or 409 when the served version has no amortised explainer, it is being fitted, or its "
+        "median rho against KernelSHAP is below EXPLAIN_FAST_MIN_RHO (the figure and the refit command in `details`).",
         responses={
             200: {"model": ExplainAccepted, "description": "An identical request had already finished, or an inline "
                   "method answered.", "links": LINKS},

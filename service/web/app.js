@@ -229,6 +229,11 @@ async function showResult(result) {
     ["background", `${result.background} (${result.background_images} image${result.background_images === 1 ? "" : "s"})`],
     ["superpixels", `${result.segments.count}`],
   ];
+  const q = result.explainer && result.explainer.quality;
+  if (q) { // method=fast: how far the amortised explainer agrees with KernelSHAP, measured when it was fitted
+    rows.push(["agreement with KernelSHAP", `median Spearman ρ ${q.median_rho.toFixed(2)} on ${q.images} held-out images (against KernelSHAP, ${q.reference.runs || 1} × ${q.reference.samples} samples; one such KernelSHAP run against another: ${q.kernel.median_rho.toFixed(2)})`]);
+    rows.push(["its deletion / insertion AUC", `${q.deletion_auc.toFixed(3)} / ${q.insertion_auc.toFixed(3)} (KernelSHAP: ${q.kernel.deletion_auc.toFixed(3)} / ${q.kernel.insertion_auc.toFixed(3)})`]);
+  }
   if (result.convergence) rows.push(["converged", result.convergence.converged ? "yes" : `no (${result.convergence.criterion} ${result.convergence.value.toFixed(2)} > ${result.convergence.threshold})`]);
   if (f) {
     rows.push(["deletion AUC (lower is better)", `${f.deletion_auc.toFixed(3)} against ${f.random_deletion_auc.toFixed(3)} for random orders`]);

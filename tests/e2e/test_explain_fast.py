@@ -2,8 +2,11 @@
 an explainer fitted by the real ``python -m training fit-explainer`` on real CIFAR-10 JPEGs.
 
 409 without an explainer, then (after the fit, picked up by the running service) 200 answered in
-the request with a kernel result's shape, its heatmap and faithfulness curves at URLs, and an
-explainer copied from another version refused with its reason.
+the request with a kernel result's shape and the explainer's quality figures (its fit scored it
+against KernelSHAP), its heatmap and faithfulness curves at URLs; an explainer copied from another
+version refused with its reason, and the same explainer refused below the floor
+``EXPLAIN_FAST_MIN_RHO`` with its figure. The smoke explainer is weak (a 30-second fit of a smoke
+model): the main service here serves any scored explainer (``EXPLAIN_FAST_MIN_RHO=-1``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def fast_registry(service_registry: Path, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture(scope="module")
 def fast_service(start_service, explain_redis_url, fast_registry):
-    svc = start_service(registry=fast_registry, env={"REDIS_URL": explain_redis_url})
+    svc = start_service(registry=fast_registry, env={"REDIS_URL": explain_redis_url, "EXPLAIN_FAST_MIN_RHO": "-1"})
     yield svc
     svc.stop()
 
@@ -56,7 +59,7 @@ def fitted(fast_service, fast_registry: Path, small_archive: Path) -> Path:
     from training.cli import main
 
     code = main(["--quiet", "--registry", str(fast_registry), "fit-explainer", "--data", str(small_archive),
-                 "--time-budget", "0.5", "--width", "8"])  # fmt: skip
+                 "--time-budget", "0.5", "--width", "8", "--quality-images", "2", "--quality-samples", "128"])
     assert code == 0
     path = fast_registry / _version(fast_registry) / EXPLAINER_FILE
     assert path.is_file()
@@ -83,6 +86,7 @@ def test_fast_answers_in_the_request_with_a_kernel_results_shape(fast_service, f
     client = fast_service.client
     info = client.get("/model").json()["explainer"]
     assert info["available"] is True and info["players"] == M and info["forward_ms"] > 0
+    assert info["served"] is True and info["quality"]["images"] == 2 and info["quality"]["reference"]["samples"] == 128
 
     r = client.post("/explain", files=files(cifar_jpeg), data={"method": "fast"})
     assert r.status_code == 200, r.text
@@ -94,6 +98,11 @@ def test_fast_answers_in_the_request_with_a_kernel_results_shape(fast_service, f
     for c in result["classes"]:
         assert abs(c["base_value"] + sum(c["shap_values"]) - c["probability"]) < 1e-4
     assert np.std(result["shap_values"]) > 0  # not the even split
+    # quality travels with the answer: the figures its fit measured against KernelSHAP
+    carried = result["explainer"]["quality"]
+    assert carried == {k: v for k, v in info["quality"].items() if k in carried} and len(carried) >= 9
+    for key in ("median_rho", "median_relative_l2", "deletion_auc", "insertion_auc"):
+        assert isinstance(carried[key], float) and isinstance(carried["kernel"][key], float)
 
     # the same shape as a queued method's result: every key a KernelSHAP result has
     kernel = _kernel_result(smoke_model, cifar_jpeg)
@@ -141,6 +150,24 @@ def test_an_explainer_of_another_version_is_refused_with_its_reason(own_service,
     assert svc.client.get("/predict").status_code == 405  # the service itself is fine
     ok = svc.client.post("/predict", files=files(cifar_jpeg))
     assert ok.status_code == 200
+
+
+def test_below_the_floor_the_explainer_is_refused_with_its_figure(own_service, explain_redis_url, fast_registry,
+                                                                  fitted, cifar_jpeg):  # fmt: skip
+    from shapcore.fastshap import read_meta
+
+    rho = read_meta(fitted)["quality"]["median_rho"]
+    floor = min(1.0, round(rho + 0.01, 2))
+    assert floor > rho
+    svc = own_service(registry=fast_registry, env={"REDIS_URL": explain_redis_url, "EXPLAIN_FAST_MIN_RHO": str(floor)})
+    r = svc.client.post("/explain", files=files(cifar_jpeg), data={"method": "fast"})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "explainer_below_floor" and f"median Spearman rho {rho:.3f}" in error["message"]
+    assert f"EXPLAIN_FAST_MIN_RHO={floor:g}" in error["message"] and "fit-explainer --version" in error["message"]
+    assert error["details"][0]["value"] == rho and error["details"][0]["floor"] == floor
+    info = svc.client.get("/model").json()["explainer"]
+    assert info["served"] is False and info["quality"]["median_rho"] == rho
 
 
 def _kernel_result(smoke_model: tuple[Path, str], jpeg: bytes) -> dict:

@@ -1,5 +1,7 @@
 """``make run`` / ``scripts/run.sh`` for real: an empty registry gets a first model, an
-embedded Redis starts, the API and a worker serve, ``scripts/run.sh train`` (``make train``)
+embedded Redis starts, the API and a worker serve (``/predict`` while the first model's explainer
+is still being fitted in the background, ``method=fast`` answering "fitting, about N minutes
+left" until the fit ends and the API picks the explainer up), ``scripts/run.sh train`` (``make train``)
 promotes a new version that the running API switches to, and Ctrl-C (SIGINT to the
 foreground process group, as a terminal sends it) leaves nothing running. The supervisor
 restarts a SIGKILLed worker while the API serves on, and stops everything with a non-zero exit
@@ -88,7 +90,8 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
     nobody = free_port()  # no Redis answers there: the script must start its own
     env = run_env(
         tmp_path, token, MODEL_REGISTRY=str(registry), PORT=str(port), LOCAL_REDIS_URL=f"redis://127.0.0.1:{nobody}/0",
-        TRAIN_PROFILE="smoke", DATA=str(small_archive), MODEL_WATCH_INTERVAL_S="1", EXPLAIN_FIT_MINUTES="0.5",
+        TRAIN_PROFILE="smoke", DATA=str(small_archive), MODEL_WATCH_INTERVAL_S="1", EXPLAIN_FIT_MINUTES="1.5",
+        EXPLAIN_QUALITY_IMAGES="2", EXPLAIN_QUALITY_SAMPLES="64", EXPLAIN_FAST_MIN_RHO="-1",  # smoke: weak
     )  # fmt: skip
     log = tmp_path / "run.log"
     with log.open("wb") as out:
@@ -97,13 +100,13 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
             stderr=subprocess.STDOUT, start_new_session=True,  # its own group: a terminal's Ctrl-C reaches all of it
         )  # fmt: skip
     try:
-        wait_output(log, proc, r"shapserve is up", 300)
+        wait_output(log, proc, r"shapserve is up", 900)  # a loaded 2-core machine: minutes
         text = log.read_text()
         assert f"the model registry {registry} is empty: training a first model (smoke profile" in text
         # the first model's held-out accuracy, and a warning: a smoke model is mostly wrong
         assert re.search(r"held-out accuracy \d+\.\d%, macro F1 0\.\d{3} on \d+ images", text), text[-3000:]
         assert "is low: predictions will often be wrong; `make train` trains the full profile" in text
-        assert "fitted the amortised explainer of" in text, text[-3000:]  # EXPLAIN_FIT_MINUTES after the first model
+        assert "fitting its amortised explainer in the background" in text, text[-3000:]
         redis_url = re.search(r"Redis: (redis://127\.0\.0\.1:(\d+)/0) \(embedded", text).group(1)
         base = f"http://127.0.0.1:{port}"
         for line in (f"API      {base}", f"docs     {base}/docs", f"metrics  {base}/metrics"):
@@ -112,9 +115,21 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
 
         client = httpx.Client(base_url=base, timeout=60)
         first = client.get("/readyz").json()["model"]["version"]
-        assert client.get("/model").json()["explainer"]["available"] is True
         assert [p.name for p in registry.iterdir() if not p.name.startswith(".") and p.is_dir()] == [first]
-        assert client.post("/predict", files={"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}).status_code == 200
+        image = {"file": ("cat.jpg", cifar_jpeg, "image/jpeg")}
+        # the API serves before the explainer's fit ends: /predict answers, method=fast says it is coming
+        assert client.post("/predict", files=image).status_code == 200
+        fast = client.post("/explain", files=image, data={"method": "fast"})
+        assert "fitted the amortised explainer of" not in log.read_text(), "the fit ended before the API served"
+        assert fast.status_code == 409 and fast.json()["error"]["code"] == "explainer_fitting", fast.text
+        assert re.search(r"about \d+ minute\(s\) left: `python -m training fit-explainer --version " + first,
+                         fast.json()["error"]["message"]), fast.text  # fmt: skip
+        # when the fit ends the running API picks the explainer up, its quality figures with it
+        wait_output(log, proc, rf"fitted the amortised explainer of {first}: the API picked it up", 300)
+        fast = client.post("/explain", files=image, data={"method": "fast"})
+        assert fast.status_code == 200, fast.text
+        assert fast.json()["result"]["explainer"]["quality"]["reference"]["samples"] == 64
+        assert client.get("/model").json()["explainer"]["served"] is True
         assert client.get("/docs").status_code == 200 and client.get("/metrics").status_code == 200
         import redis
 
@@ -122,7 +137,7 @@ def test_run_trains_serves_switches_and_stops_on_ctrl_c(tmp_path: Path, small_ar
 
         # `make train` in another terminal: the running API switches to the promoted version.
         train = subprocess.run(["bash", str(RUN_SH), "train"], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)  # fmt: skip
+                               text=True, timeout=900)  # fmt: skip
         assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
         second = re.search(r"promoted (\S+): a running API switches", train.stdout).group(1)
         assert second != first and (registry / "PROMOTED").read_text().strip() == second
