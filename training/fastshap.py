@@ -1,8 +1,14 @@
-"""``python -m training fit-explainer``: train a version's amortised explainer (FastSHAP).
+"""``python -m training fit-explainer``: train a version's amortised explainer.
 
-The loss is the paper's (Jethani et al., ICLR 2022, eq. 6), against the model's own value
-function (:func:`shapcore.value.masked_probabilities` with the ``mean`` fill, what the
-service's KernelSHAP evaluates), no surrogate:
+The explainer (:mod:`shapcore.fastshap`) is by default the version's own ResNet-50 with a
+per-cell head (``network="resnet50"``; ViT-Shapley, Covert, Kim, Lee, ICLR 2023), and it is fitted
+to **labels** (``objective="labels"``, the default; stochastic amortization, Covert et al.,
+NeurIPS 2024): Leverage SHAP estimates of each training image's values with a few hundred
+evaluations (:mod:`training.shapley_labels`), noisy but unbiased, regressed on with the squared
+error. Labels are made as the run goes and reused over the epochs that follow: a label is paid
+for once, where FastSHAP's objective pays for fresh coalitions at every visit.
+
+``objective="fastshap"`` is the paper's loss (Jethani et al., ICLR 2022, eq. 6), issue 17's fit:
 
     E_x E_{s ~ p_Shapley} ‖ v_x(s) − v_x(∅) − sᵀ φ(x) ‖²
 
@@ -13,10 +19,12 @@ with its complement (paired sampling: the paper's variance reduction). Every ima
 coalitions at every visit, and a random horizontal flip (the values are those of the flipped
 image, so the pair stays exact).
 
-Almost all the cost is the classifier's forward passes (``batch × (1 + 2·pairs)`` per step);
-the explainer itself is small. The run fits a wall-clock budget: the learning rate follows a
-cosine driven by the clock (:class:`training.budget.BudgetProgress`), as ``train``'s does, and
-the best state on a fixed validation set of held-out images and coalitions is kept.
+Both use the model's own value function (:func:`shapcore.value.masked_probabilities` with the
+``mean`` fill, what the service's KernelSHAP evaluates), no surrogate: the fill is fixed, so the
+classifier with the fill is the value function. Almost all the cost is the classifier's forward
+passes. The run fits a wall-clock budget: the learning rate follows a cosine driven by the clock
+(:class:`training.budget.BudgetProgress`), as ``train``'s does, and the best state on a fixed
+validation set of held-out images (labelled, or with fixed coalitions) is kept.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from shapcore.players import GRID_CELLS, grid_weights
 from shapcore.registry import LoadedVersion, Registry
 from shapcore.value import masked_probabilities
 from training.budget import BudgetProgress
-from training.shapley_labels import LabelValidation, flip, label_images, label_loss
+from training.shapley_labels import LabelValidation, label_images, label_loss
 
 
 @dataclass(frozen=True)
@@ -61,6 +69,7 @@ class FitConfig:
     val_images: int = 256  # at most: the labels objective labels as many as ~8 % of the budget allows
     val_pairs: int = 8
     evaluations: int = 12  # validation passes over the run (the best state is kept)
+    max_steps: int | None = None  # also stop after this many training steps (a fixed amount of work: tests)
 
 
 def shapley_sizes(m: int) -> np.ndarray:
@@ -261,7 +270,7 @@ def fit(
     label_s = train_s = 0.0
     bar = _bar(progress)
     while True:
-        frac = clock.fraction()
+        frac = clock.fraction() if cfg.max_steps is None else max(clock.fraction(), steps / cfg.max_steps)
         if frac >= next_eval or frac >= 1.0:
             now = score()
             curve.append({"seconds": clock.elapsed(), "steps": steps, "labelled": len(pool_x), **now})
@@ -289,8 +298,7 @@ def fit(
             group["lr"] = group["base_lr"] * min(1.0, frac / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
         if labels:
             idx = torch.randint(len(pool_x), (cfg.batch_images,), generator=gen)
-            x, target = flip(pool_x[idx].float() / 255.0, pool_phi[idx], torch.rand(len(idx), generator=gen) < 0.5)
-            grand = pool_grand[idx]
+            x, target, grand = pool_x[idx].float() / 255.0, pool_phi[idx], pool_grand[idx]
             loss = label_loss(efficient_normalize(net(x, grand), grand, null), target) * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()

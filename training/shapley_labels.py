@@ -8,9 +8,9 @@ evaluations of the version's value function over the 64 grid cells (``mean`` fil
 class at once. It is the same value function as FastSHAP's objective (:class:`training.fastshap.Game`)
 and as the reference KernelSHAP the explainer is scored against.
 
-A horizontally flipped image gets its label's cells flipped. That is exact only for a fill that
-is its own mirror image; the ``mean`` fill (the mean of the version's training images, which
-CIFAR-10 takes in both orientations) is close to one, and the flip doubles what a label buys.
+No flip augmentation: a mirrored image's values are its label's cells mirrored only when the
+fill is its own mirror image, and the ``mean`` fill (100 stored training images averaged) is not
+quite one; a label must stay unbiased.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from shapcore.players import GRID_CELLS
 from shapcore.shapley import estimate_shapley
 
 M = GRID_CELLS * GRID_CELLS
-#: Row-major cell ids of the grid mirrored left to right.
-FLIPPED_CELLS = torch.arange(M).view(GRID_CELLS, GRID_CELLS).flip(-1).flatten()
 
 
 def label_images(
@@ -49,14 +47,6 @@ def label_images(
                                v_full=grand[i].double().numpy(), seed=seed + i)  # fmt: skip
         phis.append(torch.from_numpy(est.values).float())
     return grand, torch.stack(phis)
-
-
-def flip(x: torch.Tensor, phi: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror the images ``which`` (bool, N) and their labels' cells with them."""
-    x, phi = x.clone(), phi.clone()
-    x[which] = x[which].flip(-1)
-    phi[which] = phi[which][:, FLIPPED_CELLS]
-    return x, phi
 
 
 def label_loss(phi: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from shapcore.players import GRID_CELLS, grid_labels, grid_weights
 from shapcore.value import CoalitionModel, masked_probabilities
 from training import fastshap
 from training.data import load_images
-from training.shapley_labels import flip, label_images
+from training.shapley_labels import label_images
 
 CLASSES = 10
 M = GRID_CELLS * GRID_CELLS
@@ -76,8 +76,10 @@ def test_the_fitted_explainer_recovers_known_shapley_values(real_images: torch.T
     fill = summarize_background(real_images[:100], 1)
     game = fastshap.Game(model, fill)
     train, held_out = real_images[:240], real_images[240:]
-    cfg = fastshap.FitConfig(minutes=0.35, network="small", objective=objective, batch_images=32, pairs=4, lr=3e-3,
-                             label_samples=130, train_share=0.6, width=16, val_images=60, evaluations=6)  # fmt: skip
+    # a fixed amount of work (200 steps), not of time: the figure must not depend on the machine's load
+    cfg = fastshap.FitConfig(minutes=10, max_steps=200, network="small", objective=objective, batch_images=32,
+                             pairs=4, lr=3e-3, label_samples=130, train_share=0.6, width=16, val_images=30,
+                             evaluations=6)  # fmt: skip
     net, null, figures = fastshap.fit(game, train, held_out, CLASSES, cfg, progress=False)
 
     x = held_out.float() / 255.0
@@ -161,19 +163,15 @@ def test_the_stored_explainer_round_trips_and_refuses_another_versions(tmp_path:
         load_explainer(truncated, version="v1", class_names=names)
 
 
-def test_labels_are_the_exact_values_of_an_additive_game_and_flip_with_the_image(real_images: torch.Tensor) -> None:
-    """Leverage SHAP labels recover an additive game exactly; a mirrored image's values are its
-    label's cells mirrored (exact here: a uniform fill is its own mirror image)."""
+def test_labels_are_the_exact_values_of_an_additive_game(real_images: torch.Tensor) -> None:
+    """Leverage SHAP labels recover an additive game's values exactly, cell for cell and class for class."""
     model = AffineProbabilities(seed=2)
-    fill = summarize_background(torch.full((1, 3, 32, 32), 128, dtype=torch.uint8), 1)
+    fill = summarize_background(real_images[:100], 1)
     game = fastshap.Game(model, fill)
     images = real_images[:3]
-    null = game.null()
-    _, labels = label_images(game, images, null, 130, seed=0)
-    exact = model.exact(images.float() / 255.0, fill.images[0])
-    torch.testing.assert_close(labels, exact, atol=2e-5, rtol=0)
-    x_flipped, labels_flipped = flip(images.float() / 255.0, labels, torch.tensor([True, False, True]))
-    torch.testing.assert_close(labels_flipped, model.exact(x_flipped, fill.images[0]), atol=2e-5, rtol=0)
+    grand, labels = label_images(game, images, game.null(), 130, seed=0)
+    torch.testing.assert_close(labels, model.exact(images.float() / 255.0, fill.images[0]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(grand, game.grand(images.float() / 255.0))
 
 
 def test_the_resnet_explainer_starts_from_the_classifiers_own_layers(tmp_path: Path) -> None:
