@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python bench/fastshap_bench.py --registry models [--version V]
         --data ../shared/data/cifar10/train.tar.gz [--images 100] [--reference-images 100]
         [--reference-samples 20000] [--kernel-samples 5000] [--methods gradcam,integrated_gradients]
-        [--out bench/results/fastshap.jsonl]
+        [--out bench/results/fastshap.jsonl] [--explainer PATH]
 
 Images: ``--images`` held-out validation images of the version (its own 20 % split, a fixed
 random pick, seed 0). Players: the 8×8 grid (64 cells of 4×4 px) for every method, fill
@@ -129,6 +129,8 @@ def main() -> None:
     ap.add_argument("--methods", default="gradcam,integrated_gradients")
     ap.add_argument("--out", default="bench/results/fastshap.jsonl")
     ap.add_argument("--summarise", action="store_true", help="only summarise --out")
+    ap.add_argument("--explainer", type=Path, default=None,
+                    help="score this explainer file as fast (default: the version's own)")  # fmt: skip
     ap.add_argument("--cache", type=Path, default=None,
                     help="an .npz of the other methods' values per image: reused when present (only fast is "
                     "recomputed: a refitted explainer is scored against the same reference), written otherwise")
@@ -143,14 +145,16 @@ def main() -> None:
     loaded = registry.load(version)
     cores = max(1, len(os.sched_getaffinity(0)))
     try:
-        explainer = load_explainer(loaded.path / EXPLAINER_FILE, version=version, class_names=loaded.class_names)
+        path = args.explainer or loaded.path / EXPLAINER_FILE
+        explainer = load_explainer(path, version=version, class_names=loaded.class_names)
     except UserError as exc:  # the other methods can still fill the cache; fast is scored on a rerun
         print(f"no usable explainer ({exc}): fast is left out", file=sys.stderr)
         explainer = None
     latency = [forward_latency(explainer, 1), forward_latency(explainer, cores)] if explainer else None
     torch.set_num_threads(cores)
     header = {"version": version, "explainer": explainer and {k: explainer.meta.get(k) for k in
-              ("fit_seconds", "steps", "images_seen", "validation_gain", "config")},
+              ("fit_seconds", "steps", "images_seen", "labelled_images", "validation_gain", "validation_rho",
+               "network", "config")},
               "forward_latency": latency, "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
     print(json.dumps(header), flush=True)
     loaded, autograd = prepare_model(loaded)

@@ -71,7 +71,12 @@ def _add_fit_explainer(f: argparse.ArgumentParser) -> None:
     f.add_argument("--batch-size", type=_positive_int, help="images per step (default: 32)")
     f.add_argument("--pairs", type=_positive_int, help="coalition pairs per image and step (default: 4)")
     f.add_argument("--lr", type=_positive_float, help="peak learning rate (default: 1e-3)")
-    f.add_argument("--width", type=_positive_int, help="the explainer's channel width (default: 48)")
+    f.add_argument("--network", choices=("resnet50", "small"),
+                   help="small: a small network from scratch (default); resnet50: the classifier's own, fine-tuned")
+    f.add_argument("--objective", choices=("labels", "fastshap"),
+                   help="fastshap: the FastSHAP loss (default); labels: regress on Leverage SHAP labels")
+    f.add_argument("--label-samples", type=_positive_int, help="evaluations per image's label (default: 256)")
+    f.add_argument("--width", type=_positive_int, help="the explainer head's width (default: 48; resnet50: 128)")
     f.add_argument("--seed", type=int)
     _add_quality(f)
 
@@ -259,7 +264,8 @@ def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
     from training import fastshap
 
     changes = {"batch_images": args.batch_size, "pairs": args.pairs, "lr": args.lr, "width": args.width,
-               "seed": args.seed}  # fmt: skip
+               "seed": args.seed, "network": args.network, "objective": args.objective,
+               "label_samples": args.label_samples}  # fmt: skip
     cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
     qcfg = _quality_config(args)
     print(quality.fit_scored(registry, args.version, args.data, cfg, qcfg, progress=not args.quiet))
