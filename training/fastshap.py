@@ -278,4 +278,6 @@ def run(registry: Registry, version: str | None, data_src: str, cfg: FitConfig, 
         "forward_ms": forward_ms(net),
         **figures,
     }
-    return str(save_explainer(loaded.path, net, null, stored))
+    path = save_explainer(loaded.path, net, null, stored)
+    registry.attach(loaded.version, path.name)  # recorded with its sha256 (and uploaded, on a store)
+    return str(path)
