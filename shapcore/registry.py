@@ -15,17 +15,11 @@ the version is first written under ``<registry>/.incoming/`` and renamed into pl
 its other files are uploaded first. A crash mid-write leaves no half version visible. Ids sort
 by creation time: ``YYYYMMDD-HHMMSS-xxxxxx``.
 
-**Checksums.** ``metadata.json`` records every file's sha256 and size under ``files`` (the
-files added later, ``metrics.json``, the plots, the report, the explainer, through
-:meth:`Registry.attach`). Loading a version checks the files it reads (:data:`CORE_FILES`) and
-refuses one that differs with an error naming it, as it refuses a truncated one; versions
-written before checksums were recorded load unchecked.
-
-**The local cache** of a store-backed registry: ``MODEL_CACHE/<registry>/<version>/``, each file
-kept while its sha256 is the one the version's metadata records (checked at every load, fetched
-again otherwise). :meth:`Registry.local_dir` is that folder (for a local registry: the version's
-own folder), where consumers read a loaded version's files (``LoadedVersion.path``) and may keep
-files of their own (an exported form of the network).
+**Checksums.** ``metadata.json`` records every file's sha256 and size under ``files`` (files
+added later through :meth:`Registry.attach`); a load checks the files it reads
+(:data:`CORE_FILES`) and refuses one that differs (:mod:`shapcore.version_files`). **A store's
+readers** keep ``MODEL_CACHE/<registry>/<version>/``, each file kept while its sha256 is the
+recorded one; :meth:`Registry.local_dir` is that folder (for a folder registry, the version's own).
 """
 
 from __future__ import annotations
@@ -47,12 +41,12 @@ from safetensors.torch import load_file, save_file
 from shapcore.errors import UserError
 from shapcore.model import Classifier, Preprocess, build_model
 from shapcore.settings import SharedSettings
-from shapcore.store import Store, StoreUnavailable, cache_slug, file_record, sha256_file
+from shapcore.store import Store, StoreUnavailable, cache_slug, file_record
+from shapcore.version_files import METADATA, cached_complete, fetch_checked, refuse_if_differs
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-METADATA = "metadata.json"
 BACKGROUND = "background.safetensors"
 #: Held-out validation images (and labels) recorded at training time: the checks made at load.
 VALIDATION_SAMPLE = "validation_sample.safetensors"
@@ -284,64 +278,26 @@ class Registry:
         if not self.remote:
             for name, record in (meta.get("files") or {}).items():
                 if name in CORE_FILES and (path / name).is_file():
-                    self._refuse_if_differs(version, path / name, record, where=str(path / name))
+                    refuse_if_differs(version, path / name, record, where=str(path / name))
         pre = Preprocess(meta["input_size"], meta["normalization"]["mean"], meta["normalization"]["std"])
         model = Classifier(net, pre).eval().to(device)
         return LoadedVersion(version=version, path=path, metadata=meta, model=model)
 
     def _cached(self, version: str | None) -> tuple[dict[str, Any], Path] | None:
-        """A store's version complete in the local cache (its metadata, and every core file it
-        records with its sha256): loadable while the store cannot be reached, since a version
-        never changes. None for anything else (a name like "default", an incomplete copy)."""
+        """A store's version complete in the local cache: loadable while the store cannot be
+        reached, since a version never changes. None for a name like "default", or an incomplete copy."""
         if not self.remote or not version or version in ("default", "latest", "promoted"):
             return None
         self._check_id(version)
         folder = self.cache_root / version
-        try:
-            meta = json.loads((folder / METADATA).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        for name, record in (meta.get("files") or {}).items():
-            path = folder / name
-            if name in CORE_FILES and not (path.is_file() and sha256_file(path) == record["sha256"]):
-                return None
-        return (meta, folder) if meta.get("files") else None
+        meta = cached_complete(folder, CORE_FILES)
+        return (meta, folder) if meta is not None else None
 
     def _fetched(self, version: str, meta: dict[str, Any]) -> Path:
-        """The cache folder of ``version`` with its files checked against ``meta['files']``, each
-        fetched from the store where absent or different. A core file that does not match after
-        fetching is refused (UserError); another one (a plot, the report, the explainer) is left
-        out of the cache with a warning."""
+        """The cache folder of ``version``, its files fetched and checked (:func:`fetch_checked`)."""
         folder = self.local_dir(version)
-        recorded: dict[str, dict[str, Any]] | None = meta.get("files")
-        if recorded is None:  # written before checksums were recorded: everything, unchecked
-            for name in self.store.glob(f"{version}/*"):
-                self.store.download(name, folder / name.split("/", 1)[1])
-            recorded = {}
-        for name, record in recorded.items():
-            dest = folder / name
-            if dest.is_file() and sha256_file(dest) == record["sha256"]:
-                continue  # cached and intact
-            self.store.download(f"{version}/{name}", dest)
-            try:
-                self._refuse_if_differs(version, dest, record, where=f"{self.root}/{version}/{name}")
-            except UserError as exc:
-                dest.unlink(missing_ok=True)
-                if name in CORE_FILES:
-                    raise
-                log.warning("%s (left out)", exc)
-        (folder / METADATA).write_text(json.dumps(meta, indent=2) + "\n")
+        fetch_checked(self.store, version, meta, folder, CORE_FILES)
         return folder
-
-    @staticmethod
-    def _refuse_if_differs(version: str, path: Path, record: dict[str, Any], *, where: str) -> None:
-        digest = sha256_file(path)
-        if digest != record["sha256"]:
-            raise UserError(
-                f"version {version}: {path.name} is corrupt: its sha256 {digest[:16]}... is not the "
-                f"{record['sha256'][:16]}... recorded in its metadata.json ({where}, {path.stat().st_size} bytes, "
-                f"{record['bytes']} recorded); refusing to load it"
-            )
 
     # -- writing -----------------------------------------------------------------
     def _writable_root(self) -> None:
