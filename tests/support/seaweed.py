@@ -159,8 +159,11 @@ class Seaweed:
     def _answers(self) -> bool:
         if not self.running():
             raise RuntimeError(f"weed exited with {self.proc.returncode if self.proc else None}")
-        try:
+        try:  # a bucket, then an object written and read back: the volumes are registered too
             self.make_bucket("probe")
+            client = self.client()
+            client.put_object(Bucket="probe", Key="ready", Body=b"1")
+            client.get_object(Bucket="probe", Key="ready")["Body"].read()
         except Exception:  # anything but success means "not yet"
             return False
         return True
