@@ -31,6 +31,7 @@ from shapcore.gate import RuntimeChoice
 from shapcore.host import ModelHost
 from shapcore.inference import Forward, resolve_device
 from shapcore.registry import Registry
+from shapcore.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ class Engine:
         the promoted one, else the newest."""
         try:
             return self.registry.resolve(version or self._pinned)
+        except StoreUnavailable as exc:
+            raise ModelLoadError(503, "registry_unavailable", str(exc)) from None
         except UserError as exc:
             known = version is None or version in self.registry.versions()
             raise ModelLoadError(404 if not known else 422, "unknown_version", str(exc)) from None
@@ -181,8 +184,13 @@ class Engine:
             return ReloadResult(previous, served.version, served.version != previous, served.load_seconds)
 
     async def watch_promoted(self, interval_s: float) -> None:
-        """Poll the registry's PROMOTED pointer; switch when it names another version."""
-        last = self.registry.promoted()
+        """Poll the registry's PROMOTED pointer; switch when it names another version. A registry
+        that cannot be read is logged at each poll; the served model keeps answering."""
+        try:
+            last = await asyncio.to_thread(self.registry.promoted)
+        except UserError as exc:
+            log.warning("promoted-pointer watch: %s", exc)
+            last = self.current.version if self.current else None
         while True:
             await asyncio.sleep(interval_s)
             try:

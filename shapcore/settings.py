@@ -22,6 +22,13 @@ def _blank_is_none(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _path_unless_url(value: object) -> object:
+    """A URL (``s3://bucket/prefix``) stays a string (``Path`` would fold its ``//``), a path becomes a Path."""
+    if isinstance(value, str) and "://" not in value:
+        return Path(value)
+    return value
+
+
 #: An optional setting that an empty variable (``MODEL_VERSION=``, as compose passes one) unsets.
 BlankIsNone = BeforeValidator(_blank_is_none)
 
@@ -48,7 +55,16 @@ class SharedSettings(BaseSettings):
         description="Redis holding the explanation queue, its jobs and results, and the API's shared rate-limit "
         "counters; reported by /readyz; never needed by /predict.",
     )
-    model_registry: Path = Field(Path("./models"), description="Checkpoint registry folder.")
+    model_registry: Annotated[Path | str, BeforeValidator(_path_unless_url)] = Field(
+        Path("./models"),
+        description="The checkpoint registry: a folder, or S3-compatible storage as s3://bucket/prefix (endpoint "
+        "and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION).",
+    )
+    model_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "shapserve" / "registry",
+        description="Where the readers of an s3:// registry keep their copies of its versions (by version, "
+        "each file checked against its sha256 at every load); unused by a folder registry.",
+    )
     model_version: Annotated[str | None, BlankIsNone] = Field(
         None, description="Version to serve and explain; unset: the promoted version, else the newest."
     )

@@ -180,5 +180,6 @@ def cifar_jpeg(shared_archive: Path) -> bytes:
 # and private servers, the running service (`python -m service`) and workers (`python -m worker`).
 from tests.support.private_redis import private_redis  # noqa: E402, F401
 from tests.support.redisdb import explain_redis_url, redis_url  # noqa: E402, F401
+from tests.support.seaweed import s3_env, seaweed  # noqa: E402, F401
 from tests.support.services import odd_images, own_service, service, service_registry, start_service  # noqa: E402, F401
 from tests.support.workers import start_worker  # noqa: E402, F401

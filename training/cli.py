@@ -291,8 +291,8 @@ def cmd_list(registry: Registry) -> int:
     print(f"{'version':<24}{'profile':<8}{'input':>6}{'epochs':>7}{'val acc':>9}{'test acc':>9}")
     for v in versions:
         meta = registry.metadata(v)
-        metrics = registry.path(v) / "metrics.json"
-        acc = json.loads(metrics.read_text())["accuracy"] if metrics.exists() else None
+        metrics = registry.metrics(v)
+        acc = metrics["accuracy"] if metrics is not None else None
         mark = " *" if v == promoted else ""
         print(
             f"{v:<24}{meta['profile']:<8}{meta['input_size']:>6}{meta['epochs_run']:>7}"
@@ -306,9 +306,9 @@ def cmd_list(registry: Registry) -> int:
 def cmd_show(args: argparse.Namespace, registry: Registry) -> int:
     version = registry.resolve(args.version)
     out = {"metadata": registry.metadata(version), "promoted": registry.promoted() == version}
-    metrics = registry.path(version) / "metrics.json"
-    if metrics.exists():
-        out["metrics"] = json.loads(metrics.read_text())
+    metrics = registry.metrics(version)
+    if metrics is not None:
+        out["metrics"] = metrics
     print(json.dumps(out, indent=2))
     return 0
 

@@ -132,6 +132,7 @@ def run(
     history = registry.history(version)
     if history:
         plots.training_curves_png(history, loaded.path / CURVES_PNG, title=version)
+    registry.attach(version, CONFUSION_PNG, *([CURVES_PNG] if history else []))
     return metrics
 
 

@@ -401,4 +401,6 @@ def run(
     }
     if score is not None:  # before the file appears: the service never sees an unscored fit
         stored["quality"] = score(game, net, null, data.images[val_idx])
-    return str(save_explainer(loaded.path, net, null, stored))
+    path = save_explainer(loaded.path, net, null, stored)
+    registry.attach(loaded.version, path.name)  # recorded with its sha256 (and uploaded, on a store)
+    return str(path)

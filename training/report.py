@@ -365,8 +365,11 @@ def build(
         **_figures(scored, registry.history(version), version, data.split),
         **_sections(scored, sel, explained),
     }
+    into_version = out is None
     out = out or loaded.path / REPORT_HTML
     _write_atomically(out, render(context))
+    if into_version:
+        registry.attach(version, REPORT_HTML)  # recorded with its sha256 (and uploaded, on a store)
     return out
 
 

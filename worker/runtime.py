@@ -108,6 +108,8 @@ class Runtime:
         self._lock = threading.Lock()
 
     def load(self, version: str | None) -> VersionRuntime:
+        if version and version in self.versions:
+            return self.versions[version]  # loaded: the registry is not asked (it may be unreachable)
         resolved = self.registry.resolve(version)
         with self._lock:
             if resolved in self.versions:

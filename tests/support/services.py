@@ -98,7 +98,6 @@ def clone_version(registry: Path, version: str, new_id: str, *, swap_classes: tu
     shutil.copytree(registry / version, dest)
     meta = json.loads((dest / "metadata.json").read_text())
     meta["version"] = new_id
-    (dest / "metadata.json").write_text(json.dumps(meta))
     if swap_classes is not None:
         from safetensors.torch import load_file, save_file
 
@@ -110,6 +109,11 @@ def clone_version(registry: Path, version: str, new_id: str, *, swap_classes: tu
             tensor[[i, j]] = tensor[[j, i]]
             state[key] = tensor.contiguous()
         save_file(state, str(weights))
+        if "files" in meta:  # a new version's weights, recorded as publishing records them
+            from shapcore.store import file_record
+
+            meta["files"]["model.safetensors"] = file_record(weights)
+    (dest / "metadata.json").write_text(json.dumps(meta))
     return new_id
 
 
