@@ -199,7 +199,9 @@ def rescore(registry: Any, version: str | None, data_src: str, cfg: QualityConfi
         raise UserError(f"{data_src} leaves no held-out images to score on")
     fill = summarize_background(loaded.background(), 1)
     quality = score(value_model(loaded), fill, net_explain(fx.net, fx.null), images, cfg)
-    return str(save_explainer(loaded.path, fx.net, fx.null, {**fx.meta, "quality": quality}))
+    out = save_explainer(loaded.path, fx.net, fx.null, {**fx.meta, "quality": quality})
+    registry.attach(loaded.version, out.name)  # its new sha256 recorded (and uploaded, on a store)
+    return str(out)
 
 
 def fit_scored(
