@@ -44,9 +44,9 @@ import torch
 
 from shapcore.background import BackgroundSet, summarize_background
 from shapcore.errors import UserError
-from shapcore.fastshap import ExplainerNet, Network, ResNetExplainer, efficient_normalize, save_explainer
+from shapcore.fastshap import ExplainerNet, Network, ResNetExplainer, efficient_normalize, forward_ms, save_explainer
 from shapcore.inference import prepare_for_explaining
-from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE
+from shapcore.model import CIFAR10_MEAN, CIFAR10_STD
 from shapcore.players import GRID_CELLS, grid_weights
 from shapcore.registry import LoadedVersion, Registry
 from shapcore.value import masked_probabilities
@@ -228,7 +228,8 @@ def fit(
     training steps until ``cfg.label_until`` of the budget, then only training. Objective
     ``fastshap``: the paper's loss on fresh coalitions at every step (issue 17's fit).
     ``init``/``normalization``: the classifier's network and input normalisation, for
-    ``cfg.network == "resnet50"``.
+    ``cfg.network == "resnet50"``. Long because it is the fit's one loop, flat and explicit as
+    torchvision's references write theirs: labelling, stepping, validating and the clock together.
     """
     if cfg.objective not in ("labels", "fastshap"):
         raise UserError(f"unknown objective {cfg.objective!r} (labels or fastshap)")
@@ -348,19 +349,6 @@ def _bar(progress: bool):
     from tqdm import tqdm
 
     return tqdm(total=100, desc="fitting the explainer", unit="%")
-
-
-def forward_ms(net: Network, repeats: int = 50) -> float:
-    """p50 milliseconds of one batch-1 forward pass, in this process, as the API runs it."""
-    x, p = torch.rand(1, 3, SOURCE_SIZE, SOURCE_SIZE), torch.full((1, net.classes), 1.0 / net.classes)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 5):
-            t0 = time.perf_counter()
-            net(x, p)
-            if i >= 5:
-                times.append(time.perf_counter() - t0)
-    return 1000.0 * float(np.median(times))
 
 
 def run(

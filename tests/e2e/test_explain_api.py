@@ -154,8 +154,8 @@ def test_values_agree_with_the_plain_kernel_explainer(explain_service, api_worke
     from worker.segmentation import segment
 
     client = explain_service.client
-    r = client.post("/explain", files=files(cifar_jpeg), data={"segments": "8", "samples": "40", "background": "3",
-                                                               "seed": "21"})  # fmt: skip
+    r = client.post("/explain", files=files(cifar_jpeg), data={"method": "kernel", "segments": "8", "samples": "40",
+                                                               "background": "3", "seed": "21"})  # fmt: skip
     assert r.status_code == 202, r.text
     doc = wait_finished(client, r.headers["location"])
     assert doc["status"] == "finished", doc

@@ -163,7 +163,7 @@ def test_a_finished_result_is_observed_by_the_worker_metrics(cifar_jpeg: bytes) 
     pixels, model_input = explanation_input(cifar_jpeg, 16_777_216, 512)
     model = RegionLogits(shuffled(), area_weights(blocks(4), 32))
     black = BackgroundSet(images=torch.zeros(1, 3, 32, 32), weights=torch.ones(1))
-    params = ExplainRequest(segments=12, samples=100, background="mean", seed=0, target=TARGET)
+    params = ExplainRequest(method="kernel", segments=12, samples=100, background="mean", seed=0, target=TARGET)
     runtime = ModelRuntime(model, ["a", "b", "c"], black)  # a black fill, whatever the name says
     result, _, _ = explain_image(runtime, params, Image.fromarray(pixels), torch.from_numpy(model_input))
     registry = CollectorRegistry()

@@ -89,7 +89,7 @@ def test_fit_explainer_stores_its_figures_and_score_explainer_rescores(
     folder = registry / smoke_model[1]
     seen: list[dict | None] = []
 
-    def fit(game, train, held_out, classes, cfg, progress=True):
+    def fit(game, train, held_out, classes, cfg, progress=True, **network):
         """The fit itself is tests/shapcore/test_fastshap.py's: here an untrained network stands in
         (a real fit's budget check fails on a loaded 2-core machine), and the marker is looked at."""
         seen.append(read_fitting(folder))

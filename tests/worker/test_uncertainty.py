@@ -167,7 +167,7 @@ def test_real_model_stderr_for_every_class_aligned_with_values(cat_model):
     exact = exact_values(f, m)
     assert within(a.phi, exact, a.stderr, 3).mean() >= 0.85
 
-    params = ExplainRequest(segments=10, samples=6 * m, background="mean", seed=3)
+    params = ExplainRequest(method="kernel", segments=10, samples=6 * m, background="mean", seed=3)
     result = _result(params, loaded.class_names, seg, a, target, 6 * m, len(bg), {})
     assert result["standard_errors"] == pytest.approx(list(a.stderr[:, target]))
     for c, entry in enumerate(result["classes"]):

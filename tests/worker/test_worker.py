@@ -54,7 +54,7 @@ def test_batched_values_agree_with_the_plain_kernel_explainer(loaded, cat, backg
     """Same segments, background and samples: shap.KernelExplainer over the docs' per-coalition
     f gives the same values (all classes) as the batched worker path."""
     bg = summarize_background(loaded.background(), background)
-    params = ExplainRequest(segments=10, samples=80, background=str(background), seed=7)
+    params = ExplainRequest(method="kernel", segments=10, samples=80, background=str(background), seed=7)
     result, seg, _ = explain_image(ModelRuntime(loaded.model, loaded.class_names, bg), params, cat, to_source_size(cat))
     m = seg.count
 
