@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from shapcore.model import SOURCE_SIZE, Classifier
+from shapcore.store import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,6 @@ CACHE_SUBDIR = "runtimes"
 EXPORT_REVISION = 1
 ONNX_FP32 = "model-fp32.onnx"
 ONNX_INT8 = "model-int8.onnx"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def library_version(name: str) -> str | None:

@@ -43,7 +43,6 @@ from shapcore.exports import (
     export_onnx,
     library_version,
     quantize_int8,
-    sha256_file,
     tensor_sha256,
 )
 from shapcore.gate import Candidate, ForwardFn, Unavailable
@@ -51,6 +50,7 @@ from shapcore.model import Classifier
 from shapcore.precision import native_bf16
 from shapcore.registry import WEIGHTS
 from shapcore.settings import RuntimeName
+from shapcore.store import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from shapcore.errors import InputError, UserError
 from shapcore.images import image_to_tensor
 from shapcore.model import CIFAR10_CLASSES, SOURCE_SIZE
+from shapcore.store import sha256_file
 from training.settings import TrainingSettings
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,6 @@ class ImageSet:
 def cache_root() -> Path:
     """``SHAPSERVE_CACHE`` (:class:`training.settings.TrainingSettings`)."""
     return TrainingSettings().shapserve_cache
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_archive(path: Path) -> bool:

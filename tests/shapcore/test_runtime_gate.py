@@ -23,11 +23,12 @@ from torch import nn
 
 from shapcore import exports, gate
 from shapcore.errors import UserError
-from shapcore.exports import ONNX_FP32, cache_dirs, sha256_file
+from shapcore.exports import ONNX_FP32, cache_dirs
 from shapcore.gate import MIN_AGREEMENT, Candidate, Unavailable, choose, top1_agreement
 from shapcore.precision import BF16Autocast
 from shapcore.registry import Registry
 from shapcore.runtimes import ExportSource, OnnxRuntimeForm, as_unit_float
+from shapcore.store import sha256_file
 
 
 class NearTie(nn.Module):
