@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 from shapcore.errors import UserError
 from shapcore.model import Classifier, Preprocess, build_model
 from shapcore.settings import SharedSettings
-from shapcore.store import Store, StoreUnavailable, cache_slug, file_record
+from shapcore.store import Store, StoreUnavailable, cache_slug, file_record, write_file_atomic
 from shapcore.version_files import METADATA, cached_complete, fetch_checked, refuse_if_differs
 
 log = logging.getLogger(__name__)
@@ -80,17 +80,7 @@ def new_version_id(now: datetime | None = None) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON next to ``path`` and rename it over: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:

@@ -50,6 +50,20 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` next to ``path``, fsync it and rename it over: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def file_record(path: Path) -> dict[str, Any]:
     """What a version's metadata records of one of its files: its sha256 and its size."""
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -142,17 +156,7 @@ class Store:
             if self.remote:
                 self.fs.pipe_file(self.key(name), data)
                 return
-            path = Path(self.key(name))
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_file_atomic(Path(self.key(name)), data)
 
     def upload(self, source: Path, name: str) -> None:
         with self.reaching(f"upload {name}"):
