@@ -78,7 +78,14 @@ def _add_fit_explainer(f: argparse.ArgumentParser) -> None:
     f.add_argument("--label-samples", type=_positive_int, help="evaluations per image's label (default: 256)")
     f.add_argument("--width", type=_positive_int, help="the explainer head's width (default: 48; resnet50: 128)")
     f.add_argument("--seed", type=int)
+    _add_device(f)
     _add_quality(f)
+
+
+def _add_device(f: argparse.ArgumentParser) -> None:
+    f.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where the model's evaluations and the fit run (default auto: CUDA when torch sees one); "
+                   "the explainer is stored and served on the CPU either way")  # fmt: skip
 
 
 def _add_quality(f: argparse.ArgumentParser) -> None:
@@ -168,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = add("score-explainer", help="score a version's fitted explainer against KernelSHAP (rewrites its figures)")
     q.add_argument("--version", default=None, help="version id (default: promoted, else newest)")
     q.add_argument("--data", required=True, help="the images it was fitted on (its held-out part is scored)")
+    _add_device(q)
     _add_quality(q)
     _add_report(add("report", help="write the study's report of a version: one self-contained HTML file"))
     add("list", help="list versions")
@@ -260,12 +268,14 @@ def cmd_report(args: argparse.Namespace, registry: Registry) -> int:
 def cmd_fit_explainer(args: argparse.Namespace, registry: Registry) -> int:
     from dataclasses import replace
 
+    from shapcore.inference import resolve_device
     from training import explainer_quality as quality
     from training import fastshap
 
+    resolve_device(args.device, setting="--device")  # before the fitting marker appears in the version
     changes = {"batch_images": args.batch_size, "pairs": args.pairs, "lr": args.lr, "width": args.width,
                "seed": args.seed, "network": args.network, "objective": args.objective,
-               "label_samples": args.label_samples}  # fmt: skip
+               "label_samples": args.label_samples, "device": args.device}  # fmt: skip
     cfg = replace(fastshap.FitConfig(minutes=args.time_budget), **{k: v for k, v in changes.items() if v is not None})
     qcfg = _quality_config(args)
     print(quality.fit_scored(registry, args.version, args.data, cfg, qcfg, progress=not args.quiet))
@@ -278,7 +288,7 @@ def cmd_score_explainer(args: argparse.Namespace, registry: Registry) -> int:
     qcfg = _quality_config(args)
     if qcfg.images == 0:
         raise UserError("score-explainer needs at least one image (--quality-images)")
-    print(quality.rescore(registry, args.version, args.data, qcfg, progress=not args.quiet))
+    print(quality.rescore(registry, args.version, args.data, qcfg, progress=not args.quiet, device=args.device))
     return 0
 
 

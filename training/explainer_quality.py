@@ -93,22 +93,28 @@ def score(
     explain: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     cfg: QualityConfig,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Score ``explain`` (float images (N, 3, 32, 32) in [0, 1] and the model's probabilities on
-    them -> values (N, 64, C)) on the last ``cfg.images`` of ``images`` (uint8); the figures."""
+    them -> values (N, 64, C), on the CPU) on the last ``cfg.images`` of ``images`` (uint8); the
+    figures. ``model`` runs on ``device`` (the reference's and the curves' evaluations)."""
     started = time.perf_counter()
+    device = torch.device(device)
     picked = images[-cfg.images :]
     x = picked.float() / 255.0
     m, A = GRID_CELLS * GRID_CELLS, grid_weights(GRID_CELLS)
-    grand = masked_probabilities(model, x, torch.ones(len(x), 1, A.shape[1]), fill)[:, 0]
-    null = masked_probabilities(model, fill.images[:1].clone(), torch.zeros(1, 1, A.shape[1]), fill)[0, 0]
+    on_device = BackgroundSet(fill.images.to(device), fill.weights.to(device))
+    keep_all = torch.ones(len(x), 1, A.shape[1], device=device)
+    grand = masked_probabilities(model, x.to(device), keep_all, on_device)[:, 0].cpu()
+    keep_none = torch.zeros(1, 1, A.shape[1], device=device)
+    null = masked_probabilities(model, on_device.images[:1].clone(), keep_none, on_device)[0, 0].cpu()
     with torch.no_grad():
         fast = explain(x, grand).double().numpy()
     rows: dict[str, list[dict[str, float]]] = {"fast": [], "kernel": []}
     evaluations = len(x) + 1
     for i in range(len(x)):
         fx = grand[i].double().numpy()
-        f = CoalitionModel(model, picked[i], A, fill, fx=fx)
+        f = CoalitionModel(model, picked[i], A, fill, fx=fx, device=device)
         runs = [estimate_shapley(f, m, cfg.samples, method=cfg.method, v_empty=null.double().numpy(), v_full=fx,
                                  seed=cfg.seed * 2 + k).values for k in (1, 2)]  # fmt: skip
         target = int(np.argmax(fx))
@@ -156,7 +162,7 @@ def fit_hook(folder: Path, data: str, cfg: QualityConfig, started: float) -> Cal
     def hook(game: Any, net: torch.nn.Module, null: torch.Tensor, held_out: torch.Tensor) -> dict[str, Any]:
         rate = getattr(game, "evaluations", 0) / max(time.perf_counter() - started, 1.0)
         write_fitting(folder, seconds_left=cfg.evaluations() / max(rate, 50.0), phase="scoring", data=data)
-        return score(game.model, game.fill, net_explain(net, null), held_out, cfg)
+        return score(game.model, game.fill, net_explain(net, null), held_out, cfg, device=game.device)
 
     return hook
 
@@ -178,16 +184,27 @@ def held_out(loaded: Any, data: Any, seed: int = 0) -> torch.Tensor:
     return data.images[split_train_val(len(data), 0.1, seed)[1]]
 
 
-def rescore(registry: Any, version: str | None, data_src: str, cfg: QualityConfig, *, progress: bool = True) -> str:
+def rescore(
+    registry: Any,
+    version: str | None,
+    data_src: str,
+    cfg: QualityConfig,
+    *,
+    progress: bool = True,
+    device: str = "auto",
+) -> str:
     """``score-explainer``: score a version's stored explainer (one fitted before the figures
-    existed, or to score it again with other settings) and rewrite its metadata; returns its path."""
+    existed, or to score it again with other settings) and rewrite its metadata; returns its path.
+    ``device``: where the model's evaluations run (auto: CUDA when torch sees one)."""
     from shapcore.background import summarize_background
     from shapcore.errors import UserError
     from shapcore.fastshap import EXPLAINER_FILE, load_explainer, save_explainer
+    from shapcore.inference import resolve_device
     from training.data import load_images
     from training.fastshap import value_model
 
     registry.check_writable()
+    on = resolve_device(device, setting="--device")
     loaded = registry.load(version)
     path = loaded.path / EXPLAINER_FILE
     if not path.is_file():
@@ -198,7 +215,7 @@ def rescore(registry: Any, version: str | None, data_src: str, cfg: QualityConfi
     if len(images) == 0:
         raise UserError(f"{data_src} leaves no held-out images to score on")
     fill = summarize_background(loaded.background(), 1)
-    quality = score(value_model(loaded), fill, net_explain(fx.net, fx.null), images, cfg)
+    quality = score(value_model(loaded, on), fill, net_explain(fx.net, fx.null), images, cfg, device=on)
     out = save_explainer(loaded.path, fx.net, fx.null, {**fx.meta, "quality": quality})
     registry.attach(loaded.version, out.name)  # its new sha256 recorded (and uploaded, on a store)
     return str(out)

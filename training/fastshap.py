@@ -45,7 +45,7 @@ import torch
 from shapcore.background import BackgroundSet, summarize_background
 from shapcore.errors import UserError
 from shapcore.fastshap import ExplainerNet, Network, ResNetExplainer, efficient_normalize, forward_ms, save_explainer
-from shapcore.inference import prepare_for_explaining
+from shapcore.inference import prepare_for_explaining, resolve_device
 from shapcore.model import CIFAR10_MEAN, CIFAR10_STD
 from shapcore.players import GRID_CELLS, grid_weights
 from shapcore.registry import LoadedVersion, Registry
@@ -73,6 +73,7 @@ class FitConfig:
     val_pairs: int = 8
     evaluations: int = 12  # validation passes over the run (the best state is kept)
     max_steps: int | None = None  # also stop after this many training steps (a fixed amount of work: tests)
+    device: str = "auto"  # where the fit runs: auto (CUDA when torch sees one), cpu, cuda or cuda:N
 
 
 def shapley_sizes(m: int) -> np.ndarray:
@@ -92,35 +93,44 @@ def sample_coalitions(n: int, pairs: int, m: int, generator: torch.Generator) ->
     return torch.cat([s, 1.0 - s], dim=2).view(n, 2 * pairs, m)
 
 
-def value_model(loaded: LoadedVersion) -> torch.nn.Module:
-    """The version's network exactly as the worker evaluates it (batch norms folded, frozen)."""
+def value_model(loaded: LoadedVersion, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The version's network exactly as the worker evaluates it on ``device`` (batch norms
+    folded; frozen on the CPU, eager on CUDA: :func:`shapcore.inference.prepare_for_explaining`)."""
+    loaded.model.to(device)
     return prepare_for_explaining(loaded.model, jit=True)[0]
 
 
 class Game:
-    """The value function of the grid's players on a batch of images (``mean`` fill)."""
+    """The value function of the grid's players on a batch of images (``mean`` fill), evaluated
+    on ``device`` (the model's): inputs are moved there, values are returned there."""
 
-    def __init__(self, model: torch.nn.Module, fill: BackgroundSet, batch_size: int = 256) -> None:
-        self.model, self.fill, self.batch_size = model, fill, batch_size
-        self.A = torch.from_numpy(grid_weights(GRID_CELLS))  # (64, 1024)
+    def __init__(
+        self, model: torch.nn.Module, fill: BackgroundSet, batch_size: int = 256, device: torch.device | str = "cpu"
+    ) -> None:
+        self.device = torch.device(device)
+        self.model, self.batch_size = model, batch_size
+        self.fill = BackgroundSet(fill.images.to(self.device), fill.weights.to(self.device))
+        self.A = torch.from_numpy(grid_weights(GRID_CELLS)).to(self.device)  # (64, 1024)
         self.evaluations = 0
 
     def grand(self, images: torch.Tensor) -> torch.Tensor:
         """(N, C) probabilities on the images themselves."""
-        keep = torch.ones(len(images), 1, self.A.shape[1])
+        keep = torch.ones(len(images), 1, self.A.shape[1], device=self.device)
         return self.values(images, keep)[:, 0]
 
     def null(self) -> torch.Tensor:
         """(C,) probabilities on the fill alone: v(∅), the same for every image."""
-        return self.values(self.fill.images[:1].clone(), torch.zeros(1, 1, self.A.shape[1]))[0, 0]
+        return self.values(self.fill.images[:1].clone(), torch.zeros(1, 1, self.A.shape[1], device=self.device))[0, 0]
 
     def coalitions(self, images: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """(N, K, 64) coalitions -> (N, K, C) values."""
-        return self.values(images, s @ self.A)
+        return self.values(images, s.to(self.device) @ self.A)
 
     def values(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         self.evaluations += keep.shape[0] * keep.shape[1] * len(self.fill)
-        return masked_probabilities(self.model, images, keep, self.fill, batch_size=self.batch_size)
+        return masked_probabilities(
+            self.model, images.to(self.device), keep.to(self.device), self.fill, batch_size=self.batch_size
+        )
 
 
 def wls_loss(phi: torch.Tensor, s: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,11 +149,12 @@ class Validation:
 
     def __init__(self, game: Game, images: torch.Tensor, null: torch.Tensor, classes: int, cfg: FitConfig) -> None:
         m = GRID_CELLS * GRID_CELLS
-        self.x = images[: cfg.val_images].float() / 255.0
-        self.s = sample_coalitions(len(self.x), cfg.val_pairs, m, torch.Generator().manual_seed(cfg.seed + 1))
+        dev = game.device
+        self.x = images[: cfg.val_images].to(dev).float() / 255.0
+        self.s = sample_coalitions(len(self.x), cfg.val_pairs, m, torch.Generator().manual_seed(cfg.seed + 1)).to(dev)
         self.grand, self.null = game.grand(self.x), null
         self.targets = game.coalitions(self.x, self.s) - null
-        even = efficient_normalize(torch.zeros(len(self.x), m, classes), self.grand, null)
+        even = efficient_normalize(torch.zeros(len(self.x), m, classes, device=dev), self.grand, null)
         self.even_error = float(((self.s @ even - self.targets) ** 2).sum())
 
     def score(self, net: ExplainerNet) -> tuple[float, float]:
@@ -205,7 +216,9 @@ def _label_validation(
         grands.append(grand)
         labels.append(phi)
         kept.append(i)
-    return LabelValidation(images[kept].float() / 255.0, torch.cat(grands), torch.cat(labels), null)
+    dev = game.device
+    return LabelValidation(images[kept].to(dev).float() / 255.0, torch.cat(grands).to(dev), torch.cat(labels).to(dev),
+                           null)  # fmt: skip
 
 
 def fit(
@@ -255,7 +268,8 @@ def fit(
     # low-contrast game stalled and weight decay drove the head to a constant).
     yard = val.labels if labels else val.targets
     scale = 1.0 / max(float(yard.var()), 1e-12)
-    net = new_network(cfg, classes, init, normalization)
+    dev = game.device
+    net = new_network(cfg, classes, init, normalization).to(dev)
     net.scale.fill_(float(yard.std()) / (1.0 if labels else math.sqrt(m)))
     net.train()
     opt = _optimizer(net, cfg)
@@ -302,16 +316,17 @@ def fit(
             group["lr"] = group["base_lr"] * min(1.0, frac / 0.05) * 0.5 * (1.0 + math.cos(math.pi * frac))
         if labels:
             idx = torch.randint(len(pool_x), (cfg.batch_images,), generator=gen)
-            x, target, grand = pool_x[idx].float() / 255.0, pool_phi[idx], pool_grand[idx]
+            x, target, grand = pool_x[idx].to(dev).float() / 255.0, pool_phi[idx].to(dev), pool_grand[idx].to(dev)
             loss = label_loss(efficient_normalize(net(x, grand), grand, null), target) * scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         else:
-            x = train_images[torch.randint(len(train_images), (cfg.batch_images,), generator=gen)].float() / 255.0
-            flipped = torch.rand(len(x), generator=gen) < 0.5
+            pick = torch.randint(len(train_images), (cfg.batch_images,), generator=gen)
+            x = train_images[pick].to(dev).float() / 255.0
+            flipped = (torch.rand(len(x), generator=gen) < 0.5).to(dev)
             x[flipped] = x[flipped].flip(-1)  # the values are the flipped image's: the pair stays exact
-            train_step(net, opt, game, x, sample_coalitions(len(x), cfg.pairs, m, gen), null, scale)
+            train_step(net, opt, game, x, sample_coalitions(len(x), cfg.pairs, m, gen).to(dev), null, scale)
         train_s += time.perf_counter() - t0
         steps, seen = steps + 1, seen + cfg.batch_images
         if bar is not None:
@@ -319,7 +334,7 @@ def fit(
     if bar is not None:
         bar.close()
     net.load_state_dict(best_state)
-    net.eval()
+    net.to("cpu").eval()  # stored, timed and served on the CPU
     figures = {
         "fit_seconds": time.perf_counter() - started,
         "objective": cfg.objective,
@@ -339,8 +354,9 @@ def fit(
         },
         "curve": curve,
         "config": asdict(cfg),
+        "device": str(dev),
     }
-    return net, null, figures
+    return net, null.cpu(), figures
 
 
 def _bar(progress: bool):
@@ -360,6 +376,7 @@ def run(
     from training.data import load_images, split_train_val
 
     registry.check_writable()
+    device = resolve_device(cfg.device, setting="--device")
     loaded = registry.load(version)
     meta = loaded.metadata
     data = load_images(data_src, split=["train"], class_names=loaded.class_names, progress=progress)
@@ -374,7 +391,7 @@ def run(
         raise UserError(f"{data_src} holds too few images to fit an explainer ({len(data)})")
     fill = summarize_background(loaded.background(), 1)
     init = copy.deepcopy(loaded.model.net)  # before value_model folds its batch norms in place
-    game = Game(value_model(loaded), fill)
+    game = Game(value_model(loaded, device), fill, device=device)
     net, null, figures = fit(game, data.images[train_idx], data.images[val_idx], len(loaded.class_names), cfg,
                              init=init, normalization=meta.get("normalization"), progress=progress)  # fmt: skip
     stored = {

@@ -31,19 +31,21 @@ def label_images(
     game, images: torch.Tensor, null: torch.Tensor, samples: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, 32, 32) -> (their probabilities (N, C), Leverage SHAP values (N, 64, C)),
-    ``samples`` evaluations each; ``game`` is a :class:`training.fastshap.Game`."""
+    ``samples`` evaluations each, both on the CPU whatever the game's device (the labels pool stays
+    in host memory); ``game`` is a :class:`training.fastshap.Game`."""
     x = images.float() / 255.0
-    grand = game.grand(x)
+    grand = game.grand(x).cpu()
     A = game.A
+    v_empty = null.double().cpu().numpy()
     phis = []
     for i in range(len(x)):
         xi = x[i : i + 1]
 
         def value(z: np.ndarray, xi: torch.Tensor = xi) -> np.ndarray:
-            keep = torch.from_numpy(z.astype(np.float32)) @ A
-            return game.values(xi, keep.unsqueeze(0))[0].double().numpy()
+            keep = torch.from_numpy(z.astype(np.float32)).to(A.device) @ A
+            return game.values(xi, keep.unsqueeze(0))[0].double().cpu().numpy()
 
-        est = estimate_shapley(value, M, samples, method="leverage", v_empty=null.double().numpy(),
+        est = estimate_shapley(value, M, samples, method="leverage", v_empty=v_empty,
                                v_full=grand[i].double().numpy(), seed=seed + i)  # fmt: skip
         phis.append(torch.from_numpy(est.values).float())
     return grand, torch.stack(phis)
@@ -85,6 +87,7 @@ class LabelValidation:
         net.train()
         residual = float(((phi - self.labels) ** 2).sum())
         target = self.grand.argmax(dim=1)
-        rhos = [spearmanr(phi[i, :, t].numpy(), self.labels[i, :, t].numpy())[0] for i, t in enumerate(target.tolist())]
+        phi, labels = phi.cpu(), self.labels.cpu()
+        rhos = [spearmanr(phi[i, :, t].numpy(), labels[i, :, t].numpy())[0] for i, t in enumerate(target.tolist())]
         rho = float(np.nanmedian(rhos)) if rhos else float("nan")
         return residual / len(self.x), 1.0 - residual / max(self.even_error, 1e-30), rho

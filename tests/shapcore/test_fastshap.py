@@ -69,12 +69,22 @@ def _median_rho(estimate: torch.Tensor, exact: torch.Tensor, target: torch.Tenso
     return float(np.median(rhos))
 
 
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("objective", ["labels", "fastshap"])
-def test_the_fitted_explainer_recovers_known_shapley_values(real_images: torch.Tensor, objective: str) -> None:
-    """Both objectives: FastSHAP's coalitions (the default) and Leverage SHAP labels."""
-    model = AffineProbabilities()
+def test_the_fitted_explainer_recovers_known_shapley_values(
+    real_images: torch.Tensor, objective: str, device: str
+) -> None:
+    """Both objectives: FastSHAP's coalitions (the default) and Leverage SHAP labels; on the CPU,
+    and on a GPU where there is one (``fit-explainer --device``): the fitted network comes back on
+    the CPU, where it is stored and served."""
+    model = AffineProbabilities().to(device)
     fill = summarize_background(real_images[:100], 1)
-    game = fastshap.Game(model, fill)
+    game = fastshap.Game(model, fill, device=device)
     train, held_out = real_images[:240], real_images[240:]
     # a fixed amount of work, not of time (the cap is below pytest's timeout): the figure must not depend
     # on the machine's load. Exact labels need fewer steps than FastSHAP's coalitions.
@@ -83,9 +93,11 @@ def test_the_fitted_explainer_recovers_known_shapley_values(real_images: torch.T
                              pairs=4, lr=3e-3, label_samples=130, train_share=0.6, width=16, val_images=30,
                              evaluations=6)  # fmt: skip
     net, null, figures = fastshap.fit(game, train, held_out, CLASSES, cfg, progress=False)
+    assert next(net.parameters()).device.type == "cpu" and null.device.type == "cpu"
+    assert figures["device"] == str(torch.device(device))
 
     x = held_out.float() / 255.0
-    grand = game.grand(x)
+    grand = game.grand(x).cpu()
     exact = model.exact(x, fill.images[0])
     # the known game is what the value function computes: efficiency holds exactly
     torch.testing.assert_close(exact.sum(dim=1), grand - null, atol=1e-5, rtol=0)

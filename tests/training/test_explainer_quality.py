@@ -120,3 +120,14 @@ def test_fit_explainer_stores_its_figures_and_score_explainer_rescores(
     rescored = read_meta(folder / EXPLAINER_FILE)
     assert rescored["quality"]["images"] == 2 and rescored["quality"]["reference"]["samples"] == 64
     assert json.dumps(rescored["network"]) == json.dumps(net.config())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+def test_fit_explainer_on_a_missing_gpu_says_so_in_one_line(smoke_model, small_archive, capsys) -> None:
+    """``--device cuda`` where torch sees none: exit 2 and one line naming the option, before any work."""
+    from training.cli import main
+
+    code = main(["--quiet", "--registry", str(smoke_model[0]), "fit-explainer", "--data", str(small_archive),
+                 "--device", "cuda", "--time-budget", "0.5"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--device=cuda" in err[0] and "no CUDA device" in err[0], err
