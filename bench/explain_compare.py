@@ -11,7 +11,11 @@ against the reference, the median standard error (sampled methods) and how often
 
 The references are cached (``--cache``, one ``.npz`` per image, keyed by version, pixels
 and settings): they cost most of the run, and a rerun or a change of the methods reuses
-them.
+them. ``--ceiling N`` computes a second reference with another seed on the first N images:
+the two references' own ρ is the ceiling of any ρ measured against one (issue 26).
+
+A method may name its own samples, ``--methods kernel:5000 adjusted:auto``, so that today's
+default and another run side by side on the same images (``--samples`` for the others).
 
     .venv/bin/python bench/explain_compare.py --registry models --data ../shared/data/cifar10/train.tar.gz \\
         --images 100 --label s7
@@ -67,17 +71,19 @@ def held_out_images(registry: Registry, version: str, data: str, count: int, see
             "indices": order.numpy(), "class_names": np.array(images.class_names)}  # fmt: skip
 
 
-def reference(model, image: Image.Image, x: torch.Tensor, fill, args, cache: Path, version: str) -> np.ndarray:
+def reference(
+    model, image: Image.Image, x: torch.Tensor, fill, args, cache: Path, version: str, seed: int = 0
+) -> np.ndarray:
     """KernelSHAP at ``--reference-samples`` (all classes, (M, C)), from the cache when there."""
     key = hashlib.sha256()
     key.update(np.asarray(image).tobytes())
-    key.update(json.dumps([version, args.segments, args.reference_samples, args.background, 0]).encode())
+    key.update(json.dumps([version, args.segments, args.reference_samples, args.background, seed]).encode())
     path = cache / f"{key.hexdigest()[:24]}.npz"
     if path.exists():
         return np.load(path)["phi"]
     seg = segment(image, args.segments, max_side=args.slic_max_side, compactness=args.slic_compactness)
     f = CoalitionModel(model, x, seg.weights, fill, batch_size=args.batch_size, device=args.device)
-    phi = kernel_shap(f, seg.count, args.reference_samples, seed=0)["phi"]
+    phi = kernel_shap(f, seg.count, args.reference_samples, seed=seed)["phi"]
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, phi=phi)
     return phi
@@ -101,10 +107,30 @@ def summarise(rows: list[dict]) -> dict:
         "beats_random_deletion_share": sum(r["deletion_auc"] < r["random_deletion_auc"] for r in rows) / len(rows),
         "beats_random_insertion_share": sum(r["insertion_auc"] > r["random_insertion_auc"] for r in rows) / len(rows),
         "rho_median": med(r["rho"] for r in rows),
+        "relative_l2_median": med(r["relative_l2"] for r in rows),
         "rho_at_least_0.9_share": sum(r["rho"] >= 0.9 for r in rows) / len(rows),
         "median_stderr": med(stderr) if stderr else None,
         "converged_share": sum(converged) / len(converged) if converged else None,
     }
+
+
+def _relative_l2(values: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(values - reference) / max(float(np.linalg.norm(reference)), 1e-12))
+
+
+def _method(value: str) -> str:
+    name, _, samples = value.partition(":")
+    if name not in METHODS:
+        raise argparse.ArgumentTypeError(f"unknown method {name!r} (one of {', '.join(METHODS)})")
+    if samples and samples != "auto" and not samples.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r}: the samples after ':' are a number or auto")
+    return value
+
+
+def _samples_of(method: str, default: int | str) -> tuple[str, int | str]:
+    """``kernel:5000`` -> ("kernel", 5000); ``adjusted`` -> ("adjusted", ``default``)."""
+    name, _, samples = method.partition(":")
+    return name, (int(samples) if samples.isdigit() else samples) if samples else default
 
 
 def main() -> None:
@@ -115,7 +141,9 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data/cifar10/train.tar.gz", help="the version's training data")
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="shuffle of the held-out images")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="*", default=list(METHODS), type=_method,
+                   help=f"of {', '.join(METHODS)}; NAME:SAMPLES gives that method its own samples (a budget or auto)")
+    p.add_argument("--ceiling", type=int, default=0, help="a second reference (seed 1) on the first N images")
     p.add_argument("--segments", type=int, default=defaults.explain_default_segments)
     p.add_argument("--samples", type=lambda v: v if v == "auto" else int(v), default=defaults.explain_default_samples,
                    help="auto (the default: the sampled methods that can stop when converged do; the others spend "
@@ -151,6 +179,7 @@ def main() -> None:
     spec = parse_background(args.background, len(loaded.background()))
     started = datetime.now(UTC)
     per_method: dict[str, list[dict]] = {m: [] for m in args.methods}
+    ceiling: list[dict] = []
     picked = [int(i) for i in data["indices"]]
     for n, index in enumerate(picked, 1):
         x = torch.from_numpy(data["images"][n - 1])
@@ -159,12 +188,19 @@ def main() -> None:
         t0 = time.perf_counter()
         ref = reference(loaded.model, image, x, fill, args, Path(args.cache), version)
         ref_s = time.perf_counter() - t0
+        if n <= args.ceiling:
+            second = reference(loaded.model, image, x, fill, args, Path(args.cache), version, seed=1)
+            target = int(np.argmax(second.sum(axis=0) + ref.sum(axis=0)))  # f(x) - base: the predicted class
+            ceiling.append({"index": index, "rho": float(spearmanr(second[:, target], ref[:, target]).statistic),
+                            "relative_l2": _relative_l2(second[:, target], ref[:, target])})  # fmt: skip
+            print(f"[{n}] ceiling: the two references agree at rho {ceiling[-1]['rho']:.3f}", flush=True)
         if args.references_only:
             print(f"[{n}/{len(picked)}] reference {ref.shape} in {ref_s:.1f} s", flush=True)
             continue
         line = [f"[{n}/{len(picked)}] {data['class_names'][int(data['labels'][n - 1])]}"]
-        for method in args.methods:
-            params = ExplainRequest(segments=args.segments, samples=args.samples, background=spec.name, seed=n,
+        for key in args.methods:
+            method, samples = _samples_of(key, args.samples)
+            params = ExplainRequest(segments=args.segments, samples=samples, background=spec.name, seed=n,
                                     method=method, slic_compactness=args.slic_compactness)  # fmt: skip
             runtime = ModelRuntime(loaded.model, loaded.class_names, fill, autograd_model=eager, device=args.device)
             result, _, _ = explain_image(runtime, params, image, x, batch_size=args.batch_size,
@@ -181,23 +217,28 @@ def main() -> None:
                 "rho": float(spearmanr(ours, ref[:, target]).statistic),
                 "median_stderr": float(np.median(se)) if se is not None else None,
                 "converged": result["convergence"].get("converged"),
+                "relative_l2": _relative_l2(ours, ref[:, target]),
                 **{k: faith[k] for k in ("deletion_auc", "insertion_auc", "random_deletion_auc",
                                          "random_insertion_auc")},
             }
-            per_method[method].append(row)
-            line.append(f"{method} {row['seconds']:.2f}s rho {row['rho']:.2f} "
+            per_method[key].append(row)
+            line.append(f"{key} {row['seconds']:.2f}s rho {row['rho']:.2f} "
                         f"del {row['deletion_auc']:.3f}/{row['random_deletion_auc']:.3f} "
                         f"ins {row['insertion_auc']:.3f}/{row['random_insertion_auc']:.3f}")  # fmt: skip
         print(" | ".join(line), flush=True)
         if n % 10 == 0 and not args.references_only:
-            write(args, version, started, per_method)  # a run cut short still leaves its figures
+            write(args, version, started, per_method, ceiling)  # a run cut short still leaves its figures
     if args.references_only:
         return
-    summary = write(args, version, started, per_method)
+    summary = write(args, version, started, per_method, ceiling)
     print("\n| method | s / explanation | model evaluations | deletion AUC (random) | insertion AUC (random) "
           "| beats random on both | Spearman ρ vs reference (share ≥ 0.9) | median stderr | converged |")
     print("|---|---:|---:|---|---|---:|---|---:|---:|")
     for m, s in summary.items():
+        if m == "reference-ceiling":
+            print(f"\nthe references' own agreement (seed 0 vs 1) on {s['images']} images: median rho "
+                  f"{s['rho_median']:.3f}, relative L2 {s['relative_l2_median']:.3f}")
+            continue
         stderr = f"{s['median_stderr']:.4f}" if s["median_stderr"] is not None else "–"
         conv = f"{s['converged_share']:.0%}" if s["converged_share"] is not None else "–"
         print(f"| {m} | {s['seconds_median']:.2f} | {s['evaluations_mean']:.0f} | "
@@ -207,14 +248,22 @@ def main() -> None:
               f"{stderr} | {conv} |")  # fmt: skip
 
 
-def write(args: argparse.Namespace, version: str, started: datetime, per_method: dict[str, list[dict]]) -> dict:
+def write(
+    args: argparse.Namespace, version: str, started: datetime, per_method: dict[str, list[dict]], ceiling: list[dict]
+) -> dict:
     summary = {m: summarise(rows) for m, rows in per_method.items() if rows}
+    if ceiling:
+        summary["reference-ceiling"] = {
+            "images": len(ceiling),
+            "rho_median": statistics.median(c["rho"] for c in ceiling),
+            "relative_l2_median": statistics.median(c["relative_l2"] for c in ceiling),
+        }
     out = Path(args.out) / f"explain-compare-{args.label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "started": started.isoformat(timespec="seconds"), "machine": platform.processor() or platform.machine(),
         "device": args.device, "cpus": torch.get_num_threads(), "version": version, "args": vars(args),
-        "summary": summary, "per_method": per_method,
+        "summary": summary, "per_method": per_method, "ceiling": ceiling,
     }, indent=1))  # fmt: skip
     return summary
 

@@ -134,7 +134,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--images", type=int, default=20)
     p.add_argument("--segments", type=int, default=50)
-    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--samples", type=lambda v: v if v == "auto" else str(int(v)), default="500",
+                   help="a budget, or auto (the service's default: stop when converged)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15")
     p.add_argument("--label", default="run")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")

@@ -9,6 +9,13 @@
 #   eval        the held-out evaluation of that version
 #   tests       the tests that need CUDA (tests/e2e/test_cuda.py)
 #   predict     the /predict load benchmark on the GPU with the paper model (224 px)
+#   explain     explanations end to end on the GPU (issue 27): its own Redis, the API and a worker with
+#               EXPLAIN_DEVICE=cuda, EXPLAIN_N default explanations (samples=auto) of real images of
+#               the paper model, one after the other (bench/explain_http.py). redis-server comes from
+#               PATH or from .redis/ (git-ignored; fill it here with
+#                 mkdir -p .redis && cp /usr/bin/redis-check-rdb .redis/redis-server &&
+#                 ldd /usr/bin/redis-check-rdb | awk '/=> \/lib/ && !/libc.so|libm.so/ {print $3}' | xargs cp -t .redis
+#               and carry it)
 # STEPS picks and orders them. Each step's time limit comes out of one overall budget
 # (BUDGET_S), so that a slow or broken step costs its own slot and not the rest. All output
 # goes to $OUT/log.txt.
@@ -134,6 +141,22 @@ print(10 if rate <= 0 else max(1, min(10, int(($SLOT - 20) / (40000 / rate * 1.0
         --out "$OUT" --logs /tmp/bench-logs
     else
       echo "skipped: no version or no time left"
+    fi
+    ;;
+  explain)
+    banner "explanations end to end on the GPU: own Redis, the API, a CUDA worker, the paper model"
+    V=$(version)
+    RS=$(command -v redis-server || { [ -x .redis/redis-server ] && echo "$PWD/.redis/redis-server"; })
+    if [ -z "$V" ] || [ -z "$RS" ] || [ "$(left)" -lt 60 ]; then
+      echo "skipped: no version, no redis-server (PATH or .redis/) or under 60 s left"
+    else
+      LD_LIBRARY_PATH=$PWD/.redis "$RS" --port 6391 --save '' --appendonly no --daemonize yes \
+        --logfile /tmp/redis-gpu.log
+      EXPLAIN_DEVICE=cuda DEVICE=cuda timeout $(($(left) - 10)) python3 bench/explain_http.py --registry "$REG" \
+        --data "$DATA" --images "${EXPLAIN_N:-20}" --samples auto --redis-url redis://127.0.0.1:6391/0 \
+        --label gpu-explain --out "$OUT" --logs /tmp/bench-logs
+      tail -n 20 /tmp/bench-logs/worker-gpu-explain.log
+      python3 -c "import redis; redis.Redis(port=6391).shutdown(nosave=True)" 2>/dev/null || true
     fi
     ;;
   *) echo "unknown step $STEP" ;;
