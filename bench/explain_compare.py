@@ -9,9 +9,10 @@ insertion AUC against the random-order baseline, Spearman ρ of the target class
 against the reference, the median standard error (sampled methods) and how often
 ``converged`` came out true.
 
-The references are cached (``--cache``, one ``.npz`` per image, keyed by version, pixels
-and settings): they cost most of the run, and a rerun or a change of the methods reuses
-them. ``--ceiling N`` computes a second reference with another seed on the first N images:
+The references are cached (``--cache``, the one cache and format of ``bench/references.py``:
+one ``.npz`` per image and seed under ``<cache>/<version>/``, its settings checked on reading):
+they cost most of the run, and a rerun, a change of the methods or ``bench/estimator_real.py``
+reuses them. ``--ceiling N`` computes a second reference with another seed on the first N images:
 the two references' own ρ is the ceiling of any ρ measured against one (issue 26).
 
 A method may name its own samples, ``--methods kernel:5000 adjusted:auto``, so that today's
@@ -24,7 +25,6 @@ default and another run side by side on the same images (``--samples`` for the o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import statistics
@@ -39,6 +39,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from references import Reference
 
 from shapcore.background import make_background
 from shapcore.explain.background import parse_background
@@ -48,7 +51,6 @@ from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
 from worker.explain import ModelRuntime, explain_image
-from worker.methods.kernel import kernel_shap
 from worker.runtime import prepare_model
 from worker.segmentation import segment
 
@@ -72,21 +74,21 @@ def held_out_images(registry: Registry, version: str, data: str, count: int, see
 
 
 def reference(
-    model, image: Image.Image, x: torch.Tensor, fill, args, cache: Path, version: str, seed: int = 0
-) -> np.ndarray:
-    """KernelSHAP at ``--reference-samples`` (all classes, (M, C)), from the cache when there."""
-    key = hashlib.sha256()
-    key.update(np.asarray(image).tobytes())
-    key.update(json.dumps([version, args.segments, args.reference_samples, args.background, seed]).encode())
-    path = cache / f"{key.hexdigest()[:24]}.npz"
+    model, image: Image.Image, x: torch.Tensor, fill, args, version: str, index: int, label: int, seed: int = 0
+) -> Reference:
+    """KernelSHAP at ``--reference-samples`` (``values``: all classes, (M, C)), from the cache when there."""
+    from references import checked, compute_reference, read_reference, reference_path
+
+    settings = {"version": version, "index": index, "seed": seed, "samples": args.reference_samples,
+                "estimator": "shap.KernelExplainer (l1_reg off)", "segments": args.segments,
+                "slic_compactness": args.slic_compactness, "background": args.background, "players": "slic",
+                "shuffle_seed": args.seed}  # fmt: skip
+    path = reference_path(Path(args.cache), version, index, seed)
     if path.exists():
-        return np.load(path)["phi"]
+        return checked(read_reference(path), settings)
     seg = segment(image, args.segments, max_side=args.slic_max_side, compactness=args.slic_compactness)
     f = CoalitionModel(model, x, seg.weights, fill, batch_size=args.batch_size, device=args.device)
-    phi = kernel_shap(f, seg.count, args.reference_samples, seed=seed)["phi"]
-    cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, phi=phi)
-    return phi
+    return compute_reference(path, f, seg, x.numpy(), label, settings)
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -154,7 +156,7 @@ def main() -> None:
     p.add_argument("--slic-compactness", type=float, default=defaults.explain_slic_compactness)
     p.add_argument("--batch-size", type=int, default=defaults.explain_batch_size)
     p.add_argument("--threads", type=int, default=defaults.torch_threads())
-    p.add_argument("--cache", default=".cache/explain-reference")
+    p.add_argument("--cache", default="/work/refcache", help="bench/references.py's cache (its DEFAULT_CACHE)")
     p.add_argument("--references-only", action="store_true", help="fill the reference cache and stop")
     p.add_argument("--export-images", metavar="NPZ", help="write the picked images to this .npz and stop")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32: TF32 off, for the same figures)")
@@ -186,11 +188,13 @@ def main() -> None:
         image = Image.fromarray(x.permute(1, 2, 0).numpy(), "RGB")
         fill = make_background(spec, loaded.background(), x)
         t0 = time.perf_counter()
-        ref = reference(loaded.model, image, x, fill, args, Path(args.cache), version)
+        label = int(data["labels"][n - 1])
+        first = reference(loaded.model, image, x, fill, args, version, index, label)
+        ref = first.values
         ref_s = time.perf_counter() - t0
         if n <= args.ceiling:
-            second = reference(loaded.model, image, x, fill, args, Path(args.cache), version, seed=1)
-            target = int(np.argmax(second.sum(axis=0) + ref.sum(axis=0)))  # f(x) - base: the predicted class
+            second = reference(loaded.model, image, x, fill, args, version, index, label, seed=1).values
+            target = first.target  # the predicted class
             ceiling.append({"index": index, "rho": float(spearmanr(second[:, target], ref[:, target]).statistic),
                             "relative_l2": _relative_l2(second[:, target], ref[:, target])})  # fmt: skip
             print(f"[{n}] ceiling: the two references agree at rho {ceiling[-1]['rho']:.3f}", flush=True)

@@ -126,22 +126,40 @@ class Setup:
 
 def ensure_reference(setup: Setup, n: int, cache: Path, seed: int = 0, samples: int = REFERENCE_SAMPLES) -> Reference:
     """The n-th picked image's reference with ``seed``: loaded when cached, else computed and cached."""
-    from worker.methods.kernel import kernel_shap
-
     index = int(setup.data["indices"][n])
     path = reference_path(cache, setup.version, index, seed)
     if path.exists():
-        return read_reference(path)
+        return checked(read_reference(path), setup.describe(index, seed, samples))
     f, seg, _ = setup.value_function(n)
+    return compute_reference(path, f, seg, setup.data["images"][n], int(setup.data["labels"][n]),
+                             setup.describe(index, seed, samples))  # fmt: skip
+
+
+#: The settings two references must share to stand for each other.
+SAME = ("version", "index", "seed", "samples", "segments", "slic_compactness", "background", "players")
+
+
+def checked(ref: Reference, wanted: dict) -> Reference:
+    """``ref`` if it was made with the ``wanted`` settings, else an error naming the difference."""
+    differ = {k: (ref.settings.get(k), wanted[k]) for k in SAME if k in wanted and ref.settings.get(k) != wanted[k]}
+    if differ:
+        raise SystemExit(f"{ref.path} was made with other settings (cached, wanted): {differ}; use another --cache")
+    return ref
+
+
+def compute_reference(path: Path, f, seg, image: np.ndarray, label: int, settings: dict) -> Reference:
+    """KernelSHAP (``shap.KernelExplainer`` through ``worker.methods.kernel``) at ``settings["samples"]``
+    with ``settings["seed"]`` over ``seg``'s players of the value function ``f``, written to ``path``
+    (the one format and cache of every bench that scores against a reference)."""
+    from worker.methods.kernel import kernel_shap
+
     start = time.perf_counter()
-    out = kernel_shap(f, seg.count, samples, seed)
-    settings = setup.describe(index, seed, samples) | {"seconds": time.perf_counter() - start,
-                                                        "coalitions": out["coalitions"]}  # fmt: skip
+    out = kernel_shap(f, seg.count, settings["samples"], settings["seed"])
+    settings = settings | {"seconds": time.perf_counter() - start, "coalitions": out["coalitions"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, values=out["phi"], base=out["base"], fx=out["fx"], labels=seg.labels,
-                        weights=seg.weights, image=setup.data["images"][n], label=int(setup.data["labels"][n]),
-                        settings=json.dumps(settings))  # fmt: skip
+                        weights=seg.weights, image=image, label=label, settings=json.dumps(settings))  # fmt: skip
     tmp.replace(path)
     return read_reference(path)
 
