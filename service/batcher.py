@@ -162,6 +162,20 @@ class Batcher(Generic[T]):
         ahead = max(admitted, self._queued_images + self._incoming + self._running_images)
         return ahead / (self._rate * self.workers)
 
+    def answer_eta_s(self, admitted: int = 0) -> float | None:
+        """Seconds until a request arriving now would have its answer: the work ahead of it
+        (:meth:`queue_wait_s`) plus one full batch of its own on one forward-pass worker; 0 when
+        nothing is ahead (an idle service), None before the first forward pass.
+
+        The overload gate admits by this figure rather than by the wait alone (issue 27): admitted
+        at ``wait <= budget``, a request still waited for its own batch after the budget, and the
+        2xx p99 went past budget + one batch by the decode and HTTP time. Counting its own batch
+        in leaves that batch as the margin for the estimate's error."""
+        wait = self.queue_wait_s(admitted)
+        if not wait or self._rate is None:
+            return wait
+        return wait + self.max_size / self._rate
+
     def _note_rate(self, images: int, seconds: float) -> None:
         if seconds <= 0:
             return

@@ -4,11 +4,12 @@ parsing, and at a bounded pace.
 ``PREDICT_QUEUE_BUDGET_MS``. A closed loop of C clients keeps C requests in the service; beyond
 what the model can answer within the budget, every extra one only waits longer (and makes
 everyone behind it wait), so latency grows with C while throughput does not. The gate instead
-estimates, before the upload is read, how long a new ``POST /predict`` would wait before its
-own forward pass (:meth:`service.batcher.Batcher.queue_wait_s`: images ahead / images per
-second of recent forward passes, the requests let in counting from the moment they are) and
-refuses it with 503 ``overloaded`` and a ``Retry-After`` when that is over the budget. An idle
-service refuses nothing.
+estimates, before the upload is read, how long a new ``POST /predict`` would take to be
+answered (:meth:`service.batcher.Batcher.answer_eta_s`: the images ahead / images per second of
+recent forward passes, the requests let in counting from the moment they are, plus one full
+batch of its own) and refuses it with 503 ``overloaded`` and a ``Retry-After`` when that is over
+the budget. An idle service refuses nothing. Admitted within the budget, an answer's latency
+stays within the budget plus one batch (the margin for the estimate's error and the decode).
 
 ``MAX_CONCURRENT_REQUESTS``. Any request is refused (503 ``overloaded``) when the requests past
 the gate, this one included, would reach the limit: it bounds the uploads being read and
@@ -110,7 +111,7 @@ class EdgeGate:
             return
         if self.budget_s > 0 and scope["method"] == "POST" and scope["path"] == PREDICT:
             state = getattr(self.app.state, "service", None)
-            wait = state.batcher.queue_wait_s(self.predict_in_flight) if state is not None else None
+            wait = state.batcher.answer_eta_s(self.predict_in_flight) if state is not None else None
             if wait is not None and wait > self.budget_s and self._key_is_valid(scope):
                 await self._refuse_predict(send, wait)
                 return
@@ -142,8 +143,9 @@ class EdgeGate:
         metrics.PREDICT_SHED.inc()
         retry_after = max(1, math.ceil(wait))
         message = (
-            f"the service is at capacity: a new request would queue for about {1000 * wait:.0f} ms, over its "
-            f"{1000 * self.budget_s:.0f} ms budget (PREDICT_QUEUE_BUDGET_MS); retry in ? s"
+            f"the service is at capacity: a new request would be answered in about {1000 * wait:.0f} ms (the work "
+            f"ahead and its own batch), over its {1000 * self.budget_s:.0f} ms budget (PREDICT_QUEUE_BUDGET_MS); "
+            "retry in ? s"
         )
         await self._send_503(send, message, retry_after)
         self._shed_count.inc()

@@ -94,7 +94,8 @@ def test_under_overload_a_wrong_key_is_still_told_so(own_service, cifar_jpeg: by
 
 
 def test_queue_wait_counts_the_work_ahead() -> None:
-    """None before any forward pass, 0 when idle, then the images ahead / images per second."""
+    """None before any forward pass, 0 when idle, then the images ahead / images per second (and,
+    for the gate, one batch more)."""
     gate = threading.Event()
 
     def run(batch: list[torch.Tensor]) -> tuple[str, list[int]]:
@@ -106,16 +107,19 @@ def test_queue_wait_counts_the_work_ahead() -> None:
         with ThreadPoolExecutor(1) as pool:
             batcher = Batcher(run, pool, max_size=4, max_wait_s=0.0)
             batcher.start()
-            assert batcher.queue_wait_s() is None
+            assert batcher.queue_wait_s() is None and batcher.answer_eta_s() is None
             gate.set()
             await batcher.submit(torch.zeros(2, 3, 2, 2, dtype=torch.uint8))
             assert batcher.queue_wait_s() == 0.0  # idle: nothing ahead
+            assert batcher.answer_eta_s() == 0.0  # an idle service refuses nothing, whatever the budget
             rate = batcher._rate
             gate.clear()  # hold the next forward pass: its images are ahead of newcomers
             task = asyncio.ensure_future(batcher.submit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8)))
             while not batcher.queue_wait_s():
                 await asyncio.sleep(0.005)
             assert batcher.queue_wait_s() == pytest.approx(3 / rate)
+            # the gate's figure: the work ahead plus one full batch of the newcomer's own
+            assert batcher.answer_eta_s() == pytest.approx(3 / rate + 4 / rate)
             gate.set()
             await task
             await batcher.stop()
