@@ -230,7 +230,7 @@ def main() -> None:
                         f"del {row['deletion_auc']:.3f}/{row['random_deletion_auc']:.3f} "
                         f"ins {row['insertion_auc']:.3f}/{row['random_insertion_auc']:.3f}")  # fmt: skip
         print(" | ".join(line), flush=True)
-        if n % 10 == 0 and not args.references_only:
+        if n % 5 == 0 and not args.references_only:
             write(args, version, started, per_method, ceiling)  # a run cut short still leaves its figures
     if args.references_only:
         return
