@@ -164,17 +164,21 @@ class Batcher(Generic[T]):
 
     def answer_eta_s(self, admitted: int = 0) -> float | None:
         """Seconds until a request arriving now would have its answer: the work ahead of it
-        (:meth:`queue_wait_s`) plus one full batch of its own on one forward-pass worker; 0 when
-        nothing is ahead (an idle service), None before the first forward pass.
+        (:meth:`queue_wait_s`) plus its own batch on one forward-pass worker, counted as big as
+        the queue it joins (the images waiting to start, and itself; at most a full batch); 0
+        when nothing is ahead (an idle service), None before the first forward pass.
 
         The overload gate admits by this figure rather than by the wait alone (issue 27): admitted
         at ``wait <= budget``, a request still waited for its own batch after the budget, and the
-        2xx p99 went past budget + one batch by the decode and HTTP time. Counting its own batch
-        in leaves that batch as the margin for the estimate's error."""
+        2xx p99 went past budget + one batch by the decode and HTTP time. Under overload the queue
+        is deep and its own batch a full one, which leaves that batch as the margin for the
+        estimate's error; below it the batch is small, so that a slow model (224 px on a CPU,
+        a loaded machine) whose full batch alone takes the budget still admits concurrent requests."""
         wait = self.queue_wait_s(admitted)
         if not wait or self._rate is None:
             return wait
-        return wait + self.max_size / self._rate
+        own = min(self.max_size, self._queued_images + self._incoming + 1)
+        return wait + own / self._rate
 
     def _note_rate(self, images: int, seconds: float) -> None:
         if seconds <= 0:

@@ -6,10 +6,11 @@ what the model can answer within the budget, every extra one only waits longer (
 everyone behind it wait), so latency grows with C while throughput does not. The gate instead
 estimates, before the upload is read, how long a new ``POST /predict`` would take to be
 answered (:meth:`service.batcher.Batcher.answer_eta_s`: the images ahead / images per second of
-recent forward passes, the requests let in counting from the moment they are, plus one full
-batch of its own) and refuses it with 503 ``overloaded`` and a ``Retry-After`` when that is over
-the budget. An idle service refuses nothing. Admitted within the budget, an answer's latency
-stays within the budget plus one batch (the margin for the estimate's error and the decode).
+recent forward passes, the requests let in counting from the moment they are, plus its own
+batch: as big as the queue it joins, a full one under overload) and refuses it with 503
+``overloaded`` and a ``Retry-After`` when that is over the budget. An idle service refuses nothing.
+Admitted within the budget, an answer's latency stays within the budget plus one batch (the
+margin for the estimate's error and the decode).
 
 ``MAX_CONCURRENT_REQUESTS``. Any request is refused (503 ``overloaded``) when the requests past
 the gate, this one included, would reach the limit: it bounds the uploads being read and

@@ -78,9 +78,9 @@ class Settings(SharedSettings):
         500.0,
         ge=0,
         description="Longest a /predict request may expect to wait for its answer (the work ahead of it at the "
-        "recent images/s, plus one full batch of its own); beyond it the request is refused before its upload is "
-        "read, 503 overloaded with Retry-After (service/overload.py). An idle service refuses nothing. 0: never "
-        "refuse.",
+        "recent images/s, plus its own batch, a full one under overload); beyond it the request is refused before "
+        "its upload is read, 503 overloaded with Retry-After (service/overload.py). An idle service refuses nothing. "
+        "0: never refuse.",
     )
     predict_refusals_per_s: float = Field(
         200.0,

@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from shapcore.errors import UserError
 from shapcore.gate import Candidate, ForwardFn, RuntimeChoice, choose
 from shapcore.inference import Forward, build_forward, fold_batch_norms, prepare_for_explaining, warm_up
 from shapcore.precision import BF16Autocast
 from shapcore.registry import LoadedVersion, Registry
-from shapcore.runtimes import BASELINE, ExportSource, as_unit_float, candidates
+from shapcore.runtimes import BASELINE, FORK_UNSAFE, ExportSource, as_unit_float, candidates
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ class ModelHost:
 
     def __init__(self, registry: Registry, device: torch.device, *, runtime: str = "auto", jit: bool = True,
                  batch_sizes: tuple[int, ...] = (1,), cache_root: Path = Path("./var/runtime-cache"),
-                 only: str | None = None) -> None:  # fmt: skip
+                 only: str | None = None, forks: bool = False) -> None:  # fmt: skip
         self.only = None if only is None else {n.strip() for n in only.split(",") if n.strip()}
+        self.forks = forks  # the caller forks after loading (RQ's work horses): no fork-unsafe candidate
         self.registry = registry
         self.device = device
         self.runtime = runtime
@@ -124,6 +126,12 @@ class ModelHost:
         if self.only is not None:
             listed = self.only
             cands = [replace(c, not_in_auto=None if c.name in listed else "not in RUNTIME_CANDIDATES") for c in cands]
+        if self.forks:
+            if self.runtime in FORK_UNSAFE:
+                raise UserError(f"EXPLAIN_RUNTIME={self.runtime} cannot run in forked work horses (its threads do not "
+                                "survive fork()): name another runtime, or set EXPLAIN_FORK=false")  # fmt: skip
+            why = "its threads do not survive the work horses' fork() (EXPLAIN_FORK)"
+            cands = [replace(c, not_in_auto=why) if c.name in FORK_UNSAFE else c for c in cands]
         choice, form = choose(self.runtime, (BASELINE, baseline), cands, sample, self.batch_sizes)
         log.info("runtime %s: %s", choice.chosen, choice.reason)
         return choice, form

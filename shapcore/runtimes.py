@@ -55,6 +55,10 @@ from shapcore.store import sha256_file
 log = logging.getLogger(__name__)
 
 BASELINE = "torchscript"
+#: Candidates whose library leaves threads behind in the process that ran them (OpenVINO's TBB
+#: arena): a child forked afterwards aborts ("std::system_error: No such process", measured with
+#: RQ's forked work horses). A forking worker neither measures nor runs them.
+FORK_UNSAFE = frozenset({"openvino", "openvino-int8"})
 #: Every name ``RUNTIME`` / ``EXPLAIN_RUNTIME`` takes besides ``auto`` (declared, torch-free, with the settings).
 RUNTIMES: tuple[str, ...] = tuple(n for n in get_args(RuntimeName) if n != "auto")
 

@@ -13,7 +13,9 @@ What it holds:
 - :mod:`training.evaluate` and :mod:`training.plots`: a version's metrics.json, the study's
   Tables 4 and 5, the confusion-matrix and training-curve PNGs;
 - :mod:`training.fastshap`: ``fit-explainer``, the version's amortised explainer
-  (``POST /explain method=fast``);
+  (``POST /explain method=fast``), fitted against :mod:`training.explainer_game`'s value function,
+  to :mod:`training.shapley_labels`' labels or FastSHAP's loss, scored by
+  :mod:`training.explainer_quality`;
 - :mod:`training.report` (with ``templates/report.html``) and :mod:`training.explain_jobs`: the
   study's report as one HTML file, its explanations computed by the RQ workers as ordinary jobs;
 - :mod:`training.cli`: the command line.

@@ -201,7 +201,7 @@ def rescore(
     from shapcore.fastshap import EXPLAINER_FILE, load_explainer, save_explainer
     from shapcore.inference import resolve_device
     from training.data import load_images
-    from training.fastshap import value_model
+    from training.explainer_game import value_model
 
     registry.check_writable()
     on = resolve_device(device, setting="--device")

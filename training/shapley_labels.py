@@ -5,7 +5,7 @@ regression to per-image estimates that are noisy but unbiased: the noise average
 images, and a label is paid for once however many epochs reuse it. Here a label is Leverage SHAP
 (:func:`shapcore.shapley.estimate_shapley`, Musco & Witter, ICLR 2025) with a few hundred
 evaluations of the version's value function over the 64 grid cells (``mean`` fill), every
-class at once. It is the same value function as FastSHAP's objective (:class:`training.fastshap.Game`)
+class at once. It is the same value function as FastSHAP's objective (:class:`training.explainer_game.Game`)
 and as the reference KernelSHAP the explainer is scored against.
 
 No flip augmentation: a mirrored image's values are its label's cells mirrored only when the
@@ -32,7 +32,7 @@ def label_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 3, 32, 32) -> (their probabilities (N, C), Leverage SHAP values (N, 64, C)),
     ``samples`` evaluations each, both on the CPU whatever the game's device (the labels pool stays
-    in host memory); ``game`` is a :class:`training.fastshap.Game`."""
+    in host memory); ``game`` is a :class:`training.explainer_game.Game`."""
     x = images.float() / 255.0
     grand = game.grand(x).cpu()
     A = game.A

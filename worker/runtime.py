@@ -101,7 +101,8 @@ class Runtime:
         self.registry = Registry(settings.model_registry)
         self.host = ModelHost(self.registry, self.device, runtime=settings.explain_runtime,
                               jit=settings.explain_jit, batch_sizes=(settings.explain_batch_size,),
-                              cache_root=settings.runtime_cache_dir, only=settings.runtime_candidates)  # fmt: skip
+                              cache_root=settings.runtime_cache_dir, only=settings.runtime_candidates,
+                              forks=forks_jobs(settings, self.device))  # fmt: skip
         self.keep = keep
         self.versions: dict[str, VersionRuntime] = {}
         self.default_version: str | None = None

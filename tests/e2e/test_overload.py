@@ -95,7 +95,7 @@ def test_under_overload_a_wrong_key_is_still_told_so(own_service, cifar_jpeg: by
 
 def test_queue_wait_counts_the_work_ahead() -> None:
     """None before any forward pass, 0 when idle, then the images ahead / images per second (and,
-    for the gate, one batch more)."""
+    for the gate, the newcomer's own batch: as big as the queue it joins, at most a full one)."""
     gate = threading.Event()
 
     def run(batch: list[torch.Tensor]) -> tuple[str, list[int]]:
@@ -118,10 +118,19 @@ def test_queue_wait_counts_the_work_ahead() -> None:
             while not batcher.queue_wait_s():
                 await asyncio.sleep(0.005)
             assert batcher.queue_wait_s() == pytest.approx(3 / rate)
-            # the gate's figure: the work ahead plus one full batch of the newcomer's own
-            assert batcher.answer_eta_s() == pytest.approx(3 / rate + 4 / rate)
+            # the gate's figure: the work ahead plus the newcomer's own batch, as big as the queue
+            # it joins: nothing waits to start, so a batch of its own image alone
+            assert batcher.answer_eta_s() == pytest.approx(3 / rate + 1 / rate)
+            queued = [asyncio.ensure_future(batcher.submit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8)))]
+            while batcher.queue_wait_s() < 6 / rate - 1e-9:
+                await asyncio.sleep(0.005)
+            assert batcher.answer_eta_s() == pytest.approx(6 / rate + 4 / rate)  # 3 waiting + itself
+            queued.append(asyncio.ensure_future(batcher.submit(torch.zeros(3, 3, 2, 2, dtype=torch.uint8))))
+            while batcher.queue_wait_s() < 9 / rate - 1e-9:
+                await asyncio.sleep(0.005)
+            assert batcher.answer_eta_s() == pytest.approx(9 / rate + 4 / rate)  # a deep queue: one full batch
             gate.set()
-            await task
+            await asyncio.gather(task, *queued)
             await batcher.stop()
 
     asyncio.run(scenario())

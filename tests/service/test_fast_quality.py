@@ -22,7 +22,7 @@ from shapcore.explainer_status import FITTING_FILE, write_fitting
 from shapcore.fastshap import ExplainerNet, save_explainer
 from shapcore.registry import Registry
 from training import explainer_quality as quality
-from training.fastshap import value_model
+from training.explainer_game import value_model
 
 
 @pytest.fixture()

@@ -278,3 +278,26 @@ def test_service_and_worker_report_their_choice(start_service, smoke_model: tupl
     registry, version = smoke_model
     rt = Runtime(ExplainSettings(model_registry=registry, explain_runtime="torchscript")).load(version)
     assert rt.runtime.chosen == "torchscript" and "not measured" in rt.runtime.reason
+
+
+def test_a_forking_worker_never_measures_or_runs_openvino(smoke_model: tuple[Path, str]) -> None:
+    """OpenVINO's threads do not survive ``fork()``: a work horse forked after the parent ran it
+    aborted (``std::system_error: No such process``, every job failed). A forking worker skips
+    its candidates, saying why; naming one is a clear error; a worker that does not fork measures them."""
+    from shapcore.jobs.settings import ExplainSettings
+    from worker.runtime import Runtime
+
+    registry, version = smoke_model
+    common = {"model_registry": registry, "runtime_candidates": "openvino,openvino-int8"}
+    forking = Runtime(ExplainSettings(**common, explain_runtime="auto", explain_fork=True), device="cpu")
+    rt = forking.load(version)
+    fates = {c["name"]: c for c in rt.runtime.as_dict()["candidates"]}
+    for name in ("openvino", "openvino-int8"):
+        assert fates[name]["status"] == "skipped" and "fork()" in fates[name]["reason"], fates[name]
+    assert rt.runtime.chosen == "torchscript"
+    with pytest.raises(UserError, match="EXPLAIN_FORK=false"):
+        Runtime(ExplainSettings(**common, explain_runtime="openvino", explain_fork=True), device="cpu").load(version)
+    if importlib.util.find_spec("openvino") is not None:  # the `runtimes` extra: measured when nothing forks
+        plain = Runtime(ExplainSettings(**common, explain_runtime="auto", explain_fork=False), device="cpu")
+        fates = {c["name"]: c for c in plain.load(version).runtime.as_dict()["candidates"]}
+        assert fates["openvino"]["status"] != "skipped", fates["openvino"]
