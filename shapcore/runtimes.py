@@ -15,7 +15,8 @@ name               precision  what runs
 ONNX Runtime and OpenVINO are an optional extra (``pip install shapserve[runtimes]``): without
 them their candidates are skipped, with the reason. They run on the CPU only. Their sessions are
 made in the process that calls them (after a fork, a work horse makes its own, with its own
-thread count) and are safe to call from several threads.
+thread count) and are safe to call from several threads. OpenVINO's are not fork-safe even so
+(:data:`FORK_UNSAFE`): a forking worker leaves them out.
 """
 
 from __future__ import annotations
