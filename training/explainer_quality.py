@@ -46,7 +46,8 @@ from shapcore.faithfulness import faithfulness
 from shapcore.fastshap import efficient_normalize
 from shapcore.players import GRID_CELLS, grid_weights
 from shapcore.shapley.estimator import estimate_shapley
-from shapcore.value import CoalitionModel, masked_probabilities
+from shapcore.value import CoalitionModel
+from training.explainer_game import Game
 
 #: Model evaluations one image's deletion and insertion curves take beside KernelSHAP's (both rankings).
 CURVE_EVALUATIONS = 260
@@ -103,11 +104,8 @@ def score(
     picked = images[-cfg.images :]
     x = picked.float() / 255.0
     m, A = GRID_CELLS * GRID_CELLS, grid_weights(GRID_CELLS)
-    on_device = BackgroundSet(fill.images.to(device), fill.weights.to(device))
-    keep_all = torch.ones(len(x), 1, A.shape[1], device=device)
-    grand = masked_probabilities(model, x.to(device), keep_all, on_device)[:, 0].cpu()
-    keep_none = torch.zeros(1, 1, A.shape[1], device=device)
-    null = masked_probabilities(model, on_device.images[:1].clone(), keep_none, on_device)[0, 0].cpu()
+    game = Game(model, fill, device=device)  # the value function the explainer was fitted against
+    grand, null = game.grand(x).cpu(), game.null().cpu()
     with torch.no_grad():
         fast = explain(x, grand).double().numpy()
     rows: dict[str, list[dict[str, float]]] = {"fast": [], "kernel": []}
