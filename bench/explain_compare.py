@@ -77,12 +77,10 @@ def reference(
     model, image: Image.Image, x: torch.Tensor, fill, args, version: str, index: int, label: int, seed: int = 0
 ) -> Reference:
     """KernelSHAP at ``--reference-samples`` (``values``: all classes, (M, C)), from the cache when there."""
-    from references import checked, compute_reference, read_reference, reference_path
+    from references import checked, compute_reference, read_reference, reference_path, reference_settings
 
-    settings = {"version": version, "index": index, "seed": seed, "samples": args.reference_samples,
-                "estimator": "shap.KernelExplainer (l1_reg off)", "segments": args.segments,
-                "slic_compactness": args.slic_compactness, "background": args.background, "players": "slic",
-                "shuffle_seed": args.seed}  # fmt: skip
+    settings = reference_settings(version, index, seed, args.reference_samples, args.segments, args.slic_compactness,
+                                  args.background, args.seed)  # fmt: skip
     path = reference_path(Path(args.cache), version, index, seed)
     if path.exists():
         return checked(read_reference(path), settings)

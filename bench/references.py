@@ -118,10 +118,16 @@ class Setup:
 
     def describe(self, index: int, seed: int, samples: int) -> dict:
         s = self.settings
-        return {"version": self.version, "index": index, "seed": seed, "samples": samples,
-                "estimator": "shap.KernelExplainer (l1_reg off)", "segments": s.explain_default_segments,
-                "slic_compactness": s.explain_slic_compactness, "background": s.explain_default_background,
-                "players": "slic", "shuffle_seed": SHUFFLE_SEED}  # fmt: skip
+        return reference_settings(self.version, index, seed, samples, s.explain_default_segments,
+                                  s.explain_slic_compactness, s.explain_default_background, SHUFFLE_SEED)  # fmt: skip
+
+
+def reference_settings(version: str, index: int, seed: int, samples: int, segments: int, compactness: float,
+                       background: str, shuffle_seed: int) -> dict:  # fmt: skip
+    """What a cached reference records of how it was made (:data:`SAME`: what two must share)."""
+    return {"version": version, "index": index, "seed": seed, "samples": samples,
+            "estimator": "shap.KernelExplainer (l1_reg off)", "segments": segments, "slic_compactness": compactness,
+            "background": background, "players": "slic", "shuffle_seed": shuffle_seed}  # fmt: skip
 
 
 def ensure_reference(setup: Setup, n: int, cache: Path, seed: int = 0, samples: int = REFERENCE_SAMPLES) -> Reference:
