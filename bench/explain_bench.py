@@ -44,6 +44,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapcore.agreement import spearman  # noqa: E402
 from shapcore.background import summarize_background  # noqa: E402
 from shapcore.explain.background import parse_background  # noqa: E402
 from shapcore.explain.request import ExplainRequest  # noqa: E402
@@ -123,12 +124,6 @@ def raw_forward_time(model, evaluations: int, batch_size: int, image) -> float:
             torch.softmax(model(x[:n]), dim=-1)
             done += n
     return time.perf_counter() - start
-
-
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
 
 
 def stability(model, loaded, images, bg, segments, samples, batch_size, seeds=(1, 2)) -> dict:

@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shapcore.agreement import spearman  # noqa: E402
 from shapcore.background import summarize_background  # noqa: E402
 from shapcore.errors import UserError  # noqa: E402
 from shapcore.faithfulness import faithfulness  # noqa: E402
@@ -57,12 +58,6 @@ from training.fastshap import sample_coalitions  # noqa: E402
 from worker.methods import MethodContext, run_method  # noqa: E402
 from worker.methods.kernel import kernel_shap  # noqa: E402
 from worker.runtime import prepare_model  # noqa: E402
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b)[0])
 
 
 def forward_latency(explainer, threads: int, repeats: int = 300) -> dict[str, float]:

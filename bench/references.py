@@ -178,14 +178,14 @@ def load_references(cache: Path, version: str, seed: int = 0) -> list[Reference]
 
 def ceiling(cache: Path, version: str) -> list[float]:
     """Spearman ρ of the target class between seed 0 and seed 1, for every image that has both."""
-    from scipy.stats import spearmanr
+    from shapcore.agreement import spearman
 
     out = []
     for ref in load_references(cache, version, 0):
         other = reference_path(cache, version, ref.index, 1)
         if other.exists():
             again = read_reference(other)
-            out.append(float(spearmanr(ref.values[:, ref.target], again.values[:, ref.target]).statistic))
+            out.append(spearman(ref.values[:, ref.target], again.values[:, ref.target]))
     return out
 
 

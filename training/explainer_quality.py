@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
+from shapcore.agreement import agreement
 from shapcore.background import BackgroundSet
 from shapcore.explainer_status import write_fitting
 from shapcore.faithfulness import faithfulness
@@ -64,14 +64,6 @@ class QualityConfig:
         return self.images * (2 * self.samples + CURVE_EVALUATIONS)
 
 
-def _compare(values: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(Spearman ρ, relative L2 error) of one class's values against the reference's; ρ of a
-    constant explanation is 0 (it orders nothing)."""
-    rho = spearmanr(values, reference)[0] if np.ptp(values) > 0 and np.ptp(reference) > 0 else 0.0
-    l2 = float(np.linalg.norm(values - reference) / max(float(np.linalg.norm(reference)), 1e-12))
-    return (0.0 if not np.isfinite(rho) else float(rho)), l2
-
-
 def _figures(rows: list[dict[str, float]]) -> dict[str, float]:
     """Medians over the images, and the share that beat random orders on both curves."""
     med = {k: float(np.median([r[k] for r in rows])) for k in ("rho", "relative_l2", "deletion_auc", "insertion_auc")}
@@ -82,7 +74,7 @@ def _figures(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _one(f: CoalitionModel, phi: np.ndarray, reference: np.ndarray, target: int) -> dict[str, float]:
-    rho, l2 = _compare(phi[:, target], reference[:, target])
+    rho, l2 = agreement(phi[:, target], reference[:, target])
     faith = faithfulness(f, phi[:, target], target, seed=0)
     return {"rho": rho, "relative_l2": l2, **{k: faith[k] for k in
             ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")}}  # fmt: skip

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shapcore.agreement import spearman
 from shapcore.fastshap import Network, efficient_normalize
 from shapcore.players import GRID_CELLS
 from shapcore.shapley import estimate_shapley
@@ -77,8 +78,6 @@ class LabelValidation:
 
     def score(self, net: Network) -> tuple[float, float, float]:
         """(loss per image, gain over the even split, median ρ on the predicted class)."""
-        from scipy.stats import spearmanr
-
         net.eval()
         with torch.no_grad():
             phi = torch.cat([efficient_normalize(net(self.x[i : i + 64], self.grand[i : i + 64]),
@@ -88,6 +87,6 @@ class LabelValidation:
         residual = float(((phi - self.labels) ** 2).sum())
         target = self.grand.argmax(dim=1)
         phi, labels = phi.cpu(), self.labels.cpu()
-        rhos = [spearmanr(phi[i, :, t].numpy(), labels[i, :, t].numpy())[0] for i, t in enumerate(target.tolist())]
+        rhos = [spearman(phi[i, :, t].numpy(), labels[i, :, t].numpy()) for i, t in enumerate(target.tolist())]
         rho = float(np.nanmedian(rhos)) if rhos else float("nan")
         return residual / len(self.x), 1.0 - residual / max(self.even_error, 1e-30), rho
