@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from shapcore.model import SOURCE_SIZE, Classifier
-from shapcore.store import sha256_file
+from shapcore.store import atomic_target, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -108,16 +107,10 @@ def cached(filename: str, inputs: dict[str, Any], build: Callable[[Path], None],
     else:
         log.info("building %s into %s (once for this version)", filename, target)
     final = target / filename
-    fd, tmp_name = tempfile.mkstemp(dir=target, prefix=f".{filename}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_target(final) as tmp:
         build(tmp)
         record = {"file": filename, "sha256": sha256_file(tmp), "inputs": inputs}
-        os.replace(tmp, final)
-        _record_path(final).write_text(json.dumps(record, indent=2) + "\n")
-    finally:
-        tmp.unlink(missing_ok=True)
+    _record_path(final).write_text(json.dumps(record, indent=2) + "\n")
     return final
 
 

@@ -26,9 +26,7 @@ alone) is the same for every image and is stored with the explainer.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ from shapcore.errors import UserError
 from shapcore.inference import fold_batch_norms
 from shapcore.model import CIFAR10_MEAN, CIFAR10_STD, SOURCE_SIZE
 from shapcore.players import GRID_CELLS
+from shapcore.store import atomic_target
 
 #: The explainer's file in a version's folder.
 EXPLAINER_FILE = "explainer.safetensors"
@@ -248,14 +247,8 @@ def save_explainer(folder: Path, net: Network, null: torch.Tensor, meta: dict[st
     meta = {**meta, "format": FORMAT, "network": net.config(), "background": BACKGROUND}
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors["null"] = null.detach().float().cpu().contiguous()
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".explainer.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_target(folder / EXPLAINER_FILE) as tmp:
         save_file(tensors, tmp, metadata={"shapserve": json.dumps(meta)})
-        os.replace(tmp, folder / EXPLAINER_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return folder / EXPLAINER_FILE
 
 

@@ -50,18 +50,30 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` next to ``path``, fsync it and rename it over: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextmanager
+def atomic_target(path: Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file next to ``path`` for a writer that wants a file name (safetensors, an
+    exporter, :func:`write_file_atomic`). When the block ends without an error the file is
+    fsynced, given ``mode`` (``mkstemp``'s 0600 would hide it from an API replica or a worker
+    that runs as another user) and renamed over ``path``: readers see the old file or the new
+    one, never half of one. On an error it is removed and ``path`` is left as it was."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_target`: readers never see half a file."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def file_record(path: Path) -> dict[str, Any]:

@@ -135,7 +135,7 @@ def train_step(net, opt, game: Game, x: torch.Tensor, s: torch.Tensor, null: tor
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def new_network(cfg: FitConfig, classes: int, init: torch.nn.Module | None, normalization: dict | None) -> Network:

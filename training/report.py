@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +27,7 @@ from shapcore.explain.request import ExplainRequest
 from shapcore.heatmap import render_heatmap, resample_nearest
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import REPORT_HTML, Registry
+from shapcore.store import write_file_atomic
 from training import plots
 from training.evaluate import compute_metrics, load_eval_images, predict_probabilities
 from training.explain_jobs import Explained, explain_images, report_request
@@ -389,12 +388,4 @@ def render(context: dict[str, Any]) -> str:
 def _write_atomically(path: Path, text: str) -> None:
     """The API may be serving the previous report: replace it whole, never half-written."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(path, text.encode("utf-8"))

@@ -15,7 +15,7 @@ import pytest
 from shapcore.errors import UserError
 from shapcore.exports import CACHE_SUBDIR
 from shapcore.registry import CORE_FILES, METADATA, WEIGHTS, Registry, new_version_id
-from shapcore.store import StoreUnavailable, sha256_file
+from shapcore.store import StoreUnavailable, atomic_target, sha256_file, write_file_atomic
 from tests.support.processes import free_port
 from tests.support.seaweed import Seaweed
 
@@ -42,6 +42,20 @@ def s3_version(
         registry.publish(version, loaded.model.net, loaded.metadata, loaded.background(), src.history(loaded.version))
         registry.promote(version)
     return url, version
+
+
+def test_a_file_is_replaced_whole_readable_by_others_or_not_at_all(tmp_path: Path) -> None:
+    """The one atomic writer (metadata, explainer, exports, report): a failed writer leaves the old
+    file and no temporary beside it; a finished one is readable by a replica running as another user."""
+    path = tmp_path / "metadata.json"
+    write_file_atomic(path, b"old")
+    with pytest.raises(RuntimeError), atomic_target(path) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("the writer failed")
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json"]
+    write_file_atomic(path, b"new")
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o644
 
 
 def test_every_file_sha256_is_recorded_and_a_flipped_byte_refused_in_a_folder(smoke_model, tmp_path):
