@@ -10,13 +10,15 @@ image without a cached reference is skipped (run ``bench/references.py`` first).
 
 ``table``: estimator × evaluations → median Spearman ρ (the target class, against the
 reference), relative L2 error and seconds. ``leverage`` and ``adjusted`` run in the rounds of
-``samples="auto"`` (402, 802, 1602 evaluations at 50 players: each round adds to the last),
-on the same coalitions (the value function remembers what it evaluated, so the two methods
-and their rounds cost the forward passes of the largest once); ``shap`` is
-``shap.KernelExplainer`` at 1000 and 5000. Seconds = the estimator's own time + its
-evaluations × this image's measured seconds per forward pass. The ratio ``max se / range``
-after each round is kept, so the row ``adjusted:auto@t`` gives what ``samples="auto"`` with
-tolerance ``t`` would have stopped at (evaluations, ρ, L2) on the same draws.
+``samples="auto"`` (402, 802, 1602, 3202 and 5002 evaluations at 50 players: each round adds
+to the last), on the same coalitions (the value function remembers what it evaluated, so the
+two methods and their rounds cost the forward passes of the largest once); ``shap`` is
+``shap.KernelExplainer`` at 1000 and 2000 (at 5000, today's default, in ``before-after`` and
+``bench/explain_compare.py``). Seconds = the estimator's own time + its evaluations × this
+image's measured seconds per forward pass. The ratios ``max se / range`` (the default rule)
+and ``rms se / sd`` (a rule about the order, ``relative_to="sd"``) after each round are kept,
+so the rows ``adjusted:auto@t`` and ``adjusted:rank@t`` give what ``samples="auto"`` with
+either rule at threshold ``t`` would have stopped at (evaluations, ρ, L2) on the same draws.
 
 ``before-after``: today's default (``kernel``, 5,000 samples) against the new default
 (``adjusted``, ``samples="auto"``) through ``worker.explain.explain_image`` exactly as a job
@@ -41,7 +43,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,9 +50,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from references import DEFAULT_CACHE, Setup, read_reference, reference_path  # noqa: E402
 
-from shapcore.shapley import estimate_shapley  # noqa: E402
+from shapcore.agreement import agreement, spearman  # noqa: E402
+from shapcore.shapley import estimate_shapley, stderr_ratio  # noqa: E402
 
 TOLERANCES = (0.03, 0.05, 0.08, 0.1, 0.15)
+#: Thresholds of the rank-oriented rule, ``rms(se) / sd(φ) ≤ τ`` (``relative_to="sd"`` of
+#: :func:`shapcore.shapley.stderr_ratio`): with independent errors of that size the values' order
+#: agrees with the truth's at about ``1 / √(1 + τ²)``: 0.989, 0.981, 0.970, 0.958.
+RANK_TOLERANCES = (0.15, 0.2, 0.25, 0.3)
 
 
 class Remembering:
@@ -74,8 +80,7 @@ class Remembering:
 
 
 def score(values: np.ndarray, truth: np.ndarray, cls: int) -> tuple[float, float]:
-    rho = float(spearmanr(values[:, cls], truth[:, cls]).statistic)
-    return rho, float(np.linalg.norm(values[:, cls] - truth[:, cls]) / np.linalg.norm(truth[:, cls]))
+    return agreement(values[:, cls], truth[:, cls])
 
 
 def table_image(setup: Setup, n: int, ref, seed: int) -> list[dict]:
@@ -88,8 +93,8 @@ def table_image(setup: Setup, n: int, ref, seed: int) -> list[dict]:
     memo = Remembering(f)
     rows: list[dict] = []
     first = max(8 * m, 64)
-    caps = [first + 2, 2 * first + 2, 4 * first + 2]
-    timed: list[tuple[str, int, np.ndarray, float, float]] = []
+    caps = [first + 2, 2 * first + 2, 4 * first + 2, 8 * first + 2, 5002]
+    timed: list[tuple[str, int, np.ndarray, float, float, float]] = []
     for method in ("adjusted", "leverage"):
         for cap in caps:
             before = f.forward_seconds
@@ -97,19 +102,24 @@ def table_image(setup: Setup, n: int, ref, seed: int) -> list[dict]:
             out = estimate_shapley(memo, m, "auto", method=method, tolerance=0.0, cap=cap, v_full=fx, seed=seed,
                                    classes=[cls])  # fmt: skip
             own = time.perf_counter() - start - (f.forward_seconds - before)
-            timed.append((method, out.evaluations, out.values, own, out.ratio))
+            timed.append((method, out.evaluations, out.values, own, out.ratio,
+                          stderr_ratio(out.values, out.stderr, [cls], relative_to="sd")))  # fmt: skip
     per_eval = f.forward_seconds / max(f.evaluations, 1)
-    for method, used, values, own, ratio in timed:
+    for method, used, values, own, ratio, by_rank in timed:
         rho, l2 = score(values, ref.values, cls)
         rows.append({"estimator": method, "evaluations": used, "rho": rho, "l2": l2,
-                     "seconds": own + used * per_eval, "ratio": ratio})  # fmt: skip
+                     "seconds": own + used * per_eval, "ratio": ratio, "rank_ratio": by_rank})  # fmt: skip
     for t in TOLERANCES:  # what samples="auto" with tolerance t stops at, on the same draws
         adj = [r for r in rows if r["estimator"] == "adjusted"]
         hit = next((r for r in adj if r["ratio"] <= t), adj[-1])
         rows.append({**hit, "estimator": f"adjusted:auto@{t}"})
         hit = next((r for r in adj[1:] if r["ratio"] <= t), adj[-1])  # never stopping after the first round
         rows.append({**hit, "estimator": f"adjusted:auto@{t},min2"})
-    for budget in (1000,):  # shap at 5000 is today's default: the before-after measures it
+    for t in RANK_TOLERANCES:  # the rank-oriented rule on the same draws
+        adj = [r for r in rows if r["estimator"] == "adjusted"]
+        hit = next((r for r in adj if r["rank_ratio"] <= t), adj[-1])
+        rows.append({**hit, "estimator": f"adjusted:rank@{t}"})
+    for budget in (1000, 2000):  # shap at 5000 is today's default: the before-after measures it
         before, start = f.forward_seconds, time.perf_counter()
         values = kernel_shap(f, m, budget, seed)["phi"]
         rho, l2 = score(values, ref.values, cls)
@@ -146,7 +156,7 @@ def before_after_image(setup: Setup, n: int, ref, seed: int, tolerance: float | 
         cls = result["target"]["index"]
         values = np.asarray(result["shap_values"])
         assert values.shape[0] == ref.values.shape[0], "the segmentation differs from the reference's"
-        rho = float(spearmanr(values, ref.values[:, cls]).statistic)
+        rho = spearman(values, ref.values[:, cls])
         conv = result["convergence"]
         out[name] = {"rho": rho, "deletion_auc": result["faithfulness"]["deletion_auc"],
                      "insertion_auc": result["faithfulness"]["insertion_auc"],
@@ -158,11 +168,14 @@ def before_after_image(setup: Setup, n: int, ref, seed: int, tolerance: float | 
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
-    keys = sorted({(r["estimator"], r["evaluations"] if ":auto" not in r["estimator"] else 0) for r in rows})
+    # a stopping rule's rows (``adjusted:auto@t``, ``adjusted:rank@t``) stop where each image met it: one key
+    keys = sorted({(r["estimator"], r["evaluations"] if ":" not in r["estimator"] else 0) for r in rows})
     out = []
     for est, ev in keys:
         sel = [r for r in rows if r["estimator"] == est and (ev == 0 or r["evaluations"] == ev)]
         out.append({"estimator": est, "evaluations": float(np.median([r["evaluations"] for r in sel])),
+                    "evaluations_mean": float(np.mean([r["evaluations"] for r in sel])),
+                    "seconds_mean": float(np.mean([r["seconds"] for r in sel])),
                     "rho_median": float(np.median([r["rho"] for r in sel])),
                     "l2_median": float(np.median([r["l2"] for r in sel])),
                     "seconds_median": float(np.median([r["seconds"] for r in sel])), "images": len(sel)})  # fmt: skip
@@ -221,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                                  for k in ("before", "after")}  # fmt: skip
         out.write_text(json.dumps(report, indent=1))
     for r in report.get("medians", []):
-        print(f"{r['estimator']:22s} {r['evaluations']:7.0f} ρ {r['rho_median']:.3f} L2 {r['l2_median']:.3f} "
-              f"{r['seconds_median']:.2f} s ({r['images']} images)")  # fmt: skip
+        print(f"{r['estimator']:22s} {r['evaluations']:7.0f} (mean {r['evaluations_mean']:6.0f}) "
+              f"ρ {r['rho_median']:.3f} L2 {r['l2_median']:.3f} {r['seconds_median']:.2f} s "
+              f"(mean {r['seconds_mean']:.2f}) ({r['images']} images)")  # fmt: skip
     if "summary" in report:
         print(json.dumps(report["summary"], indent=1))
     print(f"wrote {out}")

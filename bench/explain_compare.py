@@ -18,6 +18,14 @@ the two references' own ρ is the ceiling of any ρ measured against one (issue 
 A method may name its own samples, ``--methods kernel:5000 adjusted:auto``, so that today's
 default and another run side by side on the same images (``--samples`` for the others).
 
+``--runtime``: the network the methods evaluate. ``torchscript`` (the default): the frozen
+fp32 TorchScript form, the one every method ran in before the runtime gate (issue 27).
+``auto`` or a runtime's name: the version loaded as a forking worker loads it
+(:meth:`shapcore.host.ModelHost.explaining`, the gate measuring its candidates at
+``EXPLAIN_BATCH_SIZE``), so that the seconds are what a job takes in the worker; the choice,
+its speed-up and agreement are written beside the figures. The references are the fp32
+TorchScript form's in both cases.
+
     .venv/bin/python bench/explain_compare.py --registry models --data ../shared/data/cifar10/train.tar.gz \\
         --images 100 --label s7
 """
@@ -25,6 +33,7 @@ default and another run side by side on the same images (``--samples`` for the o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -36,17 +45,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from references import Reference
 
+from shapcore.agreement import relative_l2, spearman
 from shapcore.background import make_background
 from shapcore.explain.background import parse_background
 from shapcore.explain.methods import QUEUED_METHODS as METHODS
 from shapcore.explain.request import ExplainRequest
+from shapcore.host import ModelHost
 from shapcore.jobs.settings import ExplainSettings
 from shapcore.registry import Registry
 from shapcore.value import CoalitionModel
@@ -114,10 +124,6 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def _relative_l2(values: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.linalg.norm(values - reference) / max(float(np.linalg.norm(reference)), 1e-12))
-
-
 def _method(value: str) -> str:
     name, _, samples = value.partition(":")
     if name not in METHODS:
@@ -158,6 +164,8 @@ def main() -> None:
     p.add_argument("--references-only", action="store_true", help="fill the reference cache and stop")
     p.add_argument("--export-images", metavar="NPZ", help="write the picked images to this .npz and stop")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp32: TF32 off, for the same figures)")
+    p.add_argument("--runtime", default="torchscript",
+                   help="torchscript (frozen fp32), or auto / a runtime's name: as a forking worker loads the version")
     p.add_argument("--label", default="run")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -169,13 +177,21 @@ def main() -> None:
     if args.export_images:
         np.savez_compressed(args.export_images, **data)
         return
+    choice = None
     if args.device == "cpu":
-        loaded, eager = prepare_model(registry.load(version))  # as the worker runs it
+        loaded, eager = prepare_model(registry.load(version))  # the references' form
     else:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
         loaded = registry.load(version, device=args.device)
         eager = loaded.model.eval()
+    explained = loaded.model
+    if args.runtime != "torchscript":
+        hosted = ModelHost(registry, torch.device(args.device), runtime=args.runtime, batch_sizes=(args.batch_size,),
+                           forks=True).explaining(version)  # fmt: skip
+        explained, choice = hosted.model, dataclasses.asdict(hosted.runtime)
+        print(f"runtime {hosted.runtime.chosen}: {hosted.runtime.reason}", flush=True)
+    args.runtime_choice = choice
     spec = parse_background(args.background, len(loaded.background()))
     started = datetime.now(UTC)
     per_method: dict[str, list[dict]] = {m: [] for m in args.methods}
@@ -193,8 +209,8 @@ def main() -> None:
         if n <= args.ceiling:
             second = reference(loaded.model, image, x, fill, args, version, index, label, seed=1).values
             target = first.target  # the predicted class
-            ceiling.append({"index": index, "rho": float(spearmanr(second[:, target], ref[:, target]).statistic),
-                            "relative_l2": _relative_l2(second[:, target], ref[:, target])})  # fmt: skip
+            ceiling.append({"index": index, "rho": spearman(second[:, target], ref[:, target]),
+                            "relative_l2": relative_l2(second[:, target], ref[:, target])})  # fmt: skip
             print(f"[{n}] ceiling: the two references agree at rho {ceiling[-1]['rho']:.3f}", flush=True)
         if args.references_only:
             print(f"[{n}/{len(picked)}] reference {ref.shape} in {ref_s:.1f} s", flush=True)
@@ -204,7 +220,7 @@ def main() -> None:
             method, samples = _samples_of(key, args.samples)
             params = ExplainRequest(segments=args.segments, samples=samples, background=spec.name, seed=n,
                                     method=method, slic_compactness=args.slic_compactness)  # fmt: skip
-            runtime = ModelRuntime(loaded.model, loaded.class_names, fill, autograd_model=eager, device=args.device)
+            runtime = ModelRuntime(explained, loaded.class_names, fill, autograd_model=eager, device=args.device)
             result, _, _ = explain_image(runtime, params, image, x, batch_size=args.batch_size,
                                          slic_max_side=args.slic_max_side)  # fmt: skip
             target = result["target"]["index"]
@@ -216,10 +232,10 @@ def main() -> None:
                 "index": index,
                 "seconds": result["timings_s"]["explainer"],
                 "evaluations": result["model_evaluations"],
-                "rho": float(spearmanr(ours, ref[:, target]).statistic),
+                "rho": spearman(ours, ref[:, target]),
                 "median_stderr": float(np.median(se)) if se is not None else None,
                 "converged": result["convergence"].get("converged"),
-                "relative_l2": _relative_l2(ours, ref[:, target]),
+                "relative_l2": relative_l2(ours, ref[:, target]),
                 **{k: faith[k] for k in ("deletion_auc", "insertion_auc", "random_deletion_auc",
                                          "random_insertion_auc")},
             }

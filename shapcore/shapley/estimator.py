@@ -77,7 +77,7 @@ class ShapleyEstimate:
         """The verdict in the shape of the worker's ``Attribution.convergence`` dict."""
         return {
             "converged": self.stopped == "converged",
-            "criterion": f"max_stderr_{self.relative_to}_ratio",
+            "criterion": ("rms" if self.relative_to == "sd" else "max") + f"_stderr_{self.relative_to}_ratio",
             "value": self.ratio if np.isfinite(self.ratio) else None,
             "threshold": self.tolerance,
             "estimator": "sandwich",
@@ -153,7 +153,7 @@ def estimate_shapley(
     ``samples``: total evaluations (an int: one round, ``stopped="budget"``) or ``"auto"``
     (rounds from ``first_round`` evaluations, default ``max(8M, 64)``, growing by ``growth``,
     until :func:`~shapcore.shapley.convergence.stderr_ratio` over ``classes`` (default all;
-    ``relative_to`` the values' range or largest magnitude) is at most ``tolerance``, or ``cap``
+    ``relative_to`` the values' range, largest magnitude or standard deviation) is at most ``tolerance``, or ``cap``
     evaluations). ``v_empty``/``v_full``: the endpoints if the caller has them (then not
     counted); otherwise computed here (2 evaluations). Rows come in complementary pairs, at
     least one pair, so an odd or tiny budget is rounded down to whole pairs (or up to one).

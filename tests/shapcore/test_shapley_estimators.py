@@ -21,7 +21,7 @@ import sys
 import numpy as np
 import pytest
 
-from shapcore.shapley import METHODS, estimate_shapley
+from shapcore.shapley import METHODS, estimate_shapley, stderr_ratio
 from tests.support.shapley_games import Game, saturating_game
 from tests.support.shapley_games_exact import (
     additive_game,
@@ -220,3 +220,19 @@ def test_the_verdict_travels_in_the_workers_shape() -> None:
     assert verdict["value"] <= 0.2 and verdict["evaluations"] == out.evaluations
     assert out.stderr[:, 0].max() <= 0.2 * np.abs(out.values[:, 0]).max()
     assert np.isfinite(out.stderr).all() and (out.stderr[:, 1] > 0).any()
+
+
+def test_the_rank_rule_measures_the_errors_against_the_values_spread() -> None:
+    """``relative_to="sd"``: the typical error (rms) against the typical spread (sd), where the
+    range rule takes the largest error against the two extremes."""
+    values = np.array([[1.0], [0.3], [0.2], [0.1], [0.0], [-0.1]])
+    stderr = np.array([[0.3], [0.1], [0.1], [0.1], [0.1], [0.1]])
+    assert stderr_ratio(values, stderr, relative_to="range") == pytest.approx(0.3 / 1.1)
+    assert stderr_ratio(values, stderr, relative_to="sd") == pytest.approx(np.sqrt(0.14 / 6) / float(values.std()))
+    game = unanimity_game(50, interaction=3.0)
+    out = estimate_shapley(game.f, 50, "auto", method="adjusted", relative_to="sd", tolerance=0.2, seed=0,
+                           classes=[0], cap=20000)  # fmt: skip
+    verdict = out.convergence()
+    assert verdict["converged"] and verdict["criterion"] == "rms_stderr_sd_ratio" and verdict["value"] <= 0.2
+    se, phi = out.stderr[:, 0], out.values[:, 0]
+    assert np.sqrt(np.mean(se**2)) <= 0.2 * phi.std()
