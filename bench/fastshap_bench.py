@@ -132,7 +132,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.summarise:
-        print(json.dumps(summarise([json.loads(line) for line in out.read_text().splitlines()]), indent=2))
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        print(json.dumps(summarise([r for r in lines if "methods" in r]), indent=2))  # the first line is the header
         return
 
     registry = Registry(args.registry)
