@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from shapcore.agreement import spearman  # noqa: E402
+from shapcore.agreement import agreement  # noqa: E402
 from shapcore.shapley import estimate_shapley  # noqa: E402
 from tests.support.shapley_games_exact import shap_kernel, unanimity_game, voting_game  # noqa: E402
 
@@ -75,8 +75,7 @@ def run_estimator(name: str, f: ValueFunction, m: int, evaluations: int, seed: i
 
 def score(values: np.ndarray, truth: np.ndarray, cls: int) -> tuple[float, float]:
     """Spearman ρ and relative L2 error of one class's values."""
-    rho = spearman(values[:, cls], truth[:, cls])
-    return rho, float(np.linalg.norm(values[:, cls] - truth[:, cls]) / np.linalg.norm(truth[:, cls]))
+    return agreement(values[:, cls], truth[:, cls])
 
 
 def summarise(case: str, estimator: str, evaluations: int, runs: list[dict]) -> dict:

@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shapcore.agreement import spearman  # noqa: E402
+from shapcore.agreement import relative_l2, spearman  # noqa: E402
 from shapcore.background import summarize_background  # noqa: E402
 from shapcore.errors import UserError  # noqa: E402
 from shapcore.faithfulness import faithfulness  # noqa: E402
@@ -208,7 +208,7 @@ def main() -> None:
                     ref = phis["reference"][:, target]
                     diff = float(np.linalg.norm(phi[:, target] - ref))
                     entry.update(rho=spearman(phi[:, target], ref), l2=diff,
-                                 relative_l2=diff / max(float(np.linalg.norm(ref)), 1e-12))  # fmt: skip
+                                 relative_l2=relative_l2(phi[:, target], ref))  # fmt: skip
                 row["methods"][name] = entry
             rows.append(row)
             fh.write(json.dumps(row) + "\n")
